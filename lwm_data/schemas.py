@@ -1,0 +1,106 @@
+"""Every table lwm-data writes, defined once.
+
+Each stage writes Parquet shards in exactly one of these schemas, plus `manifest.json` and
+`errors/*.jsonl` (see `lwm_data.io`). `STAGE_SCHEMAS` maps a manifest's `stage` to its schema;
+`lwm-data validate` checks shards against it.
+
+Token conventions (see ../shared/LWM_FORMAT.md): text ids and vision ids share one int32 sequence,
+`vision_mask` marks the vision ids. `loss_weights[i]` is the weight on predicting token i from the
+tokens before it (seqio's "targets" convention), so a prompt token or a segment's first token has 0.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# books -> 1K-token chunks (one row per chunk)
+CHUNK_SCHEMA = pa.schema(
+    [
+        pa.field("book_id", pa.string(), nullable=False),
+        pa.field("title", pa.string()),
+        pa.field("chunk_index", pa.int32(), nullable=False),
+        pa.field("num_chunks", pa.int32(), nullable=False),
+        pa.field("char_start", pa.int64(), nullable=False),  # in the book's normalised text
+        pa.field("char_end", pa.int64(), nullable=False),
+        pa.field("num_tokens", pa.int32(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("tokens", pa.list_(pa.int32()), nullable=False),
+    ]
+)
+
+QA_PAIR_TYPE = pa.struct(
+    [pa.field("question", pa.string(), nullable=False), pa.field("answer", pa.string(), nullable=False)]
+)
+
+# chunk -> question/answer pairs (one row per answered chunk)
+QA_SCHEMA = pa.schema(
+    [
+        pa.field("book_id", pa.string(), nullable=False),
+        pa.field("chunk_index", pa.int32(), nullable=False),
+        pa.field("pairs", pa.list_(QA_PAIR_TYPE), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("backend", pa.string(), nullable=False),
+        pa.field("prompt_version", pa.string(), nullable=False),
+    ]
+)
+
+# One unpacked training example of any kind: "chat", "text", "image_text", "video_text", ...
+EXAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("example_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # book id, media path, or input file
+        pa.field("num_tokens", pa.int32(), nullable=False),
+        pa.field("tokens", pa.list_(pa.int32()), nullable=False),
+        pa.field("loss_weights", pa.list_(pa.float32()), nullable=False),
+        pa.field("vision_mask", pa.list_(pa.bool_()), nullable=False),
+        pa.field("text", pa.string()),  # human-readable rendering, for inspection only
+        pa.field("meta", pa.string()),  # JSON object: stage-specific provenance
+    ]
+)
+
+# Fixed-length training rows (the trainer's contract). For a row of length L:
+#   segment_ids: 1..n in row order for the n packed examples, 0 on padding;
+#   positions:   0-based within each segment (0 on padding);
+#   loss_weights: 0 on each segment's first token, on prompts and on padding.
+PACKED_SCHEMA = pa.schema(
+    [
+        pa.field("tokens", pa.list_(pa.int32()), nullable=False),
+        pa.field("loss_weights", pa.list_(pa.float32()), nullable=False),
+        pa.field("vision_mask", pa.list_(pa.bool_()), nullable=False),
+        pa.field("segment_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("positions", pa.list_(pa.int32()), nullable=False),
+        pa.field("num_segments", pa.int32(), nullable=False),
+        pa.field("num_text_tokens", pa.int32(), nullable=False),
+        pa.field("num_vision_tokens", pa.int32(), nullable=False),
+        pa.field("num_pad_tokens", pa.int32(), nullable=False),
+        pa.field("example_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("kinds", pa.list_(pa.string()), nullable=False),  # kind of each segment
+    ]
+)
+
+# Needle-in-a-haystack eval rows.
+NEEDLE_SCHEMA = pa.schema(
+    [
+        pa.field("example_id", pa.string(), nullable=False),
+        pa.field("context_length", pa.int32(), nullable=False),
+        pa.field("depth", pa.float32(), nullable=False),
+        pa.field("needles", pa.list_(pa.struct([("city", pa.string()), ("number", pa.string())]))),
+        pa.field("needle_char_positions", pa.list_(pa.int64())),
+        pa.field("retrieve", pa.list_(pa.string())),  # cities asked for
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("answer", pa.string(), nullable=False),
+        pa.field("num_tokens", pa.int32(), nullable=False),
+    ]
+)
+
+STAGE_SCHEMAS: dict[str, pa.Schema] = {
+    "chunk": CHUNK_SCHEMA,
+    "qa": QA_SCHEMA,
+    "chat": EXAMPLE_SCHEMA,
+    "import-lwm": EXAMPLE_SCHEMA,
+    "vision": EXAMPLE_SCHEMA,
+    "text": EXAMPLE_SCHEMA,
+    "pack": PACKED_SCHEMA,
+    "needle": NEEDLE_SCHEMA,
+}

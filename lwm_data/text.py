@@ -1,0 +1,118 @@
+"""Book text: normalisation, identity, and cutting into ~1K-token chunks at natural boundaries.
+
+Normalisation (applied to every book before anything else, and what chunk offsets refer to):
+  1. Unicode NFC;
+  2. line ends: CRLF -> LF, then any remaining lone CR -> LF;
+  3. NUL characters removed.
+Nothing else changes: whitespace, quotes and paragraph breaks are kept, so a book's chunk texts
+concatenated in order give back its normalised text exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
+
+from lwm_data.tokenizers.text import TokenizedText
+
+# Boundary preference when snapping a cut: higher is better.
+PARAGRAPH, SENTENCE, WHITESPACE, ANY_TOKEN = 3, 2, 1, 0
+
+_SENTENCE_END = np.array([ord(c) for c in ".!?"], dtype=np.uint32)
+_CLOSING_QUOTE = np.array([ord(c) for c in "\"'\u201d\u2019)"], dtype=np.uint32)
+_WHITESPACE = np.array([ord(c) for c in " \t\n"], dtype=np.uint32)
+
+
+def normalize_text(text: str) -> str:
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    return text
+
+
+def looks_binary(text: str, max_control_fraction: float = 0.01) -> bool:
+    """True for decoded binary junk: many control characters other than tab and newline."""
+    sample = text[:65536]
+    controls = sum(1 for c in sample if c < " " and c not in "\t\n\r\f")
+    return controls > max_control_fraction * max(len(sample), 1)
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    char_start: int
+    char_end: int
+    token_start: int
+    token_end: int
+
+
+def boundary_kinds(text: str, char_ends: np.ndarray) -> np.ndarray:
+    """Classify the cut after each token: PARAGRAPH, SENTENCE, WHITESPACE, ANY_TOKEN, or -1 (no cut).
+
+    A cut at character c splits text[:c] | text[c:]. Paragraph: text[:c] ends with a blank line.
+    Sentence: text[:c] ends with . ! or ? (optionally followed by a closing quote) and text[c] is
+    whitespace. Whitespace: either side of the cut is whitespace. -1 marks a token end inside a
+    character (byte-fallback pieces), which is never a cut.
+    """
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    padded = np.concatenate([np.zeros(2, np.uint32), codes, np.full(1, ord(" "), np.uint32)])
+    at = np.clip(char_ends, 0, len(codes)) + 2  # padded index of text[c]
+    before, before2, after = padded[at - 1], padded[at - 2], padded[at]
+    newline = ord("\n")
+    paragraph = (before == newline) & (before2 == newline)
+    ends_sentence = np.isin(before, _SENTENCE_END) | (
+        np.isin(before, _CLOSING_QUOTE) & np.isin(before2, _SENTENCE_END)
+    )
+    sentence = ends_sentence & np.isin(after, _WHITESPACE)
+    whitespace = np.isin(before, _WHITESPACE) | np.isin(after, _WHITESPACE)
+    kinds = np.select([paragraph, sentence, whitespace], [PARAGRAPH, SENTENCE, WHITESPACE], ANY_TOKEN)
+    kinds[char_ends < 0] = -1
+    return kinds
+
+
+def chunk_tokens(
+    text: str, tokenized: TokenizedText, chunk_tokens: int = 1000, tolerance: float = 0.1
+) -> list[Chunk]:
+    """Cut a book into chunks of about `chunk_tokens` tokens, only between tokens.
+
+    Each cut lands within `chunk_tokens * (1 ± tolerance)` tokens of the previous one, at the best
+    boundary there (paragraph, then sentence, then whitespace, then any token end), the one nearest
+    the target among equals. A remainder that fits in the upper bound stays in the last chunk.
+    """
+    n = len(tokenized.ids)
+    if n == 0:
+        return []
+    kinds = boundary_kinds(text, tokenized.char_ends)
+    low = max(1, round(chunk_tokens * (1 - tolerance)))
+    high = max(low, round(chunk_tokens * (1 + tolerance)))
+    token_cuts = [0]
+    while n - token_cuts[-1] > high:
+        token_cuts.append(_next_cut(kinds, token_cuts[-1], low, high, chunk_tokens))
+    token_cuts.append(n)
+    char_cuts = [0] + [int(tokenized.char_ends[t - 1]) for t in token_cuts[1:-1]] + [len(text)]
+    return [
+        Chunk(i, char_cuts[i], char_cuts[i + 1], token_cuts[i], token_cuts[i + 1])
+        for i in range(len(token_cuts) - 1)
+    ]
+
+
+def _next_cut(kinds: np.ndarray, start: int, low: int, high: int, target: int) -> int:
+    """Token index of the next cut: the best boundary kind in [start+low, start+high], nearest
+    start+target among equals. kinds[t-1] describes the cut before token t."""
+    window = kinds[start + low - 1 : start + high]
+    best_kind = window.max()
+    if best_kind < 0:  # only mid-character token ends in reach: take the next real one
+        return start + high + 1 + int(np.flatnonzero(kinds[start + high :] >= 0)[0])
+    candidates = np.flatnonzero(window == best_kind)
+    pick = candidates[np.argmin(np.abs(candidates - (target - low)))]
+    return start + low + int(pick)

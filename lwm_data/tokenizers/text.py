@@ -1,0 +1,177 @@
+"""Text tokenizers: SentencePiece `.model` files and Hugging Face tokenizer directories.
+
+`encode` never adds BOS/EOS (LWM's original tokenizer behaviour; see LWM_FORMAT.md): callers add
+them explicitly. `encode_with_offsets` also returns where each token ends in the input, in
+characters, which is what lets the chunker cut only between tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import sentencepiece as spm
+from apache_beam.io.filesystems import FileSystems
+
+_SPACE = "\u2581"  # SentencePiece's whitespace symbol
+_IDENTITY_PROBE = "a  b\u3000\ufb01\r\n"
+
+
+def default_tokenizer_path() -> str:
+    """The 32000-piece LLaMA-layout SentencePiece model that `mistral-common` ships (offline)."""
+    import mistral_common
+
+    return os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+
+
+@dataclass(frozen=True)
+class TokenizedText:
+    ids: np.ndarray  # int32 token ids
+    char_ends: np.ndarray  # int64: token i covers text[char_ends[i-1]:char_ends[i]] (-1 mid-character)
+
+
+def _char_index_of_byte(data: bytes) -> np.ndarray:
+    """Map every byte offset 0..len(data) to the character offset it starts, -1 inside a character."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    is_char_start = (raw & 0xC0) != 0x80
+    char_index = np.empty(len(raw) + 1, dtype=np.int64)
+    char_index[:-1] = np.cumsum(is_char_start) - 1
+    char_index[-1] = int(is_char_start.sum())
+    char_index[:-1][~is_char_start] = -1
+    return char_index
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model loaded from any Beam filesystem path."""
+
+    def __init__(self, model_bytes: bytes, path: str):
+        self.path = path
+        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        self.vocab_size = self._sp.vocab_size()
+        self.bos_id = self._sp.bos_id()
+        self.eos_id = self._sp.eos_id()
+        self._piece_bytes, self._dummy_prefix = self._offset_table()
+
+    def _offset_table(self) -> tuple[np.ndarray | None, int]:
+        """Byte length of every piece in the input, when offsets can be summed from ids alone.
+
+        That holds for identity normalisation (LLaMA, Mistral): pieces are the input's bytes with
+        spaces shown as U+2581, byte-fallback pieces are one byte, control pieces none. Other
+        normalisers fall back to the slower proto output, which carries offsets.
+        """
+        normalized = self._sp.normalize(_IDENTITY_PROBE)
+        plain = _IDENTITY_PROBE.replace(" ", _SPACE)
+        if normalized not in (plain, _SPACE + plain):
+            return None, 0
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if self._sp.is_byte(i):
+                lengths[i] = 1
+            elif not (self._sp.is_control(i) or self._sp.is_unknown(i)):
+                lengths[i] = len(self._sp.id_to_piece(i).replace(_SPACE, " ").encode())
+        return lengths, len(normalized) - len(plain)
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[np.ndarray]:
+        ids = self._sp.encode(texts, num_threads=num_threads)
+        return [np.asarray(x, dtype=np.int32) for x in ids]
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def encode_with_offsets(self, texts: list[str], num_threads: int = -1) -> list[TokenizedText]:
+        ids_list = self.encode_batch(texts, num_threads) if self._piece_bytes is not None else None
+        out = []
+        for i, text in enumerate(texts):
+            data = text.encode()
+            fast = ids_list is not None and self._fast_offsets(ids_list[i], data)
+            out.append(fast or self._proto_offsets(text, data))
+        return out
+
+    def _fast_offsets(self, ids: np.ndarray, data: bytes) -> TokenizedText | None:
+        byte_ends = np.cumsum(self._piece_bytes[ids]) - self._dummy_prefix
+        if len(ids) and byte_ends[-1] != len(data):
+            return None  # e.g. an unknown piece: its byte length is not in the table
+        byte_ends = np.maximum(byte_ends, 0)
+        return TokenizedText(ids, _char_index_of_byte(data)[byte_ends])
+
+    def _proto_offsets(self, text: str, data: bytes) -> TokenizedText:
+        pieces = self._sp.encode(text, return_type="proto").pieces
+        ids = np.fromiter((p.id for p in pieces), dtype=np.int32, count=len(pieces))
+        byte_ends = np.fromiter((p.end for p in pieces), dtype=np.int64, count=len(pieces))
+        return TokenizedText(ids, _char_index_of_byte(data)[byte_ends])
+
+
+class HuggingFaceTokenizer:
+    """A `tokenizer.json` (Hugging Face `tokenizers`), without special tokens added."""
+
+    def __init__(self, json_bytes: bytes, path: str):
+        from tokenizers import Tokenizer
+
+        self.path = path
+        self.sha256 = hashlib.sha256(json_bytes).hexdigest()
+        self._tok = Tokenizer.from_str(json_bytes.decode())
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self._special_id(("<s>", "<|begin_of_text|>", "<|startoftext|>"))
+        self.eos_id = self._special_id(("</s>", "<|end_of_text|>", "<|endoftext|>", "<|eot_id|>"))
+
+    def _special_id(self, names: tuple[str, ...]) -> int:
+        for name in names:
+            token_id = self._tok.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        return -1
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[np.ndarray]:
+        encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def encode_with_offsets(self, texts: list[str], num_threads: int = -1) -> list[TokenizedText]:
+        encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+        return [
+            TokenizedText(
+                np.asarray(e.ids, dtype=np.int32),
+                np.asarray([end for _, end in e.offsets], dtype=np.int64).reshape(-1),
+            )
+            for e in encodings
+        ]
+
+
+TextTokenizer = SentencePieceTokenizer | HuggingFaceTokenizer
+
+
+def _read(path: str) -> bytes:
+    with FileSystems.open(path) as f:
+        return f.read()
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(path: str | None = None) -> TextTokenizer:
+    """Load a SentencePiece `.model`, or a Hugging Face tokenizer directory, from any filesystem.
+
+    A directory with `tokenizer.model` is read as SentencePiece (LLaMA's layout); otherwise its
+    `tokenizer.json` is used. `None` loads the embedded default. Cached per process.
+    """
+    path = path or default_tokenizer_path()
+    directory = path.rstrip("/")
+    sp_model = FileSystems.join(directory, "tokenizer.model")
+    hf_json = FileSystems.join(directory, "tokenizer.json")
+    if FileSystems.exists(sp_model):
+        return SentencePieceTokenizer(_read(sp_model), path)
+    if FileSystems.exists(hf_json):
+        return HuggingFaceTokenizer(_read(hf_json), path)
+    if FileSystems.exists(path):
+        return SentencePieceTokenizer(_read(path), path)
+    raise FileNotFoundError(f"no SentencePiece model or tokenizer directory at {path}")
