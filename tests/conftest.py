@@ -1,0 +1,39 @@
+"""Shared fixtures: synthetic books and the chunks made from them (built once per session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lwm_data.synthetic import SyntheticBook, generate_books, write_books_jsonl
+
+LLAMA2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llama2" / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def synthetic_books() -> list[SyntheticBook]:
+    """Eight seeded books of about 6K words (roughly 8K tokens each)."""
+    return generate_books(8, 6000, seed=7)
+
+
+@pytest.fixture(scope="session")
+def books_jsonl(tmp_path_factory, synthetic_books) -> Path:
+    return write_books_jsonl(tmp_path_factory.mktemp("books") / "books.jsonl", synthetic_books, with_facts=True)
+
+
+@pytest.fixture(scope="session")
+def chunks_dir(tmp_path_factory, books_jsonl) -> Path:
+    """Output of the chunk stage over `books_jsonl` (1000-token chunks, embedded tokenizer)."""
+    from lwm_data.pipelines import chunk_books
+
+    output = tmp_path_factory.mktemp("chunks")
+    chunk_books.run(chunk_books.ChunkConfig(input=str(books_jsonl), output=str(output)))
+    return output
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_path() -> Path:
+    if not LLAMA2_TOKENIZER.exists():
+        pytest.skip("LLaMA-2 tokenizer fixture (../shared/fixtures/llama2) is absent")
+    return LLAMA2_TOKENIZER
