@@ -1,0 +1,86 @@
+import gzip
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from lwm_data.books import Book, Rejection, iter_lines, read_books
+
+
+def _reasons(items):
+    return [i.reason for i in items if isinstance(i, Rejection)]
+
+
+def test_jsonl_records_ids_titles_and_rejections(tmp_path):
+    path = tmp_path / "b.jsonl"
+    lines = [
+        json.dumps({"id": 7, "title": "T", "text": "Alpha.\r\nBeta"}),
+        json.dumps({"meta": {"short_book_title": "PG", "id": "pg-1"}, "text": "Gamma"}),
+        json.dumps({"text": "No id here"}),
+        "",
+        "{not json",
+        json.dumps([1, 2]),
+        json.dumps({"text": None}),
+        json.dumps({"title": "x"}),
+        json.dumps({"text": ["a"]}),
+        json.dumps({"text": "   \n"}),
+        json.dumps({"text": "\x01\x02\x03\x04" * 50}),
+    ]
+    path.write_bytes("\n".join(lines).encode() + b"\n\xff\xfe bad utf8\n")
+    items = list(read_books(str(path)))
+    books = [i for i in items if isinstance(i, Book)]
+    assert [b.book_id for b in books[:2]] == ["7", "pg-1"]
+    assert books[0].text == "Alpha.\nBeta" and books[0].title == "T" and books[1].title == "PG"
+    assert books[2].book_id == books[2].text_sha256[:16]
+    assert _reasons(items) == [
+        "invalid_json", "invalid_json", "missing_text", "missing_text", "text_not_string",
+        "empty_text", "binary_content", "invalid_utf8",
+    ]
+    assert [i.locator for i in items][:3] == ["line 1", "line 2", "line 3"]
+
+
+def test_compressed_jsonl_parquet_and_txt(tmp_path):
+    record = json.dumps({"id": "a", "text": "Hello there."}).encode() + b"\n"
+    (tmp_path / "x.jsonl.gz").write_bytes(gzip.compress(record))
+    (tmp_path / "x.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(record))
+    pq.write_table(pa.table({"text": ["From parquet.", None], "id": ["p1", "p2"]}), tmp_path / "x.parquet")
+    (tmp_path / "Moby.txt").write_text("Call me Ishmael.\r\n")
+    for name in ("x.jsonl.gz", "x.jsonl.zst"):
+        (book,) = read_books(str(tmp_path / name))
+        assert (book.book_id, book.text) == ("a", "Hello there.")
+    parquet_items = list(read_books(str(tmp_path / "x.parquet")))
+    assert parquet_items[0].text == "From parquet." and _reasons(parquet_items) == ["missing_text"]
+    (txt,) = read_books(str(tmp_path / "Moby.txt"))
+    assert txt.text == "Call me Ishmael.\n" and txt.title == "Moby"
+
+
+def test_unreadable_and_unknown_files_are_one_rejection_each(tmp_path):
+    (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "data.bin").write_bytes(b"\x00\x01")
+    assert _reasons(read_books(str(tmp_path / "broken.jsonl.gz"))) == ["unreadable_file"]
+    assert _reasons(read_books(str(tmp_path / "data.bin"))) == ["unknown_format"]
+    assert _reasons(read_books(str(tmp_path / "missing.jsonl"))) == ["unreadable_file"]
+
+
+def test_oversized_line_is_skipped_without_losing_neighbours(tmp_path):
+    path = tmp_path / "big.jsonl"
+    good = json.dumps({"text": "small"}).encode()
+    path.write_bytes(good + b"\n" + b'{"text": "' + b"x" * 3000 + b'"}\n' + good + b"\n")
+    items = list(read_books(str(path), max_record_bytes=1000))
+    assert _reasons(items) == ["record_too_large"]
+    assert [i.locator for i in items] == ["line 1", "line 2", "line 3"]
+
+
+def test_iter_lines_across_block_boundaries():
+    data = b"a" * 5 + b"\n" + b"b" * 20 + b"\n\nccc"
+    import lwm_data.books as books
+
+    original = books._READ_BLOCK
+    books._READ_BLOCK = 4
+    try:
+        lines = list(iter_lines(io.BytesIO(data), max_bytes=10))
+    finally:
+        books._READ_BLOCK = original
+    assert lines == [(1, b"aaaaa"), (2, None), (3, b""), (4, b"ccc")]

@@ -1,0 +1,146 @@
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from lwm_data import io
+from lwm_data.cli import app
+from lwm_data.pipelines import chunk_books
+from lwm_data.synthetic import generate_books, write_books_jsonl
+from lwm_data.tokenizers import load_tokenizer
+from lwm_data.validate import validate
+
+HUGE_LINE_BYTES = 300 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def messy_input(tmp_path_factory, synthetic_books) -> Path:
+    """Good books in three formats, an exact duplicate, an id conflict and every kind of bad record."""
+    root = tmp_path_factory.mktemp("messy")
+    write_books_jsonl(root / "good.jsonl", synthetic_books[:4])
+    with gzip.open(root / "more.jsonl.gz", "wt") as f:
+        for book in synthetic_books[4:6] + synthetic_books[:1]:  # the last line duplicates good.jsonl:1
+            f.write(json.dumps({"id": book.id, "text": book.text}) + "\n")
+        f.write(json.dumps({"id": synthetic_books[0].id, "text": "A different text under a taken id."}) + "\n")
+        f.write(json.dumps({"id": synthetic_books[6].id + "-x", "text": "Short book."}) + "\n")
+    (root / "book.txt").write_text(synthetic_books[6].text)
+    with open(root / "bad.jsonl", "wb") as f:
+        f.write(b'{"text": 5}\n{broken\n\xff\xfe\xfd\n{"id": "no-text"}\n{"text": ""}\n')
+        f.write(json.dumps({"text": "\x00\x01\x02\x03\x04\x05\x06" * 40}).encode() + b"\n")
+        f.write(b'{"text": "' + b"y" * HUGE_LINE_BYTES + b'"}\n')
+    (root / "corrupt.jsonl.gz").write_bytes(b"\x1f\x8b this is not gzip")
+    return root
+
+
+@pytest.fixture(scope="module")
+def messy_output(tmp_path_factory, messy_input):
+    output = tmp_path_factory.mktemp("chunks-out")
+    config = chunk_books.ChunkConfig(input=str(messy_input / "*"), output=str(output), min_book_tokens=100)
+    return output, chunk_books.run(config)
+
+
+def test_counts_balance_and_every_bad_record_is_dead_lettered(messy_output):
+    output, manifest = messy_output
+    counts = manifest["counts"]
+    # 4 (good.jsonl) + 5 (gz) + 1 (txt) + 7 (bad.jsonl) + 1 (corrupt file)
+    assert counts["in"] == 18
+    assert counts["filtered"] == {"duplicate": 1, "too_short": 1}
+    assert counts["dead_lettered_by_reason"] == {
+        "binary_content": 1, "conflicting_id": 1, "empty_text": 1, "invalid_json": 1, "invalid_utf8": 1,
+        "missing_text": 1, "record_too_large": 1, "text_not_string": 1, "unreadable_file": 1,
+    }
+    assert counts["out"] == 7 and counts["balanced"]
+    letters = io.read_dead_letters(str(output))
+    assert len(letters) == counts["dead_lettered"]
+    assert all(letter["stage"] == "chunk" and letter["source"] and letter["reason"] for letter in letters)
+    huge = next(letter for letter in letters if letter["reason"] == "record_too_large")
+    assert huge["source"].endswith("bad.jsonl") and huge["locator"] == "line 7"
+
+
+def test_manifest_records_config_tokenizer_and_files(messy_output):
+    output, manifest = messy_output
+    assert manifest["stage"] == "chunk" and manifest["config"]["chunk_tokens"] == 1000
+    assert manifest["tokenizer"]["sha256"] == load_tokenizer().sha256
+    on_disk = json.loads((output / "manifest.json").read_text())
+    assert on_disk == manifest
+    shard_rows = sum(f["rows"] for f in manifest["files"] if f["path"].endswith(".parquet"))
+    assert shard_rows == manifest["stats"]["chunks"] > 0
+    table = io.read_table(str(output))
+    assert sum(table["num_tokens"].to_pylist()) == manifest["stats"]["tokens"]
+
+
+def test_output_is_valid_and_chunks_rebuild_each_book(messy_output, synthetic_books):
+    output, _ = messy_output
+    assert not validate(str(output))
+    table = io.read_table(str(output)).sort_by([("book_id", "ascending"), ("chunk_index", "ascending")])
+    rows = table.to_pylist()
+    first = [r for r in rows if r["book_id"] == synthetic_books[0].id]
+    assert "".join(r["text"] for r in first) == synthetic_books[0].text
+    tokens = [t for r in first for t in r["tokens"]]
+    assert tokens == load_tokenizer().encode(synthetic_books[0].text)
+    assert {r["title"] for r in first} == {synthetic_books[0].title}
+    txt_book = [r for r in rows if r["title"] == "book"]
+    assert txt_book and txt_book[0]["book_id"] != synthetic_books[6].id  # .txt books get a content hash id
+
+
+def test_readable_by_hugging_face_datasets(messy_output):
+    from datasets import load_dataset
+
+    output, manifest = messy_output
+    shards = [str(p) for p in sorted(output.glob("part-*.parquet"))]
+    dataset = load_dataset("parquet", data_files=shards, split="train")
+    assert len(dataset) == manifest["stats"]["chunks"]
+    assert set(dataset.column_names) >= {"book_id", "chunk_index", "tokens", "text"}
+
+
+def test_length_filters_and_determinism(tmp_path, books_jsonl):
+    def run(name, **kwargs):
+        config = chunk_books.ChunkConfig(input=str(books_jsonl), output=str(tmp_path / name), **kwargs)
+        return chunk_books.run(config)
+
+    a, b = run("a", max_book_tokens=9000), run("b", max_book_tokens=9000)
+    assert a["counts"] == b["counts"] and a["counts"]["filtered"].get("too_long", 0) > 0
+    key = [("book_id", "ascending"), ("chunk_index", "ascending")]
+    assert io.read_table(str(tmp_path / "a")).sort_by(key).equals(io.read_table(str(tmp_path / "b")).sort_by(key))
+
+
+def test_rerun_replaces_previous_output(tmp_path, books_jsonl):
+    config = chunk_books.ChunkConfig(input=str(books_jsonl), output=str(tmp_path / "o"), chunk_tokens=500)
+    chunk_books.run(config)
+    (tmp_path / "o" / "part-99999-of-99999.parquet").write_bytes(b"stale")
+    chunk_books.run(config)
+    assert not validate(str(tmp_path / "o"))
+
+
+def test_cli_passes_beam_options_through(tmp_path, books_jsonl):
+    result = CliRunner().invoke(
+        app,
+        ["chunk", "--input", str(books_jsonl), "--output", str(tmp_path / "cli"), "--chunk-tokens", "800",
+         "--direct_num_workers", "2", "--direct_running_mode", "multi_threading"],
+    )
+    assert result.exit_code == 0, result.output
+    manifest = io.read_manifest(str(tmp_path / "cli"))
+    assert manifest["config"]["chunk_tokens"] == 800 and manifest["counts"]["balanced"]
+    assert CliRunner().invoke(app, ["validate", str(tmp_path / "cli")]).exit_code == 0
+
+
+def test_validate_reports_violation_classes_with_counts(tmp_path, chunks_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(chunks_dir, broken)
+    shard = sorted(broken.glob("part-*.parquet"))[0]
+    table = pq.read_table(shard)
+    num_tokens = table["num_tokens"].to_pylist()
+    num_tokens[0] += 1
+    num_tokens[1] += 1
+    column = table.schema.get_field_index("num_tokens")
+    pq.write_table(table.set_column(column, table.schema.field(column), pa.array(num_tokens, pa.int32())), shard)
+    assert validate(str(broken)) == {"tokens length != num_tokens": 2}
+    result = CliRunner().invoke(app, ["validate", str(broken)])
+    assert result.exit_code == 1 and "tokens length != num_tokens: 2" in result.output
+    (broken / "manifest.json").unlink()
+    assert CliRunner().invoke(app, ["validate", str(broken)]).exit_code == 1

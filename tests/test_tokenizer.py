@@ -1,0 +1,69 @@
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from lwm_data.tokenizers import default_tokenizer_path, load_tokenizer
+from lwm_data.tokenizers.text import HuggingFaceTokenizer, SentencePieceTokenizer
+
+MIXED = ["\n\nHello  world.\n\"Hi,\" said \u5317\u4eac Ann. \U0001F600 x", " leading space", "", "tabs\tand\u00a0nbsp"]
+
+
+def test_default_is_llama_layout_sentencepiece():
+    tok = load_tokenizer()
+    assert isinstance(tok, SentencePieceTokenizer)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (32000, 1, 2)
+    with open(default_tokenizer_path(), "rb") as f:
+        assert tok.sha256 == hashlib.sha256(f.read()).hexdigest()
+
+
+def test_encode_adds_no_bos_and_batch_matches_single():
+    tok = load_tokenizer()
+    assert tok.encode("Hello")[0] != tok.bos_id
+    batch = tok.encode_batch(MIXED, num_threads=2)
+    assert [b.tolist() for b in batch] == [tok.encode(t) for t in MIXED]
+    assert all(b.dtype == np.int32 for b in batch)
+
+
+def test_fast_offsets_match_sentencepiece_proto_offsets():
+    tok = load_tokenizer()
+    for text, fast in zip(MIXED, tok.encode_with_offsets(MIXED)):
+        slow = tok._proto_offsets(text, text.encode())
+        assert fast.ids.tolist() == slow.ids.tolist()
+        assert fast.char_ends.tolist() == slow.char_ends.tolist()
+
+
+def test_llama2_tokenizer_ids(llama2_tokenizer_path):
+    tok = load_tokenizer(str(llama2_tokenizer_path))
+    assert tok.encode("You are a helpful assistant. USER:") == [887, 526, 263, 8444, 20255, 29889, 3148, 1001, 29901]
+    assert tok.encode(" ASSISTANT:") == [29871, 319, 1799, 9047, 13566, 29901]
+    assert tok.encode("<vision>") == [529, 4924, 29958]
+
+
+def test_sentencepiece_directory_and_hf_tokenizer_json(tmp_path):
+    sp_dir = tmp_path / "sp"
+    sp_dir.mkdir()
+    shutil.copy(default_tokenizer_path(), sp_dir / "tokenizer.model")
+    assert isinstance(load_tokenizer(str(sp_dir)), SentencePieceTokenizer)
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "!": 3, "</s>": 4}
+    hf = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    hf.save(str(hf_dir / "tokenizer.json"))
+    tok = load_tokenizer(str(hf_dir))
+    assert isinstance(tok, HuggingFaceTokenizer)
+    assert tok.encode("hello world!") == [1, 2, 3] and tok.eos_id == 4
+    (out,) = tok.encode_with_offsets(["hello world!"])
+    assert out.char_ends.tolist() == [5, 11, 12]
+    assert tok.sha256 == hashlib.sha256((hf_dir / "tokenizer.json").read_bytes()).hexdigest()
+
+
+def test_missing_tokenizer_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(str(tmp_path / "nope"))
