@@ -11,6 +11,7 @@ concatenated in order give back its normalised text exactly.
 from __future__ import annotations
 
 import hashlib
+import re
 import unicodedata
 from dataclasses import dataclass
 
@@ -21,9 +22,19 @@ from lwm_data.tokenizers.text import TokenizedText
 # Boundary preference when snapping a cut: higher is better.
 PARAGRAPH, SENTENCE, WHITESPACE, ANY_TOKEN = 3, 2, 1, 0
 
-_SENTENCE_END = np.array([ord(c) for c in ".!?"], dtype=np.uint32)
-_CLOSING_QUOTE = np.array([ord(c) for c in "\"'\u201d\u2019)"], dtype=np.uint32)
-_WHITESPACE = np.array([ord(c) for c in " \t\n"], dtype=np.uint32)
+_CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0e-\x1f]")
+
+
+def _char_class(chars: str) -> np.ndarray:
+    """A lookup table over code points below 0x2020 (all the classes here live there)."""
+    table = np.zeros(0x2020, dtype=bool)
+    table[[ord(c) for c in chars]] = True
+    return table
+
+
+_SENTENCE_END = _char_class(".!?")
+_CLOSING_QUOTE = _char_class("\"')\u201d\u2019")
+_WHITESPACE = _char_class(" \t\n")
 
 
 def normalize_text(text: str) -> str:
@@ -39,8 +50,7 @@ def normalize_text(text: str) -> str:
 def looks_binary(text: str, max_control_fraction: float = 0.01) -> bool:
     """True for decoded binary junk: many control characters other than tab and newline."""
     sample = text[:65536]
-    controls = sum(1 for c in sample if c < " " and c not in "\t\n\r\f")
-    return controls > max_control_fraction * max(len(sample), 1)
+    return len(_CONTROL_CHARS.findall(sample)) > max_control_fraction * max(len(sample), 1)
 
 
 def content_hash(text: str) -> str:
@@ -65,16 +75,15 @@ def boundary_kinds(text: str, char_ends: np.ndarray) -> np.ndarray:
     character (byte-fallback pieces), which is never a cut.
     """
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    codes = np.where(codes < len(_WHITESPACE), codes, 0)
     padded = np.concatenate([np.zeros(2, np.uint32), codes, np.full(1, ord(" "), np.uint32)])
     at = np.clip(char_ends, 0, len(codes)) + 2  # padded index of text[c]
     before, before2, after = padded[at - 1], padded[at - 2], padded[at]
     newline = ord("\n")
     paragraph = (before == newline) & (before2 == newline)
-    ends_sentence = np.isin(before, _SENTENCE_END) | (
-        np.isin(before, _CLOSING_QUOTE) & np.isin(before2, _SENTENCE_END)
-    )
-    sentence = ends_sentence & np.isin(after, _WHITESPACE)
-    whitespace = np.isin(before, _WHITESPACE) | np.isin(after, _WHITESPACE)
+    ends_sentence = _SENTENCE_END[before] | (_CLOSING_QUOTE[before] & _SENTENCE_END[before2])
+    sentence = ends_sentence & _WHITESPACE[after]
+    whitespace = _WHITESPACE[before] | _WHITESPACE[after]
     kinds = np.select([paragraph, sentence, whitespace], [PARAGRAPH, SENTENCE, WHITESPACE], ANY_TOKEN)
     kinds[char_ends < 0] = -1
     return kinds

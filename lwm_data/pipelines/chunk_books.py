@@ -168,7 +168,8 @@ def build(pipeline: beam.Pipeline, config: ChunkConfig) -> StageOutputs:
     tables = (
         unique.books
         | "Batch" >> beam.BatchElements(
-            min_batch_size=1, max_batch_size=config.batch_chars, element_size_fn=lambda b: len(b.text)
+            # a fixed size (in characters): small batches would leave the tokenizer's threads idle
+            min_batch_size=config.batch_chars, max_batch_size=config.batch_chars, element_size_fn=lambda b: len(b.text)
         )
         | "TokenizeAndChunk" >> beam.ParDo(TokenizeAndChunk(config))
     )
