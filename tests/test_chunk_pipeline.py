@@ -144,3 +144,10 @@ def test_validate_reports_violation_classes_with_counts(tmp_path, chunks_dir):
     assert result.exit_code == 1 and "tokens length != num_tokens: 2" in result.output
     (broken / "manifest.json").unlink()
     assert CliRunner().invoke(app, ["validate", str(broken)]).exit_code == 1
+
+
+def test_only_bad_input_gives_an_empty_valid_output(tmp_path):
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": 1}\nnot json\n')
+    manifest = chunk_books.run(chunk_books.ChunkConfig(input=str(tmp_path / "bad.jsonl"), output=str(tmp_path / "o")))
+    assert manifest["counts"]["in"] == 2 and manifest["counts"]["dead_lettered"] == 2
+    assert io.read_table(str(tmp_path / "o")).num_rows == 0 and not validate(str(tmp_path / "o"))

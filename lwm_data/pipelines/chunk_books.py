@@ -19,7 +19,7 @@ import pyarrow as pa
 from apache_beam.io import fileio
 
 from lwm_data.books import DEFAULT_MAX_RECORD_BYTES, Book, Rejection, read_books
-from lwm_data.pipelines.common import StageOutputs, count, dead_letter, run_stage
+from lwm_data.pipelines.common import ERRORS, StageOutputs, count, dead_letter, run_stage
 from lwm_data.schemas import CHUNK_SCHEMA
 from lwm_data.text import chunk_tokens
 from lwm_data.tokenizers import load_tokenizer
@@ -154,7 +154,7 @@ def build(pipeline: beam.Pipeline, config: ChunkConfig) -> StageOutputs:
         | "Match" >> fileio.MatchFiles(config.input)
         | "Paths" >> beam.Map(lambda m: m.path)
         | "SpreadFiles" >> beam.Reshuffle()
-        | "ReadBooks" >> beam.ParDo(ReadBooks(config.max_record_bytes)).with_outputs("errors", main="books")
+        | "ReadBooks" >> beam.ParDo(ReadBooks(config.max_record_bytes)).with_outputs(ERRORS, main="books")
     )
     unique = (
         read.books
@@ -163,7 +163,7 @@ def build(pipeline: beam.Pipeline, config: ChunkConfig) -> StageOutputs:
         | "KeepFirstCopy" >> beam.ParDo(KeepFirstCopy())
         | "ById" >> beam.Map(lambda b: (b.book_id, b))
         | "GroupById" >> beam.GroupByKey()
-        | "RejectConflictingIds" >> beam.ParDo(RejectConflictingIds()).with_outputs("errors", main="books")
+        | "RejectConflictingIds" >> beam.ParDo(RejectConflictingIds()).with_outputs(ERRORS, main="books")
     )
     tables = (
         unique.books
@@ -173,7 +173,7 @@ def build(pipeline: beam.Pipeline, config: ChunkConfig) -> StageOutputs:
         )
         | "TokenizeAndChunk" >> beam.ParDo(TokenizeAndChunk(config))
     )
-    return StageOutputs(tables, [read.errors, unique.errors])
+    return StageOutputs(tables, [read[ERRORS], unique[ERRORS]])
 
 
 def run(config: ChunkConfig, beam_args: list[str] | None = None) -> dict:
