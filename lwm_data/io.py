@@ -140,3 +140,13 @@ def describe_files(output_dir: str) -> list[dict[str, Any]]:
             rows = sum(1 for line in f.read().splitlines() if line.strip())
         files.append({"path": path.removeprefix(base), "rows": rows})
     return files
+
+
+def __getattr__(name: str) -> Any:
+    """`io.PackedDataset`: the PyTorch reader of packed shards (lwm_data.torch_data), imported on
+    first use so that importing io does not import torch."""
+    if name == "PackedDataset":
+        from lwm_data.torch_data import PackedDataset
+
+        return PackedDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -59,10 +59,12 @@ EXAMPLE_SCHEMA = pa.schema(
     ]
 )
 
-# Fixed-length training rows (the trainer's contract). For a row of length L:
-#   segment_ids: 1..n in row order for the n packed examples, 0 on padding;
+# Fixed-length training rows (the trainer's contract; see lwm_data.packing). For a row of length L:
+#   segment_ids: 1..n in row order for the n packed examples, 0 on padding (only at the row's end);
 #   positions:   0-based within each segment (0 on padding);
 #   loss_weights: 0 on each segment's first token, on prompts and on padding.
+# Per-segment lists (example_ids, kinds, segment_lengths, piece_starts) are in segment order;
+# piece_starts is where the segment starts in its example (non-zero only for split plain text).
 PACKED_SCHEMA = pa.schema(
     [
         pa.field("tokens", pa.list_(pa.int32()), nullable=False),
@@ -76,6 +78,8 @@ PACKED_SCHEMA = pa.schema(
         pa.field("num_pad_tokens", pa.int32(), nullable=False),
         pa.field("example_ids", pa.list_(pa.string()), nullable=False),
         pa.field("kinds", pa.list_(pa.string()), nullable=False),  # kind of each segment
+        pa.field("segment_lengths", pa.list_(pa.int32()), nullable=False),
+        pa.field("piece_starts", pa.list_(pa.int32()), nullable=False),
     ]
 )
 
@@ -86,11 +90,13 @@ NEEDLE_SCHEMA = pa.schema(
         pa.field("context_length", pa.int32(), nullable=False),
         pa.field("depth", pa.float32(), nullable=False),
         pa.field("needles", pa.list_(pa.struct([("city", pa.string()), ("number", pa.string())]))),
-        pa.field("needle_char_positions", pa.list_(pa.int64())),
+        pa.field("needle_depths", pa.list_(pa.float32())),  # needle i's depth; needle 0's is `depth`
+        pa.field("needle_char_positions", pa.list_(pa.int64())),  # where needle i's text starts in prompt
         pa.field("retrieve", pa.list_(pa.string())),  # cities asked for
-        pa.field("prompt", pa.string(), nullable=False),
-        pa.field("answer", pa.string(), nullable=False),
-        pa.field("num_tokens", pa.int32(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),  # LWM's eval template, context included
+        pa.field("answer", pa.string(), nullable=False),  # the asked numbers, ", "-joined
+        pa.field("num_tokens", pa.int32(), nullable=False),  # prompt tokens with BOS
     ]
 )
 

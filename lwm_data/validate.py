@@ -71,38 +71,74 @@ def check_chunk_books(table: pa.Table, violations: Counter) -> None:
 
 
 def check_packed_rows(table: pa.Table, violations: Counter) -> None:
+    """The packed-row contract (lwm_data.packing): equal-length rows; segment ids 1..n in row
+    order then 0-padding; positions restart at 0 per segment; no weight on a segment's first token
+    or on padding; per-row counts and per-segment lists agree with the token columns."""
     lengths = _list_lengths(table, "tokens")
     for column in ("loss_weights", "vision_mask", "segment_ids", "positions"):
         violations[f"{column} length != tokens length"] += int((_list_lengths(table, column) != lengths).sum())
+    num_segments = table["num_segments"].to_numpy()
+    for column in ("example_ids", "kinds", "segment_lengths", "piece_starts"):
+        violations[f"{column} length != num_segments"] += int((_list_lengths(table, column) != num_segments).sum())
     if len(set(lengths.tolist())) > 1:
         violations["rows of different lengths"] += 1
-    if violations.total():
+    if violations.total() or not table.num_rows:
         return
-    width = int(lengths[0]) if len(lengths) else 0
+    width = int(lengths[0])
     seg = _flat(table, "segment_ids").reshape(-1, width)
     pos = _flat(table, "positions").reshape(-1, width)
     weights = _flat(table, "loss_weights").reshape(-1, width)
+    vision = _flat(table, "vision_mask").reshape(-1, width).astype(bool)
+    tokens = _flat(table, "tokens").reshape(-1, width)
+    columns = np.arange(width)[None, :]
     starts = np.ones_like(seg, dtype=bool)
     starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
     pad = seg == 0
     step = np.diff(seg, axis=1)
     violations["segment ids not 1..n in row order (0 only at the end)"] += int(
-        ((step < 0) & (seg[:, 1:] != 0)).sum() + (step > 1).sum() + ((seg[:, 0] > 1)).sum()
+        ((step < 0) & (seg[:, 1:] != 0)).sum() + (step > 1).sum() + (seg[:, 0] > 1).sum()
         + (pad[:, :-1] & ~pad[:, 1:]).sum()
     )
-    expected_pos = np.arange(width)[None, :] - np.maximum.accumulate(np.where(starts, np.arange(width)[None, :], 0), axis=1)
+    violations["row without a segment"] += int(pad[:, 0].sum())
+    expected_pos = columns - np.maximum.accumulate(np.where(starts, columns, 0), axis=1)
     violations["positions do not restart at 0 in each segment"] += int(((pos != expected_pos) & ~pad).sum() + (pos[pad] != 0).sum())
     violations["loss weight on a segment's first token or on padding"] += int(((weights != 0) & (starts | pad)).sum())
-    num_segments = table["num_segments"].to_numpy()
+    violations["loss weight negative or not finite"] += int((~np.isfinite(weights) | (weights < 0)).sum())
+    violations["padding with a non-zero token or a vision flag"] += int(((tokens != 0) | vision)[pad].sum())
     violations["num_segments != max segment id"] += int((seg.max(axis=1, initial=0) != num_segments).sum())
     violations["num_pad_tokens wrong"] += int((pad.sum(axis=1) != table["num_pad_tokens"].to_numpy()).sum())
+    violations["num_text_tokens wrong"] += int(((~pad & ~vision).sum(axis=1) != table["num_text_tokens"].to_numpy()).sum())
+    violations["num_vision_tokens wrong"] += int(((~pad & vision).sum(axis=1) != table["num_vision_tokens"].to_numpy()).sum())
+    run_starts = np.flatnonzero(starts[~pad])  # segments are contiguous runs once padding is removed
+    run_lengths = np.diff(np.append(run_starts, int((~pad).sum())))
+    segment_lengths = _flat(table, "segment_lengths")
+    if len(run_lengths) != len(segment_lengths) or (run_lengths != segment_lengths).any():
+        violations["segment_lengths != tokens per segment"] += 1
+    violations["piece_starts negative"] += int((_flat(table, "piece_starts") < 0).sum())
+
+
+def check_packed_row_lengths(table: pa.Table, violations: Counter) -> None:
+    """Across shards: every row has the same length (pad + segment tokens)."""
+    num_segments = _list_lengths(table, "segment_lengths")
+    row_of_segment = np.repeat(np.arange(table.num_rows), num_segments)
+    segment_tokens = np.bincount(row_of_segment, weights=_flat(table, "segment_lengths"), minlength=table.num_rows)
+    row_lengths = table["num_pad_tokens"].to_numpy() + segment_tokens.astype(np.int64)
+    if len(set(row_lengths.tolist())) > 1:
+        violations["rows of different lengths across shards"] += 1
 
 
 def check_qa_rows(table: pa.Table, violations: Counter) -> None:
     violations["no QA pairs"] += int((_list_lengths(table, "pairs") == 0).sum())
-    pairs = pc.list_flatten(table["pairs"])
+    pairs = pc.list_flatten(table["pairs"].combine_chunks())
     for field in ("question", "answer"):
-        violations[f"empty {field}"] += int((pc.utf8_length(pc.utf8_trim_whitespace(pairs.field(field))) == 0).to_numpy(zero_copy_only=False).sum())
+        empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pairs.field(field))), 0)
+        violations[f"empty {field}"] += int(empty.to_numpy(zero_copy_only=False).sum())
+
+
+def check_qa_chunks(table: pa.Table, violations: Counter) -> None:
+    """Across shards: each chunk is answered at most once."""
+    keys = table.group_by(["book_id", "chunk_index"]).aggregate([([], "count_all")])
+    violations["chunk answered more than once"] += int((keys["count_all"].to_numpy() > 1).sum())
 
 
 ROW_CHECKS: dict[str, list[TableCheck]] = {
@@ -113,6 +149,8 @@ ROW_CHECKS: dict[str, list[TableCheck]] = {
 }
 GLOBAL_CHECKS: dict[str, tuple[list[str], TableCheck]] = {
     "chunk": (["book_id", "chunk_index", "num_chunks", "char_start", "char_end"], check_chunk_books),
+    "pack": (["num_pad_tokens", "segment_lengths"], check_packed_row_lengths),
+    "qa": (["book_id", "chunk_index"], check_qa_chunks),
 }
 
 

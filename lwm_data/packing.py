@@ -1,0 +1,535 @@
+"""Masked sequence packing: unpacked examples -> fixed-length rows with segment ids.
+
+LWM's paper packs several examples per training row, keeps attention inside each example and
+re-weights the loss so packed training matches unpacked training. This module is that packer, as
+small pure functions over numpy arrays (no Beam, no per-token Python):
+
+    plan_packing(lengths, kinds, splittable, options) -> PackPlan   which piece goes to which row
+        1. shuffle       examples in a seeded order
+        2. cut_overflow  examples longer than the row: drop | truncate | split (plain text only)
+        3. mix_order     interleave kinds by tokens (`--mix chat=0.84,text=0.16`), cut the excess
+        4. best_fit_decreasing  streaming BFD over a buffer of pieces
+    build_rows(...)  -> PackedColumns                                the row arrays, vectorised
+    packed_table(...) -> pyarrow Table in PACKED_SCHEMA
+    pack_examples(examples, options) -> (table, plan)                all of it, in memory
+    unpack_rows(table) -> the examples back (round trip)
+
+Row contract (PACKED_SCHEMA), for a row of length L holding n segments:
+    segment_ids   1..n in row order, 0 on padding (padding only at the end of the row)
+    positions     0-based within each segment, 0 on padding
+    loss_weights  weight on predicting token i from the tokens before it in the same segment:
+                  0 on each segment's first token, on prompts and on padding. Packing keeps an
+                  example's own weights except that it zeroes each segment's first token.
+
+Split plain text: an over-long `text` example without vision tokens is cut into pieces of L tokens
+(the last shorter), each packed as its own segment. Positions restart at 0 in every piece: a piece
+cannot attend to the previous one (it is another segment, usually in another row), and with rotary
+embeddings only relative positions matter. Each piece's first token has weight 0 like any segment.
+`piece_starts` records where each segment starts in its original example, so rows unpack exactly.
+
+Loss weighting:
+    token    weights stay as they are: the row's loss is the mean over its trained tokens, so a long
+             example outweighs a short one in proportion to its tokens.
+    example  each segment s with weights w_i (summing to W_s > 0) gets w'_i = w_i / W_s, so each
+             segment's weights sum to 1. A trainer's loss  sum_i w'_i l_i / sum_i w'_i  over a row
+             (or a batch) then equals  (1/n) sum_s [ sum_{i in s} w_i l_i / W_s ],  the mean over
+             examples of each example's own mean loss: exactly what training the n examples
+             unpacked (one per row, per-example mean, averaged over the batch) computes. Segments
+             with no trained token (W_s = 0) keep weight 0 and are not counted in n.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lwm_data.schemas import EXAMPLE_SCHEMA, PACKED_SCHEMA
+
+OVERFLOW_MODES = ("drop", "truncate", "split")
+LOSS_WEIGHTINGS = ("token", "example")
+TEXT_KIND = "text"
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    seq_len: int
+    overflow: str = "drop"
+    loss_weighting: str = "token"
+    mix: dict[str, float] | None = None  # kind -> share of tokens
+    buffer_size: int = 10_000  # examples sorted together by best-fit-decreasing
+    max_open_rows: int = 64  # rows kept open between buffers; beyond it the fullest are emitted
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {self.seq_len}")
+        if self.overflow not in OVERFLOW_MODES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {self.overflow!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+        if self.buffer_size < 1 or self.max_open_rows < 0:
+            raise ValueError("buffer_size must be >= 1 and max_open_rows >= 0")
+        if self.mix is not None and (not self.mix or min(self.mix.values()) <= 0):
+            raise ValueError(f"mix shares must be positive, got {self.mix}")
+
+
+def parse_mix(spec: str | None) -> dict[str, float] | None:
+    """`chat=0.84,text=0.16` -> {"chat": 0.84, "text": 0.16} (shares need not sum to 1)."""
+    if not spec:
+        return None
+    mix = {}
+    for part in spec.split(","):
+        kind, sep, share = part.partition("=")
+        if not sep or not kind.strip():
+            raise ValueError(f"mix entry {part!r} is not kind=share")
+        mix[kind.strip()] = float(share)
+    return mix
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples as flat columns
+
+
+@dataclass
+class Examples:
+    """Unpacked examples in Arrow's list layout: example i is `tokens[offsets[i]:offsets[i+1]]`."""
+
+    example_ids: np.ndarray  # object (str)
+    kinds: np.ndarray  # object (str)
+    offsets: np.ndarray  # int64, n + 1
+    tokens: np.ndarray  # int32
+    loss_weights: np.ndarray  # float32
+    vision_mask: np.ndarray  # bool
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+    @property
+    def splittable(self) -> np.ndarray:
+        """Plain text: kind `text` and no vision token."""
+        has_vision = _segment_any(self.vision_mask, self.offsets)
+        return (self.kinds == TEXT_KIND) & ~has_vision
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> "Examples":
+        """From rows in EXAMPLE_SCHEMA (or any table with those list columns)."""
+        tokens = table["tokens"].combine_chunks()
+        offsets = np.asarray(tokens.offsets, dtype=np.int64)
+        return cls(
+            example_ids=np.asarray(table["example_id"].to_pylist(), dtype=object),
+            kinds=np.asarray(table["kind"].to_pylist(), dtype=object),
+            offsets=offsets - offsets[0],
+            tokens=_flat_values(tokens, np.int32),
+            loss_weights=_flat_values(table["loss_weights"].combine_chunks(), np.float32),
+            vision_mask=_flat_values(table["vision_mask"].combine_chunks(), np.bool_),
+        )
+
+    @classmethod
+    def from_arrays(
+        cls,
+        example_ids: Sequence[str],
+        kinds: Sequence[str],
+        tokens: Sequence[np.ndarray],
+        loss_weights: Sequence[np.ndarray],
+        vision_mask: Sequence[np.ndarray],
+    ) -> "Examples":
+        lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
+        return cls(
+            example_ids=np.asarray(list(example_ids), dtype=object),
+            kinds=np.asarray(list(kinds), dtype=object),
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            tokens=_concat(tokens, np.int32),
+            loss_weights=_concat(loss_weights, np.float32),
+            vision_mask=_concat(vision_mask, np.bool_),
+        )
+
+    def to_table(self, source: str = "") -> pa.Table:
+        """As EXAMPLE_SCHEMA rows (text and meta left empty)."""
+        offsets = pa.array(self.offsets.astype(np.int32))
+        return pa.Table.from_arrays(
+            [
+                pa.array(self.example_ids.tolist(), pa.string()),
+                pa.array(self.kinds.tolist(), pa.string()),
+                pa.array([source] * len(self), pa.string()),
+                pa.array(self.lengths.astype(np.int32)),
+                pa.ListArray.from_arrays(offsets, pa.array(self.tokens, pa.int32())),
+                pa.ListArray.from_arrays(offsets, pa.array(self.loss_weights, pa.float32())),
+                pa.ListArray.from_arrays(offsets, pa.array(self.vision_mask, pa.bool_())),
+                pa.nulls(len(self), pa.string()),
+                pa.nulls(len(self), pa.string()),
+            ],
+            schema=EXAMPLE_SCHEMA,
+        )
+
+
+def _flat_values(array: pa.ListArray, dtype) -> np.ndarray:
+    return pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+
+def _concat(arrays: Sequence[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate([np.asarray(a, dtype) for a in arrays]) if len(arrays) else np.zeros(0, dtype)
+
+
+def _segment_any(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    counts = np.diff(np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])[offsets])
+    return counts > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: which piece of which example goes to which row
+
+
+@dataclass
+class OverflowCut:
+    """Each kept example's packed length and number of pieces (0 pieces: dropped)."""
+
+    kept_length: np.ndarray  # int64 tokens packed per example (0 if dropped)
+    num_pieces: np.ndarray  # int64
+
+
+def cut_overflow(lengths: np.ndarray, splittable: np.ndarray, seq_len: int, overflow: str) -> OverflowCut:
+    """Apply `overflow` to examples longer than seq_len; `split` drops those that are not plain text."""
+    lengths = np.asarray(lengths, np.int64)
+    too_long = lengths > seq_len
+    if overflow == "truncate":
+        kept = np.minimum(lengths, seq_len)
+    elif overflow == "split":
+        kept = np.where(too_long & ~np.asarray(splittable, bool), 0, lengths)
+    else:
+        kept = np.where(too_long, 0, lengths)
+    num_pieces = -(-kept // seq_len)  # ceil
+    return OverflowCut(kept, num_pieces)
+
+
+def mix_order(kind_ids: np.ndarray, lengths: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """Interleave examples of several kinds so tokens follow `shares`; returns the kept indices.
+
+    kind_ids[i] in [0, len(shares)) names example i's kind; examples keep their order within a kind.
+    Example j of kind k sits at virtual time M_kj / share_k, with M_kj the tokens of kind k before
+    its middle; merging by that time keeps every prefix of the stream at the target shares (within
+    half an example per kind). The stream ends when the scarcest kind runs out:
+    T = min_k(total_k / share_k); examples whose middle comes at or after T are the excess and not
+    returned (the scarcest kind is always kept whole).
+    """
+    shares = np.asarray(shares, np.float64) / np.sum(shares)
+    lengths = np.asarray(lengths, np.int64)
+    totals = np.bincount(kind_ids, weights=lengths, minlength=len(shares))
+    if (totals == 0).any():
+        missing = np.flatnonzero(totals == 0).tolist()
+        raise ValueError(f"mix kinds {missing} have no tokens in the input")
+    order = np.argsort(kind_ids, kind="stable")
+    sorted_lengths = lengths[order]
+    sorted_kinds = kind_ids[order]
+    cumulative = np.cumsum(sorted_lengths)
+    kind_start = np.searchsorted(sorted_kinds, np.arange(len(shares)))
+    tokens_before = cumulative - sorted_lengths - np.concatenate([[0], cumulative])[kind_start[sorted_kinds]]
+    virtual_middle = (tokens_before + sorted_lengths / 2) / shares[sorted_kinds]
+    budget = np.min(totals / shares)
+    keep = virtual_middle < budget
+    merged = np.lexsort((np.arange(len(order))[keep], virtual_middle[keep]))
+    return order[keep][merged]
+
+
+def best_fit_decreasing(
+    lengths: np.ndarray, seq_len: int, buffer_size: int = 10_000, max_open_rows: int = 64
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Streaming best-fit-decreasing: (row, segment index in row, number of rows) per item.
+
+    Items arrive in buffers of `buffer_size`; each buffer is placed longest first, every item into
+    the open row with the least room that still fits it (ties: the older row), else a new row.
+    Rows stay open across buffers, so a later buffer's short items fill earlier gaps; a row is
+    emitted when full, or, when more than `max_open_rows` stay open after a buffer, fullest first.
+    Rows are numbered in emission order; segments in placement order. Deterministic.
+    """
+    lengths = np.asarray(lengths, np.int64)
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > seq_len):
+        raise ValueError(f"item lengths must be in [1, {seq_len}]")
+    row_serial = np.empty(len(lengths), np.int64)
+    placement = np.empty(len(lengths), np.int64)
+    open_rows: list[tuple[int, int]] = []  # (room, serial), sorted
+    emitted: list[int] = []
+    num_serials = 0
+    placed = 0
+    for start in range(0, len(lengths), buffer_size):
+        block = lengths[start : start + buffer_size]
+        order = np.argsort(-block, kind="stable") + start
+        placement[placed : placed + len(order)] = order
+        placed += len(order)
+        for item, length in zip(order.tolist(), lengths[order].tolist()):
+            i = bisect.bisect_left(open_rows, (length, -1))
+            if i < len(open_rows):
+                room, serial = open_rows.pop(i)
+            else:
+                room, serial = seq_len, num_serials
+                num_serials += 1
+            row_serial[item] = serial
+            room -= length
+            if room:
+                bisect.insort(open_rows, (room, serial))
+            else:
+                emitted.append(serial)
+        excess = len(open_rows) - max_open_rows
+        if excess > 0:
+            emitted.extend(serial for _, serial in open_rows[:excess])
+            del open_rows[:excess]
+    emitted.extend(sorted(serial for _, serial in open_rows))
+    rank = np.empty(num_serials, np.int64)
+    rank[np.asarray(emitted, np.int64)] = np.arange(num_serials)
+    rows = rank[row_serial]
+    segments = np.empty(len(lengths), np.int64)
+    segments[placement] = _rank_within_groups(rows[placement])
+    return rows, segments, num_serials
+
+
+def _rank_within_groups(groups: np.ndarray) -> np.ndarray:
+    """For each element, how many earlier elements share its group."""
+    order = np.argsort(groups, kind="stable")
+    sorted_groups = groups[order]
+    first = np.searchsorted(sorted_groups, sorted_groups, side="left")
+    ranks = np.empty(len(groups), np.int64)
+    ranks[order] = np.arange(len(groups)) - first
+    return ranks
+
+
+@dataclass
+class PackPlan:
+    """Packed pieces sorted by (row, segment); `example` indexes the planner's input."""
+
+    example: np.ndarray
+    start: np.ndarray  # first token of the piece in its example
+    length: np.ndarray
+    row: np.ndarray
+    segment: np.ndarray
+    num_rows: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_examples(self) -> int:
+        return len(np.unique(self.example))
+
+
+def plan_packing(
+    lengths: np.ndarray, kinds: np.ndarray, splittable: np.ndarray, options: PackOptions
+) -> PackPlan:
+    """Decide every piece's row and segment from example lengths alone (no token data needed).
+
+    `counts`: filtered.too_long, filtered.not_in_mix, filtered.mix_excess (examples), and
+    truncated, truncated_tokens, split, split_pieces.
+    """
+    lengths = np.asarray(lengths, np.int64)
+    kinds = np.asarray(kinds, dtype=object)
+    if len(lengths) and lengths.min() < 1:
+        raise ValueError("examples must have at least one token")
+    shuffled = np.random.default_rng(options.seed).permutation(len(lengths))
+    cut = cut_overflow(lengths, splittable, options.seq_len, options.overflow)
+    counts = {
+        "filtered.too_long": int((cut.num_pieces == 0).sum()),
+        "truncated": int((cut.kept_length < lengths).sum() - (cut.num_pieces == 0).sum()),
+        "truncated_tokens": int((lengths - cut.kept_length)[cut.num_pieces > 0].sum()),
+        "split": int((cut.num_pieces > 1).sum()),
+        "split_pieces": int(cut.num_pieces[cut.num_pieces > 1].sum()),
+    }
+    stream = shuffled[cut.num_pieces[shuffled] > 0]
+    if options.mix is not None:
+        names = list(options.mix)
+        kind_ids = np.array([names.index(k) if k in options.mix else -1 for k in kinds[stream]], np.int64)
+        in_mix = stream[kind_ids >= 0]
+        counts["filtered.not_in_mix"] = int((kind_ids < 0).sum())
+        shares = np.array(list(options.mix.values()))
+        mixed = in_mix[mix_order(kind_ids[kind_ids >= 0], cut.kept_length[in_mix], shares)]
+        counts["filtered.mix_excess"] = len(in_mix) - len(mixed)
+        stream = mixed
+    example = np.repeat(stream, cut.num_pieces[stream])
+    start = _rank_within_groups(np.repeat(np.arange(len(stream)), cut.num_pieces[stream])) * options.seq_len
+    length = np.minimum(cut.kept_length[example] - start, options.seq_len)
+    row, segment, num_rows = best_fit_decreasing(length, options.seq_len, options.buffer_size, options.max_open_rows)
+    order = np.lexsort((segment, row))
+    return PackPlan(example[order], start[order], length[order], row[order], segment[order], num_rows, counts)
+
+
+def split_over_parts(part_lengths: Sequence[int], start: int, length: int) -> list[tuple[int, int, int, int]]:
+    """Where piece [start, start + length) of an example stored in consecutive parts lies:
+    (part index, first token in part, end in part, offset in piece) for every part it touches."""
+    part_starts = np.concatenate([[0], np.cumsum(part_lengths)]).astype(np.int64)
+    end = start + length
+    first = int(np.searchsorted(part_starts, start, side="right")) - 1
+    pieces = []
+    for part in range(first, len(part_lengths)):
+        lo, hi = max(start, int(part_starts[part])), min(end, int(part_starts[part + 1]))
+        if lo >= end:
+            break
+        if hi > lo:
+            pieces.append((part, lo - int(part_starts[part]), hi - int(part_starts[part]), lo - start))
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------
+# Building rows
+
+
+@dataclass
+class PackedColumns:
+    """Row arrays, each [num_rows, seq_len], plus per-segment lengths in (row, segment) order."""
+
+    tokens: np.ndarray
+    loss_weights: np.ndarray
+    vision_mask: np.ndarray
+    segment_ids: np.ndarray
+    positions: np.ndarray
+    segment_rows: np.ndarray  # row of each segment
+    segment_lengths: np.ndarray
+
+
+def build_rows(
+    tokens: np.ndarray,
+    loss_weights: np.ndarray,
+    vision_mask: np.ndarray,
+    segment_lengths: np.ndarray,
+    segment_rows: np.ndarray,
+    num_rows: int,
+    seq_len: int,
+    loss_weighting: str = "token",
+) -> PackedColumns:
+    """Lay out segments (flat arrays in (row, segment) order) into rows, padding at the end.
+
+    Vectorised over all tokens: a row's segments are contiguous in the flat arrays and padding
+    only follows them, so one boolean mask (`filled`) places every token.
+    """
+    segment_lengths = np.asarray(segment_lengths, np.int64)
+    segment_rows = np.asarray(segment_rows, np.int64)
+    total = int(segment_lengths.sum())
+    if total != len(tokens):
+        raise ValueError(f"segments cover {total} tokens, got {len(tokens)}")
+    row_tokens = np.bincount(segment_rows, weights=segment_lengths, minlength=num_rows).astype(np.int64)
+    if len(row_tokens) and row_tokens.max() > seq_len:
+        raise ValueError(f"a row holds more than {seq_len} tokens")
+    filled = np.arange(seq_len) < row_tokens[:, None]
+    index_type = np.int32 if total < 2**31 else np.int64
+    seg_first_token = np.cumsum(segment_lengths) - segment_lengths
+    segment_index = np.arange(len(segment_lengths)) - np.searchsorted(segment_rows, segment_rows)
+    positions = np.arange(total, dtype=index_type) - np.repeat(seg_first_token.astype(index_type), segment_lengths)
+
+    weights = np.array(loss_weights, np.float32)
+    weights[seg_first_token[segment_lengths > 0]] = 0.0
+    if loss_weighting == "example" and len(segment_lengths):
+        sums = np.add.reduceat(weights.astype(np.float64), seg_first_token)
+        scale = np.divide(1.0, sums, out=np.zeros_like(sums), where=sums > 0)
+        weights *= np.repeat(scale.astype(np.float32), segment_lengths)
+
+    def scatter(values: np.ndarray, dtype) -> np.ndarray:
+        out = np.zeros((num_rows, seq_len), dtype)
+        out[filled] = values
+        return out
+
+    return PackedColumns(
+        tokens=scatter(tokens, np.int32),
+        loss_weights=scatter(weights, np.float32),
+        vision_mask=scatter(vision_mask, np.bool_),
+        segment_ids=scatter(np.repeat((segment_index + 1).astype(np.int32), segment_lengths), np.int32),
+        positions=scatter(positions, np.int32),
+        segment_rows=segment_rows,
+        segment_lengths=segment_lengths,
+    )
+
+
+def packed_table(
+    columns: PackedColumns, example_ids: Sequence[str], kinds: Sequence[str], piece_starts: np.ndarray
+) -> pa.Table:
+    """PACKED_SCHEMA rows; example_ids/kinds/piece_starts are per segment in (row, segment) order."""
+    num_rows, seq_len = columns.tokens.shape
+    row_offsets = pa.array(np.arange(num_rows + 1, dtype=np.int64) * seq_len, pa.int32())
+    segment_offsets = pa.array(
+        np.searchsorted(columns.segment_rows, np.arange(num_rows + 1)).astype(np.int32), pa.int32()
+    )
+
+    def per_token(values: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
+        return pa.ListArray.from_arrays(row_offsets, pa.array(values.reshape(-1), arrow_type))
+
+    def per_segment(values, arrow_type: pa.DataType) -> pa.ListArray:
+        return pa.ListArray.from_arrays(segment_offsets, pa.array(values, arrow_type))
+
+    pad = columns.segment_ids == 0
+    vision = columns.vision_mask
+    arrays = {
+        "tokens": per_token(columns.tokens, pa.int32()),
+        "loss_weights": per_token(columns.loss_weights, pa.float32()),
+        "vision_mask": per_token(columns.vision_mask, pa.bool_()),
+        "segment_ids": per_token(columns.segment_ids, pa.int32()),
+        "positions": per_token(columns.positions, pa.int32()),
+        "num_segments": pa.array(np.bincount(columns.segment_rows, minlength=num_rows).astype(np.int32)),
+        "num_text_tokens": pa.array((~pad & ~vision).sum(axis=1).astype(np.int32)),
+        "num_vision_tokens": pa.array((~pad & vision).sum(axis=1).astype(np.int32)),
+        "num_pad_tokens": pa.array(pad.sum(axis=1).astype(np.int32)),
+        "example_ids": per_segment(list(example_ids), pa.string()),
+        "kinds": per_segment(list(kinds), pa.string()),
+        "segment_lengths": per_segment(columns.segment_lengths.astype(np.int32), pa.int32()),
+        "piece_starts": per_segment(np.asarray(piece_starts, np.int32), pa.int32()),
+    }
+    return pa.Table.from_arrays([arrays[f.name] for f in PACKED_SCHEMA], schema=PACKED_SCHEMA)
+
+
+def gather_pieces(examples: Examples, plan: PackPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokens, weights and vision flags of the plan's pieces, concatenated in plan order.
+
+    One contiguous slice copy per piece and column: pieces are long, so this beats building a
+    per-token gather index by several times.
+    """
+    columns = (examples.tokens, examples.loss_weights, examples.vision_mask)
+    outputs = tuple(np.empty(int(plan.length.sum()), column.dtype) for column in columns)
+    source_starts = (examples.offsets[plan.example] + plan.start).tolist()
+    at = 0
+    for source, length in zip(source_starts, plan.length.tolist()):
+        for output, column in zip(outputs, columns):
+            output[at : at + length] = column[source : source + length]
+        at += length
+    return outputs
+
+
+def pack_examples(examples: Examples, options: PackOptions) -> tuple[pa.Table, PackPlan]:
+    """Pack in memory: the plan, then every row, as one PACKED_SCHEMA table."""
+    plan = plan_packing(examples.lengths, examples.kinds, examples.splittable, options)
+    tokens, weights, vision = gather_pieces(examples, plan)
+    columns = build_rows(
+        tokens, weights, vision, plan.length, plan.row, plan.num_rows, options.seq_len, options.loss_weighting
+    )
+    return packed_table(columns, examples.example_ids[plan.example], examples.kinds[plan.example], plan.start), plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Unpacking
+
+
+def unpack_rows(table: pa.Table) -> Examples:
+    """Packed rows back to examples, sorted by example id: each example's segments in
+    `piece_starts` order, joined. Weights come back as packed (0 on every piece's first token,
+    scaled under `example` weighting)."""
+    lengths = _flat_values(table["segment_lengths"].combine_chunks(), np.int64)
+    piece_starts = _flat_values(table["piece_starts"].combine_chunks(), np.int64)
+    example_ids = np.asarray(pc.list_flatten(table["example_ids"]).to_pylist(), dtype=object)
+    kinds = np.asarray(pc.list_flatten(table["kinds"]).to_pylist(), dtype=object)
+    in_segment = _flat_values(table["segment_ids"].combine_chunks(), np.int32) > 0
+    order = np.lexsort((piece_starts, example_ids.astype(str)))
+    segment_first = np.cumsum(lengths) - lengths  # segments are contiguous once padding is removed
+    ordered_lengths = lengths[order]
+    ordered_first = np.cumsum(ordered_lengths) - ordered_lengths
+    index = np.arange(int(lengths.sum())) + np.repeat(segment_first[order] - ordered_first, ordered_lengths)
+    ids = example_ids[order]
+    first = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
+    example_lengths = np.add.reduceat(ordered_lengths, first) if len(ids) else np.zeros(0, np.int64)
+    return Examples(
+        example_ids=ids[first],
+        kinds=kinds[order][first],
+        offsets=np.concatenate([[0], np.cumsum(example_lengths)]).astype(np.int64),
+        tokens=_flat_values(table["tokens"].combine_chunks(), np.int32)[in_segment][index],
+        loss_weights=_flat_values(table["loss_weights"].combine_chunks(), np.float32)[in_segment][index],
+        vision_mask=_flat_values(table["vision_mask"].combine_chunks(), np.bool_)[in_segment][index],
+    )

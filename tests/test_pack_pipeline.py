@@ -1,0 +1,179 @@
+"""The pack Beam job end to end: chunk-stage output and EXAMPLE_SCHEMA directories in, valid packed
+rows out, every example accounted for."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from lwm_data import io
+from lwm_data.cli import app
+from lwm_data.io import Counts
+from lwm_data.packing import Examples, unpack_rows
+from lwm_data.pipelines import pack
+from lwm_data.pipelines.pack import PackConfig
+from lwm_data.schemas import EXAMPLE_SCHEMA
+from lwm_data.tokenizers import load_tokenizer
+from lwm_data.validate import validate
+
+SEQ_LEN = 2048
+
+
+def book_examples(chunks_dir) -> dict[str, np.ndarray]:
+    """What the pack job should make of each book: BOS, then its chunks' tokens in order."""
+    table = io.read_table(str(chunks_dir), ["book_id", "chunk_index", "tokens"]).sort_by(
+        [("book_id", "ascending"), ("chunk_index", "ascending")]
+    )
+    bos = load_tokenizer(None).bos_id
+    books: dict[str, list] = {}
+    for book_id, tokens in zip(table["book_id"].to_pylist(), table["tokens"].to_pylist()):
+        books.setdefault(book_id, [bos]).extend(tokens)
+    return {k: np.array(v, np.int32) for k, v in books.items()}
+
+
+def write_examples_dir(directory, examples: Examples, bad_rows: pa.Table | None = None) -> str:
+    table = examples.to_table(source="test")
+    if bad_rows is not None:
+        table = pa.concat_tables([table, bad_rows])
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, directory / "part-00000-of-00001.parquet")
+    counts = Counts(input=table.num_rows, output=table.num_rows).to_dict()
+    io.write_json(str(directory / io.MANIFEST), {"stage": "chat", "counts": counts, "files": io.describe_files(str(directory))})
+    return str(directory)
+
+
+def bad_example_rows() -> pa.Table:
+    rows = [
+        {"example_id": "bad-length", "kind": "chat", "source": "t", "num_tokens": 3, "tokens": [1, 2],
+         "loss_weights": [0, 1, 1], "vision_mask": [False] * 3, "text": None, "meta": None},
+        {"example_id": "bad-empty", "kind": "chat", "source": "t", "num_tokens": 0, "tokens": [],
+         "loss_weights": [], "vision_mask": [], "text": None, "meta": None},
+        {"example_id": "bad-weight", "kind": "chat", "source": "t", "num_tokens": 2, "tokens": [1, 2],
+         "loss_weights": [0, float("nan")], "vision_mask": [False] * 2, "text": None, "meta": None},
+    ]
+    return pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA)
+
+
+def chat_examples(n: int, seed: int) -> Examples:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(50, 900, n)
+    lengths[0] = SEQ_LEN + 300  # over-long
+    prompts = [rng.integers(1, k) for k in lengths]
+    return Examples.from_arrays(
+        [f"chat-{i:03d}" for i in range(n)],
+        ["chat"] * n,
+        [rng.integers(3, 32000, k).astype(np.int32) for k in lengths],
+        [np.r_[np.zeros(p), np.ones(k - p)] for p, k in zip(prompts, lengths)],
+        [np.zeros(k, bool) for k in lengths],
+    )
+
+
+@pytest.fixture(scope="module")
+def packed_books(chunks_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("packed_books")
+    manifest = pack.run(PackConfig(input=str(chunks_dir), output=str(output), seq_len=SEQ_LEN, overflow="split"))
+    return output, manifest
+
+
+def test_books_from_the_chunk_stage_pack_into_valid_rows(packed_books, chunks_dir):
+    output, manifest = packed_books
+    assert not validate(str(output))
+    books = book_examples(chunks_dir)
+    counts = manifest["counts"]
+    assert counts["in"] == counts["out"] == len(books) and counts["balanced"]
+    summary = manifest["packing"]
+    total = sum(len(t) for t in books.values())
+    assert summary["tokens_by_kind"] == {"text": total}
+    assert summary["split"] == len(books)  # every ~8K-token book is longer than a row
+    assert summary["fill_efficiency"] == pytest.approx(total / (summary["rows"] * SEQ_LEN))
+    unpacked = unpack_rows(io.read_table(str(output)))
+    assert sorted(unpacked.example_ids) == sorted(books)
+    for i, book_id in enumerate(unpacked.example_ids):
+        lo, hi = unpacked.offsets[i], unpacked.offsets[i + 1]
+        assert np.array_equal(unpacked.tokens[lo:hi], books[book_id])
+        weights = unpacked.loss_weights[lo:hi]
+        piece_starts = np.arange(0, hi - lo, SEQ_LEN)
+        assert (weights[piece_starts] == 0).all() and weights.sum() == (hi - lo) - len(piece_starts)
+
+
+def test_a_book_with_a_missing_chunk_is_dead_lettered(chunks_dir, tmp_path):
+    table = io.read_table(str(chunks_dir))
+    broken = table["book_id"][0].as_py()
+    keep = [not (b == broken and i == 1) for b, i in zip(table["book_id"].to_pylist(), table["chunk_index"].to_pylist())]
+    inputs = tmp_path / "chunks"
+    inputs.mkdir()
+    pq.write_table(table.filter(pa.array(keep)), inputs / "part-00000-of-00001.parquet")
+    manifest = io.read_manifest(str(chunks_dir))
+    io.write_json(str(inputs / io.MANIFEST), {**manifest, "files": io.describe_files(str(inputs))})
+    output = tmp_path / "packed"
+    result = pack.run(PackConfig(input=str(inputs), output=str(output), seq_len=SEQ_LEN, overflow="split"))
+    assert not validate(str(output))
+    counts = result["counts"]
+    assert counts["dead_lettered_by_reason"] == {"incomplete_book": 1} and counts["balanced"]
+    assert counts["out"] == counts["in"] - 1
+    [letter] = io.read_dead_letters(str(output))
+    assert letter["record"] == broken and "not 0.." in letter["detail"]
+
+
+def test_the_same_seed_packs_the_same_rows(packed_books, chunks_dir, tmp_path):
+    output, _ = packed_books
+    pack.run(PackConfig(input=str(chunks_dir), output=str(tmp_path), seq_len=SEQ_LEN, overflow="split"))
+
+    def rows(directory):
+        table = io.read_table(str(directory), ["example_ids", "piece_starts", "tokens"])
+        return sorted(zip(map(tuple, table["example_ids"].to_pylist()), map(tuple, table["piece_starts"].to_pylist()),
+                          [hash(tuple(t)) for t in table["tokens"].to_pylist()]))
+
+    assert rows(output) == rows(tmp_path)
+
+
+def test_examples_dir_with_bad_rows_dead_letters_them(tmp_path):
+    examples = chat_examples(40, seed=3)
+    inputs = write_examples_dir(tmp_path / "chat", examples, bad_example_rows())
+    output = tmp_path / "packed"
+    manifest = pack.run(PackConfig(
+        input=inputs, output=str(output), seq_len=SEQ_LEN, overflow="truncate", loss_weighting="example",
+    ))
+    assert not validate(str(output))
+    counts = manifest["counts"]
+    assert counts["in"] == 43 and counts["out"] == 40 and counts["balanced"]
+    assert counts["dead_lettered_by_reason"] == {"empty_example": 1, "length_mismatch": 1, "bad_loss_weights": 1}
+    assert manifest["packing"]["truncated"] == 1
+    assert {letter["locator"] for letter in io.read_dead_letters(str(output))} == {"row 40", "row 41", "row 42"}
+    table = io.read_table(str(output))
+    weights, segments = table["loss_weights"].to_pylist(), table["segment_ids"].to_pylist()
+    for row_weights, row_segments in zip(weights, segments):
+        sums = np.bincount(row_segments, weights=row_weights)[1:]
+        # `example`: every example weighs the same (0 only for a prompt cut off by truncation)
+        assert (np.isclose(sums, 1.0, rtol=1e-5) | (sums == 0)).all()
+
+
+def test_mixing_chat_and_book_text_by_tokens(tmp_path, chunks_dir):
+    inputs = write_examples_dir(tmp_path / "chat", chat_examples(500, seed=4))
+    output = tmp_path / "packed"
+    manifest = pack.run(PackConfig(
+        input=f"{inputs},{chunks_dir}", output=str(output), seq_len=SEQ_LEN, overflow="split",
+        mix={"chat": 0.84, "text": 0.16}, seed=5,
+    ))
+    assert not validate(str(output))
+    by_kind = manifest["packing"]["tokens_by_kind"]
+    text_share = by_kind["text"] / (by_kind["text"] + by_kind["chat"])
+    assert abs(text_share - 0.16) < 0.03  # books are ~8K-token examples: the share moves in steps
+    counts = manifest["counts"]
+    assert counts["filtered"]["mix_excess"] > 0 and counts["balanced"]
+
+
+def test_pack_command(tmp_path):
+    inputs = write_examples_dir(tmp_path / "chat", chat_examples(30, seed=6))
+    output = tmp_path / "packed"
+    args = ["pack", "--input", inputs, "--output", str(output), "--seq-len", "1024", "--overflow", "truncate",
+            "--loss-weighting", "example", "--seed", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "fill" in result.output
+    manifest = io.read_manifest(str(output))
+    assert manifest["config"]["seq_len"] == 1024 and manifest["config"]["loss_weighting"] == "example"
+    assert not validate(str(output))
