@@ -22,7 +22,8 @@ def print_manifest(manifest: dict) -> None:
     table = Table(title=f"{manifest['stage']}: {counts['in']} in", show_header=False)
     table.add_row("out", str(counts["out"]))
     for reason, n in counts["filtered"].items():
-        table.add_row(f"filtered: {reason}", str(n))
+        if n:
+            table.add_row(f"filtered: {reason}", str(n))
     for reason, n in counts["dead_lettered_by_reason"].items():
         table.add_row(f"dead-lettered: {reason}", str(n))
     for name, value in manifest.get("stats", {}).items():
@@ -73,16 +74,14 @@ def demo(
     words: int = typer.Option(30000, help="Mean words per book."),
     seed: int = typer.Option(0),
 ) -> None:
-    """Run the pipeline on synthetic books with embedded defaults and print a summary."""
-    from lwm_data.pipelines import chunk_books
-    from lwm_data.synthetic import generate_books, write_books_jsonl
+    """Run every text stage on synthetic books, offline, and print a summary of each."""
+    from lwm_data.demo import run_demo
 
     root = workdir or Path(tempfile.mkdtemp(prefix="lwm-data-demo-"))
-    books_path = write_books_jsonl(root / "books" / "books.jsonl", generate_books(books, words, seed))
-    console.print(f"synthetic books: {books_path}")
-    manifest = chunk_books.run(chunk_books.ChunkConfig(input=str(books_path), output=str(root / "chunks")))
-    print_manifest(manifest)
-    console.print(f"chunks: {root / 'chunks'}")
+    console.print(f"working in {root}")
+    for manifest in run_demo(root, books, words, seed):
+        print_manifest(manifest)
+        console.print(f"[green]valid[/green] {manifest['directory']}")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -281,6 +280,67 @@ def stats(
     if plot:
         titles = plot_stats(collected, str(plot))
         console.print(f"{plot}: {', '.join(titles)}")
+
+
+@app.command(context_settings=BEAM_OPTIONS)
+def qa(
+    ctx: typer.Context,
+    input: str = typer.Option(..., "--input", help="A chunk stage's output directory (or a glob of its shards)."),
+    output: str = typer.Option(..., "--output", help="Output directory."),
+    backend: str = typer.Option("cloze", help="vllm (start a local server), openai (--endpoint) or cloze (offline)."),
+    model: Optional[str] = typer.Option(None, help="Model path or name (vllm), served model name (openai)."),
+    endpoint: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."),
+    pairs_per_chunk: int = typer.Option(3, help="Pairs asked for per chunk."),
+    concurrency: int = typer.Option(8, help="Requests in flight per worker."),
+    cache: Optional[str] = typer.Option(None, help="Response cache directory (any Beam filesystem): reruns reuse answers."),
+    prompt_file: Optional[str] = typer.Option(None, help='JSON prompt template {"version", "system", "user"}.'),
+    max_asks: int = typer.Option(3, help="Requests per chunk, re-asks of invalid replies included."),
+    max_tokens: int = typer.Option(512, help="Reply token limit; a reply cut off there is invalid."),
+    temperature: float = typer.Option(0.7),
+    seed: Optional[int] = typer.Option(None, help="Per-request sampling seed (re-asks add 1 each)."),
+    timeout: float = typer.Option(120.0, help="Per-request timeout, seconds."),
+    max_retries: int = typer.Option(4, help="Retries per request on 429, 5xx, connection errors and timeouts."),
+    min_question_chars: int = typer.Option(10),
+    max_question_chars: int = typer.Option(300),
+    max_answer_chars: int = typer.Option(300),
+    require_question_mark: bool = typer.Option(True, help="A question must end with '?'."),
+    vllm_python: Optional[str] = typer.Option(None, help="Python with vLLM installed (default: $LWM_VLLM_PYTHON or this one)."),
+    vllm_args: str = typer.Option("", help="Extra arguments for the vLLM server, one string (vllm backend)."),
+) -> None:
+    """Chunks -> question-answer pairs per chunk (Parquet shards + manifest + errors/)."""
+    import shlex
+
+    from lwm_data.pipelines import qa_pairs
+    from lwm_data.qa import PairLimits
+
+    limits = PairLimits(
+        min_question_chars=min_question_chars, max_question_chars=max_question_chars,
+        max_answer_chars=max_answer_chars, require_question_mark=require_question_mark,
+    )
+    config = qa_pairs.QAConfig(
+        input=input, output=output, backend=backend, model=model, endpoint=endpoint, pairs_per_chunk=pairs_per_chunk,
+        concurrency=concurrency, cache=cache, prompt_file=prompt_file, max_asks=max_asks, max_tokens=max_tokens,
+        temperature=temperature, seed=seed, timeout_s=timeout, max_retries=max_retries, limits=limits,
+        vllm_python=vllm_python, vllm_args=tuple(shlex.split(vllm_args)),
+    )
+    print_manifest(qa_pairs.run(config, ctx.args))
+
+
+@app.command("serve-llm", context_settings=BEAM_OPTIONS)
+def serve_llm(
+    ctx: typer.Context,
+    model: str = typer.Option(..., help="Model directory or Hugging Face name."),
+    port: int = typer.Option(8000, help="Port on 127.0.0.1."),
+    vllm_python: Optional[str] = typer.Option(None, help="Python with vLLM installed (default: $LWM_VLLM_PYTHON or this one)."),
+) -> None:
+    """Run vLLM's OpenAI server for `lwm-data qa --backend openai` (extra arguments go to vLLM)."""
+    import os
+
+    from lwm_data.llm import vllm_command
+
+    command = vllm_command(model, port, vllm_python, tuple(ctx.args))
+    console.print(" ".join(command))
+    os.execvp(command[0], command)
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ import pytest
 
 from lwm_data.synthetic import SyntheticBook, generate_books, write_books_jsonl
 
+pytest_plugins = ["tests.fixtures_vllm"]
+
 LLAMA2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llama2" / "tokenizer.model"
 
 

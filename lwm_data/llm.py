@@ -1,0 +1,449 @@
+"""Talking to an OpenAI-compatible LLM server (vLLM, SGLang, TGI) from a Beam worker.
+
+    ChatClient      async chat completions: at most `concurrency` in flight, a per-request timeout,
+                    the openai client's own retries (exponential backoff with jitter on 408/409/429,
+                    5xx, connection errors and timeouts), then recovery: wait for the server (or
+                    restart it) and try again; a response cache; request/retry/token counts.
+    ResponseCache   one JSON file per request key on any Beam filesystem, written atomically.
+    Endpoint        an already running server: recovery waits until it answers again.
+    VLLMServer      a vLLM server this machine starts for a model, shared by all its processes
+                    (lock file + state file in a temp dir), restarted when it dies.
+    EventLoopThread runs the async client from synchronous Beam code, keeping connections warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Coroutine, Protocol, TypeVar
+
+from apache_beam.io.filesystems import FileSystems
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LOOPBACK = "127.0.0.1"
+# Without this, JSON-schema decoding may emit whitespace until max_tokens (a known vLLM behaviour).
+VLLM_STRUCTURED_OUTPUTS = '{"backend":"xgrammar","disable_any_whitespace":true}'
+VLLM_PYTHON_ENV = "LWM_VLLM_PYTHON"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 512
+    # Per-request seeds crash vLLM 0.32's CPU engine once prefills are chunked ("CPU Generator does
+    # not use offset"), so none is sent unless asked for.
+    seed: int | None = None
+
+    def for_attempt(self, attempt: int) -> SamplingParams:
+        """A re-ask samples afresh: same parameters, the next seed if there is one."""
+        return self if self.seed is None else replace(self, seed=self.seed + attempt)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a server said to one request (what the cache stores)."""
+
+    content: str | None
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Completion:
+        return cls(**json.loads(text))
+
+
+class RequestFailed(Exception):
+    """A request that cannot succeed: rejected (4xx) or still failing after every retry."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ServerUnavailable(RuntimeError):
+    """The server did not come back within its deadline: the job should fail, not dead-letter."""
+
+
+class Usage(Counter):
+    """Running totals: requests (HTTP requests sent), retries, recoveries, cache_hits, prompt_tokens,
+    completion_tokens. Updated on the client's event loop only."""
+
+    def take(self) -> Counter:
+        """The totals since the last take (call it on the client's loop)."""
+        taken = Counter(self)
+        self.clear()
+        return taken
+
+
+class ResponseCache:
+    """Completions by request key under `root` (any Beam filesystem): root/ab/abcdef....json."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+
+    def path(self, key: str) -> str:
+        return FileSystems.join(self.root, key[:2], f"{key}.json")
+
+    def get(self, key: str) -> Completion | None:
+        try:
+            with FileSystems.open(self.path(key)) as f:
+                return Completion.from_json(f.read())
+        except (OSError, ValueError, TypeError):  # absent, or a torn write from a killed run
+            return None
+
+    def put(self, key: str, completion: Completion) -> None:
+        final = self.path(key)
+        partial = f"{final}.{os.getpid()}.{threading.get_ident()}.partial"
+        with FileSystems.create(partial) as f:
+            f.write(completion.to_json().encode())
+        FileSystems.rename([partial], [final])
+
+
+class Server(Protocol):
+    def ensure_ready(self) -> str:
+        """Block until the server answers (starting or restarting it if this side owns it); its URL."""
+
+
+def http_ok(url: str, timeout_s: float = 5.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+@dataclass
+class Endpoint:
+    """A server someone else runs (`--endpoint`): recovery means waiting for it, up to a deadline."""
+
+    base_url: str  # ending in /v1
+    wait_s: float = 600.0
+    poll_s: float = 2.0
+
+    def ensure_ready(self) -> str:
+        deadline = time.monotonic() + self.wait_s
+        probe = f"{self.base_url.rstrip('/')}/models"
+        while not http_ok(probe):
+            if time.monotonic() > deadline:
+                raise ServerUnavailable(f"{probe} did not answer within {self.wait_s:.0f} s")
+            time.sleep(self.poll_s)
+        return self.base_url
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    model: str
+    concurrency: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 4  # the openai client's own retries, per call
+    max_recoveries: int = 2  # then: wait for / restart the server and call again
+    api_key: str = "EMPTY"
+
+
+def backoff_s(attempt: int, base_s: float = 0.5, cap_s: float = 8.0) -> float:
+    """Exponential backoff with full jitter."""
+    return random.uniform(0, min(cap_s, base_s * 2**attempt))
+
+
+class ChatClient:
+    """Chat completions against one server, `concurrency` at a time. Use from one event loop."""
+
+    def __init__(self, config: ClientConfig, server: Server, cache: ResponseCache | None = None):
+        import openai
+
+        self.config = config
+        self.server = server
+        self.cache = cache
+        self.usage = Usage()
+        self._slots = asyncio.Semaphore(config.concurrency)
+        self._recovery = asyncio.Lock()
+        http_client = openai.DefaultAsyncHttpxClient(event_hooks={"request": [self._on_request]})
+        self._openai = openai.AsyncOpenAI(
+            base_url=server.ensure_ready(), api_key=config.api_key, timeout=config.timeout_s,
+            max_retries=config.max_retries, http_client=http_client,
+        )
+
+    async def _on_request(self, request) -> None:
+        self.usage["requests"] += 1
+        if request.headers.get("x-stainless-retry-count", "0") != "0":
+            self.usage["retries"] += 1
+
+    async def complete(self, messages: list[dict], sampling: SamplingParams, response_format: dict | None, key: str) -> Completion:
+        """The server's completion for this request, from the cache when it was asked before."""
+        if self.cache is not None:
+            cached = await asyncio.to_thread(self.cache.get, key)
+            if cached is not None:
+                self.usage["cache_hits"] += 1
+                return cached
+        completion = await self._request(messages, sampling, response_format)
+        self.usage["prompt_tokens"] += completion.prompt_tokens
+        self.usage["completion_tokens"] += completion.completion_tokens
+        if self.cache is not None:
+            await asyncio.to_thread(self.cache.put, key, completion)
+        return completion
+
+    async def _request(self, messages: list[dict], sampling: SamplingParams, response_format: dict | None) -> Completion:
+        import openai
+
+        extra = {"response_format": response_format} if response_format else {}
+        for recovery in range(self.config.max_recoveries + 1):
+            try:
+                async with self._slots:
+                    response = await self._openai.chat.completions.create(
+                        model=self.config.model, messages=messages, **sampling.to_dict(), **extra
+                    )
+                return _completion(response)
+            except openai.APIStatusError as e:
+                if e.status_code < 500 and e.status_code not in (408, 409, 429):
+                    raise RequestFailed(f"http_{e.status_code}", str(e)[:500]) from e
+                failure = RequestFailed(f"http_{e.status_code}", str(e)[:500])
+            except openai.APIConnectionError as e:  # timeouts included
+                failure = RequestFailed("unreachable", f"{type(e).__name__}: {e}")
+            except (ValueError, openai.APIResponseValidationError) as e:  # a garbled 200 body
+                failure = RequestFailed("bad_response", f"{type(e).__name__}: {e}"[:500])
+            if recovery < self.config.max_recoveries:
+                self.usage["recoveries"] += 1
+                await asyncio.sleep(backoff_s(recovery))
+                await self._recover()
+        raise failure
+
+    async def _recover(self) -> None:
+        """Wait for the server (restart it if it is ours and dead); one recovery at a time."""
+        async with self._recovery:
+            self._openai.base_url = await asyncio.to_thread(self.server.ensure_ready)
+
+
+def _completion(response) -> Completion:
+    choice = response.choices[0] if response.choices else None
+    usage = response.usage
+    return Completion(
+        content=choice.message.content if choice else None,
+        finish_reason=choice.finish_reason if choice else None,
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+    )
+
+
+class EventLoopThread:
+    """An asyncio loop on a daemon thread, so synchronous code can run coroutines on it."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="lwm-data-llm", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result()
+
+
+# --- a vLLM server per machine -------------------------------------------------------------------
+
+
+def default_vllm_python() -> str:
+    """The interpreter with vLLM installed: $LWM_VLLM_PYTHON, else this one."""
+    return os.environ.get(VLLM_PYTHON_ENV) or sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def vllm_command(model: str, port: int, python: str | None = None, extra_args: tuple[str, ...] = ()) -> list[str]:
+    """vLLM's OpenAI server on the loopback interface, with compact structured output."""
+    return [
+        python or default_vllm_python(), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model, "--host", LOOPBACK, "--port", str(port),
+        "--structured-outputs-config", VLLM_STRUCTURED_OUTPUTS, *extra_args,
+    ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class VLLMServer:
+    """One vLLM server per (model, arguments) on this machine, shared by every process using it.
+
+    State lives in `state_root/lwm-data-vllm-<key>/`: `lock` (flock, held while starting), `server.json`
+    (pid, port), `server.log`, and `users/<pid>` for each process holding it. The first `acquire` starts
+    the server; `ensure_ready` restarts it when its process has died; the last `release` stops it.
+    """
+
+    def __init__(self, model: str, extra_args: tuple[str, ...] = (), python: str | None = None,
+                 state_root: str | None = None, ready_timeout_s: float = 900.0):
+        self.model = model
+        self.extra_args = tuple(extra_args)
+        self.python = python or default_vllm_python()
+        self.ready_timeout_s = ready_timeout_s
+        key = hashlib.sha256(json.dumps([model, self.extra_args, self.python]).encode()).hexdigest()[:16]
+        self.state_dir = os.path.join(state_root or tempfile.gettempdir(), f"lwm-data-vllm-{key}")
+        self.users_dir = os.path.join(self.state_dir, "users")
+        os.makedirs(self.users_dir, exist_ok=True)
+        self._children: dict[int, subprocess.Popen] = {}
+        self._holds = 0
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.state_dir, "server.log")
+
+    def _lock(self):
+        lock = open(os.path.join(self.state_dir, "lock"), "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return lock
+
+    def _state(self) -> dict | None:
+        try:
+            with open(os.path.join(self.state_dir, "server.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def _write_state(self, state: dict | None) -> None:
+        path = os.path.join(self.state_dir, "server.json")
+        if state is None:
+            if os.path.exists(path):
+                os.remove(path)
+            return
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(state, f)
+        os.replace(f"{path}.tmp", path)
+
+    def _running(self, state: dict | None) -> bool:
+        if not state:
+            return False
+        child = self._children.get(state["pid"])
+        return child.poll() is None if child else _alive(state["pid"])
+
+    def acquire(self) -> str:
+        """Hold the server (starting it if needed) until `release`; returns its /v1 URL."""
+        self._holds += 1
+        open(os.path.join(self.users_dir, str(os.getpid())), "w").close()
+        if self._holds == 1:
+            atexit.register(self.release)
+        return self.ensure_ready()
+
+    def release(self) -> None:
+        """Drop this process's hold; the last holder on the machine stops the server."""
+        if self._holds == 0:
+            return
+        self._holds -= 1
+        if self._holds:
+            return
+        atexit.unregister(self.release)
+        with self._lock():
+            try:
+                os.remove(os.path.join(self.users_dir, str(os.getpid())))
+            except FileNotFoundError:
+                pass
+            if not self._live_users():
+                self.stop()
+
+    def _live_users(self) -> list[int]:
+        return [int(name) for name in os.listdir(self.users_dir) if _alive(int(name))]
+
+    def ensure_ready(self) -> str:
+        with self._lock():
+            state = self._state()
+            if not self._running(state):
+                state = self._start()
+            url = f"http://{LOOPBACK}:{state['port']}"
+            self._wait_ready(url, state["pid"])
+        return f"{url}/v1"
+
+    def pid(self) -> int | None:
+        state = self._state()
+        return state["pid"] if self._running(state) else None
+
+    def _start(self) -> dict:
+        port = free_port()
+        command = vllm_command(self.model, port, self.python, self.extra_args)
+        log.info("starting vLLM: %s", " ".join(command))
+        with open(self.log_path, "ab") as out:
+            child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self._children[child.pid] = child
+        state = {"pid": child.pid, "port": port, "started": time.time()}
+        self._write_state(state)
+        return state
+
+    def _wait_ready(self, url: str, pid: int) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while not http_ok(f"{url}/health"):
+            if not self._running({"pid": pid}):
+                raise ServerUnavailable(f"vLLM exited while starting; log tail:\n{self._log_tail()}")
+            if time.monotonic() > deadline:
+                raise ServerUnavailable(f"vLLM not ready after {self.ready_timeout_s:.0f} s; log: {self.log_path}")
+            time.sleep(1.0)
+
+    def _log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop the server's whole process group (vLLM runs its engine in child processes)."""
+        state = self._state()
+        if self._running(state):
+            _kill_group(state["pid"], grace_s)
+        child = self._children.pop(state["pid"], None) if state else None
+        if child:
+            child.wait(timeout=grace_s)
+        self._write_state(None)
+
+
+def _kill_group(pid: int, grace_s: float) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

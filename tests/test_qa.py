@@ -1,0 +1,169 @@
+"""QA generation, the pure parts: prompts, reply schema, validation, cloze QA, cache keys, the cache."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lwm_data.llm import Completion, Endpoint, ResponseCache, SamplingParams, ServerUnavailable, backoff_s, free_port
+from lwm_data.qa import (
+    BLANK,
+    PROMPTS,
+    PairLimits,
+    QAPair,
+    cache_key,
+    cloze_pairs,
+    judge_reply,
+    pair_problem,
+    prompt_from_json,
+    reply_schema,
+    response_format,
+    validate_pairs,
+)
+from lwm_data.synthetic import generate_book
+
+STRICT = PairLimits()
+
+
+def reply(*pairs: tuple[str, str]) -> str:
+    return json.dumps({"pairs": [{"question": q, "answer": a} for q, a in pairs]})
+
+
+def test_default_prompt_puts_the_chunk_and_count_in_the_user_message():
+    messages = PROMPTS["qa-v1"].messages("Mara kept {7} maps.", 4)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert "Write 4 question-answer pairs" in messages[1]["content"]
+    assert messages[1]["content"].endswith("Passage:\nMara kept {7} maps.")
+
+
+def test_prompt_from_json_keeps_the_version_and_rejects_unknown_fields():
+    template = prompt_from_json(json.dumps({"version": "mine-2", "system": "S", "user": "{n} about {chunk}"}))
+    assert template.version == "mine-2"
+    assert template.messages("text", 2)[1]["content"] == "2 about text"
+    with pytest.raises(KeyError):
+        prompt_from_json(json.dumps({"version": "x", "system": "S", "user": "{passage}"}))
+
+
+def test_reply_schema_bounds_pairs_and_lengths():
+    schema = reply_schema(3, PairLimits(min_question_chars=5, max_question_chars=80, max_answer_chars=40))
+    pairs = schema["properties"]["pairs"]
+    assert (pairs["minItems"], pairs["maxItems"]) == (1, 3)
+    assert pairs["items"]["properties"]["question"] == {"type": "string", "minLength": 5, "maxLength": 80}
+    assert pairs["items"]["properties"]["answer"]["maxLength"] == 40
+    assert schema["required"] == ["pairs"] and pairs["items"]["additionalProperties"] is False
+    assert response_format(schema)["json_schema"]["schema"] == schema
+
+
+def test_judge_reply_accepts_valid_pairs_stripped_and_deduplicated():
+    text = reply(("  Where was Mara born? ", " Velmont "), ("where was MARA born?", "Cardell"), ("How many maps?", "7"))
+    verdict = judge_reply(text, "stop", STRICT)
+    assert verdict.ok
+    assert verdict.pairs == [QAPair("Where was Mara born?", "Velmont"), QAPair("How many maps?", "7")]
+
+
+@pytest.mark.parametrize(
+    "content, finish_reason, reason",
+    [
+        (reply(("Where was Mara born?", "Velmont")), "length", "truncated"),
+        ('{"pairs": [{"question": "Where', "stop", "unparsable"),
+        ("", "stop", "empty_reply"),
+        (None, None, "empty_reply"),
+        ('["Where?", "Velmont"]', "stop", "bad_shape"),
+        ('{"pairs": [{"question": "Where?"}]}', "stop", "bad_shape"),
+        (reply(("Where was Mara born", "Velmont")), "stop", "no_valid_pairs"),
+        (reply(("Where was Mara born?", "where was mara born")), "stop", "no_valid_pairs"),
+    ],
+)
+def test_judge_reply_rejects(content, finish_reason, reason):
+    verdict = judge_reply(content, finish_reason, STRICT)
+    assert not verdict.ok and verdict.reason == reason and not verdict.pairs
+
+
+def test_pair_problems_under_strict_limits():
+    assert pair_problem(QAPair("Where was Mara born?", "Velmont"), STRICT) == ""
+    assert pair_problem(QAPair("", "Velmont"), STRICT) == "empty"
+    assert pair_problem(QAPair("Who?", "Mara"), STRICT) == "question_length"
+    assert pair_problem(QAPair("Where was Mara born?", "x" * 301), STRICT) == "answer_length"
+    assert pair_problem(QAPair("Tell me where Mara was born.", "Velmont"), STRICT) == "not_a_question"
+    assert pair_problem(QAPair("Where was Mara born?", "Where was Mara born? In Velmont"), STRICT) == "answer_copies_question"
+
+
+def test_min_pairs_makes_a_reply_with_too_few_valid_pairs_invalid():
+    text = reply(("Where was Mara born?", "Velmont"), ("bad", ""))
+    assert judge_reply(text, "stop", PairLimits(min_pairs=2)).reason == "no_valid_pairs"
+    assert judge_reply(text, "stop", PairLimits(min_pairs=1)).ok
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=40), st.text(max_size=40)), max_size=8))
+def test_validated_pairs_are_valid_and_distinct(raw):
+    limits = PairLimits(min_question_chars=1, max_question_chars=30, max_answer_chars=30, require_question_mark=False)
+    kept, rejected = validate_pairs([QAPair(q, a) for q, a in raw], limits)
+    assert len(kept) + sum(rejected.values()) == len(raw)
+    assert all(pair_problem(p, limits) == "" for p in kept)
+    normalized = [re.sub(r"[\W_]+", " ", p.question.casefold()).strip() for p in kept]
+    assert len(set(normalized)) == len(normalized)
+
+
+def test_cloze_blanks_one_entity_of_a_real_sentence():
+    book = generate_book(3, 1500)
+    chunk = book.text[:4000]
+    pairs = cloze_pairs(chunk, 3)
+    assert len(pairs) == 3
+    flat = " ".join(chunk.split())
+    for pair in pairs:
+        sentence = re.fullmatch(r'What fills the blank in "(.*)"\?', pair.question).group(1)
+        assert sentence.count(BLANK) == 1
+        assert sentence.replace(BLANK, pair.answer) in flat
+        assert pair_problem(pair, STRICT) == ""
+    assert cloze_pairs(chunk, 3) == pairs  # deterministic
+
+
+def test_cloze_prefers_numbers_and_keeps_text_order():
+    text = "Mara Quill walked to the old harbour in Velmont. Later, Mara Quill kept 812 maps in the cellar."
+    assert cloze_pairs(text, 1) == [QAPair('What fills the blank in "Later, Mara Quill kept _____ maps in the cellar."?', "812")]
+    assert [p.answer for p in cloze_pairs(text, 2)] == ["Velmont", "812"]
+    assert cloze_pairs("nothing here to ask about at all.", 2) == []
+
+
+def test_cache_key_depends_on_every_part():
+    base = ("m", "qa-v1", "chunk text", {"temperature": 0.7, "ask": 0})
+    key = cache_key(*base)
+    assert key == cache_key("m", "qa-v1", "chunk text", {"ask": 0, "temperature": 0.7})
+    for changed in (("m2",) + base[1:], base[:1] + ("qa-v2",) + base[2:], base[:2] + ("other",) + base[3:],
+                    base[:3] + ({"temperature": 0.7, "ask": 1},)):
+        assert cache_key(*changed) != key
+
+
+def test_sampling_params_reask_and_request_fields():
+    assert SamplingParams().for_attempt(2) == SamplingParams()
+    assert "seed" not in SamplingParams().to_dict()
+    assert SamplingParams(seed=5).for_attempt(2).seed == 7
+
+
+def test_response_cache_round_trip_and_torn_entries(tmp_path):
+    cache = ResponseCache(str(tmp_path / "cache"))
+    completion = Completion('{"pairs": []}', "stop", 12, 3)
+    assert cache.get("ab" * 32) is None
+    cache.put("ab" * 32, completion)
+    assert cache.get("ab" * 32) == completion
+    torn = cache.path("cd" * 32)
+    (tmp_path / "cache" / "cd").mkdir()
+    open(torn, "w").write('{"content": "x", "fin')
+    assert cache.get("cd" * 32) is None
+    assert not list((tmp_path / "cache").rglob("*.partial"))
+
+
+def test_backoff_is_jittered_and_capped():
+    delays = [backoff_s(attempt) for attempt in range(12) for _ in range(20)]
+    assert all(0 <= d <= 8.0 for d in delays)
+    assert len(set(delays)) > 100
+
+
+def test_endpoint_wait_gives_up_at_its_deadline():
+    with pytest.raises(ServerUnavailable):
+        Endpoint(f"http://127.0.0.1:{free_port()}/v1", wait_s=0.3, poll_s=0.1).ensure_ready()

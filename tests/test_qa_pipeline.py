@@ -1,0 +1,178 @@
+"""The QA Beam job end to end: cloze offline, then against a real vLLM server (tests.fixtures_vllm).
+
+The server's model has random weights, so its pairs are gibberish: runs that should produce rows
+use LENIENT limits (any schema-valid pair passes), and strict limits show re-ask -> dead-letter.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lwm_data import io
+from lwm_data.cli import app
+from lwm_data.pipelines import chunk_books, qa_pairs
+from lwm_data.qa import PairLimits, QAPair, pair_problem
+from lwm_data.synthetic import generate_books, write_books_jsonl
+from lwm_data.validate import validate
+from tests.fault_proxy import FAULTS, FaultProxy
+from tests.fixtures_vllm import VLLM_PYTHON, VLLM_TEST_ARGS
+
+LENIENT = PairLimits(min_question_chars=1, max_question_chars=60, max_answer_chars=30, require_question_mark=False)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_chunks(tmp_path_factory) -> Path:
+    """About 17 chunks of ~250 tokens: cheap prompts for the CPU server."""
+    root = tmp_path_factory.mktemp("small")
+    books = write_books_jsonl(root / "books.jsonl", generate_books(3, 700, seed=11))
+    chunk_books.run(chunk_books.ChunkConfig(input=str(books), output=str(root / "chunks"), chunk_tokens=250))
+    return root / "chunks"
+
+
+def chunk_keys(chunks_dir: Path) -> set[tuple[str, int]]:
+    table = io.read_table(str(chunks_dir), ["book_id", "chunk_index"])
+    return set(zip(table["book_id"].to_pylist(), table["chunk_index"].to_pylist()))
+
+
+def assert_each_chunk_once(chunks_dir: Path, output: Path) -> tuple[list[dict], list[dict]]:
+    """Every chunk in is answered (one row) or dead-lettered (one letter), never both, never twice."""
+    rows = io.read_table(str(output)).to_pylist()
+    letters = io.read_dead_letters(str(output))
+    answered = [(r["book_id"], r["chunk_index"]) for r in rows]
+    dead = [(d["source"], int(d["locator"])) for d in letters]
+    assert len(set(answered)) == len(answered) and len(set(dead)) == len(dead)
+    assert set(answered).isdisjoint(dead)
+    assert set(answered) | set(dead) == chunk_keys(chunks_dir)
+    manifest = io.read_manifest(str(output))
+    assert manifest["counts"]["balanced"] and manifest["counts"]["in"] == len(answered) + len(dead)
+    assert not validate(str(output))
+    return rows, letters
+
+
+def llm_config(chunks: Path, output: Path, **overrides) -> qa_pairs.QAConfig:
+    settings = dict(input=str(chunks), output=str(output), pairs_per_chunk=1, max_tokens=64, concurrency=4,
+                    max_asks=2, limits=LENIENT, timeout_s=30, max_retries=2)
+    return qa_pairs.QAConfig(**{**settings, **overrides})
+
+
+def vllm_backend(server) -> dict:
+    return dict(backend="vllm", model=server.model, vllm_args=VLLM_TEST_ARGS, vllm_python=str(VLLM_PYTHON),
+                vllm_state_dir=str(Path(server.state_dir).parent))
+
+
+def test_cloze_job_from_the_cli_answers_every_chunk_offline(chunks_dir, tmp_path):
+    result = CliRunner().invoke(app, ["qa", "--input", str(chunks_dir), "--output", str(tmp_path / "qa")])
+    assert result.exit_code == 0, result.output
+    rows, _ = assert_each_chunk_once(chunks_dir, tmp_path / "qa")
+    assert rows and {(r["backend"], r["model"], r["prompt_version"]) for r in rows} == {("cloze", "lwm-data-cloze", "cloze-v1")}
+    assert all(len(r["pairs"]) == 3 for r in rows)
+    again = qa_pairs.run(qa_pairs.QAConfig(input=str(chunks_dir), output=str(tmp_path / "again")))
+    assert again["counts"]["out"] == len(rows)
+    key = lambda r: (r["book_id"], r["chunk_index"])  # noqa: E731
+    assert sorted(io.read_table(str(tmp_path / "again")).to_pylist(), key=key) == sorted(rows, key=key)
+
+
+@pytest.mark.vllm
+def test_openai_backend_against_real_vllm(vllm_server, small_chunks, tmp_path):
+    cache = tmp_path / "cache"
+    config = llm_config(small_chunks, tmp_path / "qa", backend="openai", model=vllm_server.model,
+                        endpoint=vllm_server.ensure_ready(), cache=str(cache))
+    manifest = qa_pairs.run(config)
+    rows, letters = assert_each_chunk_once(small_chunks, tmp_path / "qa")
+    stats, counts = manifest["stats"], manifest["counts"]
+    assert stats["requests"] == counts["in"] + stats.get("reasks", 0) + stats.get("retries", 0)
+    assert stats["completion_tokens"] > 0 and stats["prompt_tokens"] > 0
+    assert len(list(cache.rglob("*.json"))) == counts["in"] + stats.get("reasks", 0)
+    assert rows, "schema-valid replies pass lenient validation"
+    assert all(pair_problem(QAPair(**p), LENIENT) == "" for r in rows for p in r["pairs"])
+    assert {r["backend"] for r in rows} == {"openai"}
+    assert {d["reason"] for d in letters} <= {"truncated", "unparsable", "no_valid_pairs", "empty_reply"}
+
+
+@pytest.mark.vllm
+def test_vllm_backend_shares_the_running_server_and_strict_validation_reasks(vllm_server, small_chunks, tmp_path):
+    pid = vllm_server.pid()
+    config = llm_config(small_chunks, tmp_path / "qa", limits=PairLimits(), **vllm_backend(vllm_server))
+    manifest = qa_pairs.run(config)
+    rows, letters = assert_each_chunk_once(small_chunks, tmp_path / "qa")
+    stats, counts = manifest["stats"], manifest["counts"]
+    assert vllm_server.pid() == pid, "the job used the machine's server instead of starting one"
+    assert stats["requests"] == counts["in"] + stats["reasks"] + stats.get("retries", 0)
+    assert stats["reasks"] >= counts["dead_lettered"] > 0  # each dead letter was asked max_asks = 2 times
+    assert all(pair_problem(QAPair(**p), PairLimits()) == "" for r in rows for p in r["pairs"])
+    assert all("2 asks" in d["detail"] for d in letters)
+
+
+@pytest.mark.vllm
+def test_fault_proxy_every_chunk_answered_or_dead_lettered_once(vllm_server, small_chunks, tmp_path):
+    plan = ["http_500", "ok", "http_429", "ok", "delay", "ok", "truncate", "ok", "drop", "ok"]
+    upstream = vllm_server.ensure_ready().removesuffix("/v1")
+    with FaultProxy(upstream, plan, delay_s=7, max_requests=500, lifetime_s=240) as proxy:
+        config = llm_config(small_chunks, tmp_path / "qa", backend="openai", model=vllm_server.model,
+                            endpoint=f"{proxy.url}/v1", timeout_s=6)
+        manifest = qa_pairs.run(config)
+    assert_each_chunk_once(small_chunks, tmp_path / "qa")
+    assert all(proxy.served[fault] == 1 for fault in FAULTS)
+    stats, counts = manifest["stats"], manifest["counts"]
+    assert stats["requests"] == len(proxy.bodies)
+    # every request is a first ask, a re-ask, a client retry, or a call after recovery
+    assert stats["requests"] == counts["in"] + stats.get("reasks", 0) + stats["retries"] + stats.get("recoveries", 0)
+    assert stats["retries"] + stats.get("recoveries", 0) >= len(FAULTS)
+
+
+@pytest.mark.vllm
+def test_killed_job_rerun_sends_no_request_for_cached_answers(vllm_server, small_chunks, tmp_path):
+    cache, output = tmp_path / "cache", tmp_path / "qa"
+    args = [sys.executable, "-m", "lwm_data.cli", "qa", "--input", str(small_chunks), "--output", str(output),
+            "--backend", "openai", "--endpoint", vllm_server.ensure_ready(), "--model", vllm_server.model,
+            "--cache", str(cache), "--pairs-per-chunk", "1", "--max-tokens", "64", "--max-asks", "2",
+            "--concurrency", "1", "--min-question-chars", "1", "--max-question-chars", "60",
+            "--max-answer-chars", "30", "--no-require-question-mark"]
+    job = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list(cache.rglob("*.json"))) < 4 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    assert job.wait() == -signal.SIGKILL, "the job was killed mid-run"
+    cached_before = set(cache.rglob("*.json"))
+    assert len(cached_before) >= 4
+    with FaultProxy(vllm_server.ensure_ready().removesuffix("/v1"), lifetime_s=240) as proxy:
+        config = llm_config(small_chunks, output, backend="openai", model=vllm_server.model,
+                            endpoint=f"{proxy.url}/v1", cache=str(cache), concurrency=4)
+        manifest = qa_pairs.run(config)
+    assert_each_chunk_once(small_chunks, output)
+    stats = manifest["stats"]
+    new_entries = set(cache.rglob("*.json")) - cached_before
+    assert stats["cache_hits"] == len(cached_before)
+    assert stats["requests"] == len(proxy.bodies) == len(new_entries) > 0
+
+
+@pytest.mark.vllm
+def test_vllm_backend_restarts_a_server_that_dies_mid_run(vllm_server, small_chunks, tmp_path):
+    old_pid, cache = vllm_server.pid(), tmp_path / "cache"
+
+    def kill_after_first_answers() -> None:
+        deadline = time.monotonic() + 120
+        while len(list(cache.rglob("*.json"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(old_pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_after_first_answers, daemon=True)
+    killer.start()
+    config = llm_config(small_chunks, tmp_path / "qa", cache=str(cache), concurrency=2, **vllm_backend(vllm_server))
+    manifest = qa_pairs.run(config)
+    killer.join()
+    assert_each_chunk_once(small_chunks, tmp_path / "qa")
+    assert vllm_server.pid() not in (None, old_pid)
+    assert manifest["stats"]["recoveries"] >= 1
+    assert {d["reason"] for d in io.read_dead_letters(str(tmp_path / "qa"))}.isdisjoint({"unreachable", "http_500"})
