@@ -217,6 +217,8 @@ def fit_context(
     start, end = window
     offsets = book.offsets
     first = np.asarray(tokenizer.encode(tokenizer.decode(book.tokens[offsets[start] : offsets[start + 1]])), np.int32)
+    if len(first) > budget:  # re-tokenizing grew a chunk that alone just fit: keep its slice, which fits
+        first = book.tokens[offsets[start] : offsets[start + 1]]
     while len(first) + offsets[end] - offsets[start + 1] > budget and end - start > 1:
         end -= 1
     return (start, end), [first, book.tokens[offsets[start + 1] : offsets[end]]]

@@ -239,6 +239,11 @@ class LwmProcessor:
                 raise LwmFormatError("missing_field", f"no key {key!r} (field {spec_field})")
             if not isinstance(record[key], str):
                 raise LwmFormatError("field_not_text", f"key {key!r} holds {type(record[key]).__name__}")
+            if not record[key].isascii():
+                try:  # JSON may escape a lone surrogate (\ud800), which no tokenizer accepts
+                    record[key].encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise LwmFormatError("invalid_utf8", f"key {key!r}: {e}") from None
             parts.append(record[key])
         return self.config.subfield_separator.join(parts)
 
@@ -252,8 +257,11 @@ class LwmProcessor:
         per_frame = self.config.n_tokens_per_frame
         if not value or len(value) % per_frame:
             raise LwmFormatError("vision_length", f"{len(value)} codes is not a positive multiple of {per_frame}")
-        codes = np.asarray(value, dtype=np.int64).reshape(-1, per_frame)
-        if codes.min() < 0 or codes.max() >= VISION_CODEBOOK:
+        try:
+            codes = np.asarray(value, dtype=np.int64).reshape(-1, per_frame)
+        except OverflowError:  # an int beyond int64
+            codes = None
+        if codes is None or codes.min() < 0 or codes.max() >= VISION_CODEBOOK:
             raise LwmFormatError("vision_code_range", f"codes must lie in [0, {VISION_CODEBOOK})")
         max_frames = self.config.max_n_frames
         if 0 < max_frames < len(codes):
@@ -319,6 +327,9 @@ def to_lwm_record(example: Example, tokenizer, processor: LwmProcessor | None = 
         raise LwmFormatError("not_representable", "LWM examples end with EOS of weight 1")
     if not np.isin(weights, (0.0, 1.0)).all():
         raise LwmFormatError("not_representable", "LWM loss weights are 0 or 1")
+    text_ids = tokens[~np.asarray(vision, bool)]
+    if text_ids.min() < 0 or text_ids.max() >= tokenizer.vocab_size:  # decode would raise
+        raise LwmFormatError("not_representable", "text ids outside the tokenizer's vocabulary")
     record: dict[str, Any] = {}
     fields: list[FieldSpec] = []
     for run in _runs(tokens[1:-1], weights[1:-1], vision[1:-1], tokenizer, processor, offset=1):
@@ -463,8 +474,8 @@ def example_from_line(
         raise LwmFormatError("invalid_utf8", str(e)) from None
     try:
         record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LwmFormatError("invalid_json", str(e)) from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, an int of > 4300 digits, absurd nesting
+        raise LwmFormatError("invalid_json", str(e) or type(e).__name__) from None
     if not isinstance(record, dict):
         raise LwmFormatError("invalid_json", f"expected an object, got {type(record).__name__}")
     if fields is None and fields_key not in record:

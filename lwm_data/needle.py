@@ -274,6 +274,8 @@ def needle_row(
     fixed = 1 + len(tokenizer.encode(template.format(context="", question=question)))
     fixed += sum(len(tokenizer.encode(f"\n{n.text}\n")) for n in needles)
     budget = context_length - answer_tokens - fixed
+    if haystack.num_tokens < budget:  # the prompt would be far shorter than its context length says
+        raise ValueError(f"the haystack has {haystack.num_tokens} tokens, too few for context length {context_length}")
     while True:
         if budget <= 0:
             raise ValueError(f"context length {context_length} leaves no room for a haystack")
@@ -375,7 +377,7 @@ def read_responses(lines: Iterable[str]) -> tuple[dict[str, str], int]:
             record = json.loads(line)
             key = record.get("example_id", record.get("id"))
             response = record["response"]
-        except (json.JSONDecodeError, KeyError, AttributeError):
+        except (ValueError, RecursionError, KeyError, AttributeError):  # ValueError: JSONDecodeError, huge ints
             bad += 1
             continue
         if isinstance(key, str) and isinstance(response, str):

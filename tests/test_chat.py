@@ -157,3 +157,24 @@ def test_chat_exports_to_lwm_and_back(examples, tokenizer):
         assert record["text_0"].startswith("You are a helpful assistant. USER: ")
         back = example_from_line(json.dumps(record), "x", 0, processor)
         assert np.array_equal(back.tokens, example.tokens) and np.array_equal(back.loss_weights, example.loss_weights)
+
+
+def test_fit_context_never_exceeds_the_budget():
+    """A one-chunk window whose chunk re-tokenizes longer than the budget keeps the chunk's own slice
+    (which fits: windows only hold chunks that fit), so the example still fits its length."""
+    from lwm_data.chat import fit_context
+
+    class GrowingTokenizer:  # re-tokenizing adds two tokens
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+        def encode(self, text):
+            return [int(t) for t in text.split()] + [7, 7]
+
+    tokens = np.arange(30, dtype=np.int32)
+    book = BookChunks("b", tokens, np.array([0, 10, 20, 30]), ["a", "b", "c"])
+    window, context = fit_context(book, (0, 1), 11, GrowingTokenizer())
+    assert window == (0, 1) and sum(len(c) for c in context) <= 11
+    assert np.array_equal(np.concatenate(context), tokens[:10])
+    window, context = fit_context(book, (0, 2), 21, GrowingTokenizer())  # shrinks the window, as before
+    assert window == (0, 1) and len(context[0]) == 12 and sum(len(c) for c in context) <= 21

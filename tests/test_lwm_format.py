@@ -145,6 +145,8 @@ def test_max_frames_samples_uniformly(default_processor):
         ({"vision": []}, "vision", "vision_length"),
         ({"vision": [8192] * 256}, "vision", "vision_code_range"),
         ({"vision": "abc"}, "vision", "vision_not_int_list"),
+        ({"vision": [2**70] * 256}, "vision", "vision_code_range"),  # beyond int64: no OverflowError
+        ({"a": "x\ud800y"}, "a", "invalid_utf8"),  # a lone surrogate, valid as a JSON escape
         ({"a": "x"}, "", "bad_field_spec"),
     ],
 )
@@ -167,6 +169,18 @@ def test_line_import(default_processor):
         example_from_line(b'{"q": "x"}', "data.jsonl", 0, default_processor)
     global_spec = example_from_line(b'{"q": "x", "a": "y"}', "d", 0, default_processor, fields="[q],a")
     assert global_spec.meta["fields"] == "[q],a"
+
+
+def test_lines_that_would_crash_a_job_are_dead_lettered(default_processor):
+    for line, reason in [
+        ("[" * 100_000 + "]" * 100_000, "invalid_json"),  # json.loads: RecursionError
+        ('{"fields": "a", "a": ' + "1" * 5000 + "}", "invalid_json"),  # json.loads: ValueError (int digits)
+        ('{"fields": "a", "a": "x\\ud800y"}', "invalid_utf8"),
+        (json.dumps({"fields": "vision", "vision": [-(2**70)] * 256}), "vision_code_range"),
+    ]:
+        with pytest.raises(LwmFormatError) as error:
+            example_from_line(line, "d", 0, default_processor)
+        assert error.value.reason == reason
 
 
 # ---- export ----
@@ -211,6 +225,11 @@ def test_export_refuses_what_lwm_cannot_express(default_processor):
     half = Example("e", "text", "s", tokens, np.where(weights > 0, 0.5, 0).astype(np.float32), vision)
     with pytest.raises(LwmFormatError, match="not_representable"):
         to_lwm_record(half, default_processor.tokenizer)
+    for bad_id in (-5, default_processor.tokenizer.vocab_size):  # not a crash of the whole export
+        out_of_vocab = tokens.copy()
+        out_of_vocab[2] = bad_id
+        with pytest.raises(LwmFormatError, match="not_representable"):
+            to_lwm_record(Example("e", "text", "s", out_of_vocab, weights, vision), default_processor.tokenizer)
     stray_vision = vision.copy()
     stray_vision[2] = True
     with pytest.raises(LwmFormatError, match="not_representable"):

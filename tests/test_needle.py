@@ -150,6 +150,11 @@ def test_read_responses():
     assert read_responses(lines) == ({"a": "1", "b": "2"}, 2)
 
 
+def test_read_responses_counts_lines_json_cannot_parse():
+    lines = ["[" * 100_000, '{"id": "a", "response": ' + "1" * 5000 + "}", json.dumps({"id": "b", "response": "7"})]
+    assert read_responses(lines) == ({"b": "7"}, 2)
+
+
 def test_cli_needle_and_needle_score(books_jsonl, tmp_path):
     runner = CliRunner()
     out = tmp_path / "needle"
@@ -183,3 +188,10 @@ def test_cli_needle_and_needle_score(books_jsonl, tmp_path):
     assert result.exit_code == 0, result.output
     assert "mean accuracy 1.000" in result.output
     assert (tmp_path / "responses.jsonl.accuracy.png").stat().st_size > 1000
+
+
+def test_a_haystack_too_short_for_the_context_length_is_refused(tokenizer):
+    """Rows must hold the context length they claim, not whatever the books ran out at."""
+    books = ["A short book. It ends soon."] * 3
+    with pytest.raises(ValueError, match="too few for context length 4096"):
+        list(needle_rows(books, tokenizer, NeedleConfig((4096,), (0.5,))))

@@ -17,7 +17,6 @@ vision_tokens, loss_tokens.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
@@ -111,7 +110,7 @@ class ProcessLines(beam.DoFn):
         try:
             example = example_from_line(
                 line,
-                os.path.basename(path),
+                path,  # the full path: example ids stay unique across folders with same-named files
                 line_index,
                 self.processor,
                 self.config.spec,
