@@ -107,8 +107,8 @@ def _book_from_json_line(line: bytes, source: str, locator: str) -> Book | Rejec
         return Rejection("invalid_utf8", source, locator, str(e), line[:200].decode("utf-8", "replace"))
     try:
         record = json.loads(decoded)
-    except json.JSONDecodeError as e:
-        return Rejection("invalid_json", source, locator, str(e), decoded[:200])
+    except (ValueError, RecursionError) as e:  # also: too deeply nested, an int of too many digits
+        return Rejection("invalid_json", source, locator, f"{type(e).__name__}: {e}", decoded[:200])
     if not isinstance(record, dict):
         return Rejection("invalid_json", source, locator, f"expected an object, got {type(record).__name__}", decoded[:200])
     return book_from_fields(record, source, locator)
@@ -121,7 +121,20 @@ def book_from_fields(record: dict[str, Any], source: str, locator: str) -> Book 
         return Rejection("missing_text", source, locator, "no `text` field", _excerpt(record))
     if not isinstance(text, str):
         return Rejection("text_not_string", source, locator, f"`text` is {type(text).__name__}", _excerpt(record))
-    return book_from_text(text, source, locator, _record_id(record), _record_title(record))
+    book_id, title = _record_id(record), _record_title(record)
+    for name, value in (("id", book_id), ("title", title)):
+        if value is not None and not _is_unicode(value):
+            return Rejection("invalid_utf8", source, locator, f"`{name}` has a lone surrogate", _excerpt(record))
+    return book_from_text(text, source, locator, book_id, title)
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a str with lone surrogates (JSON escapes such as \\ud800), which no UTF-8 sink takes."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def book_from_text(text: str, source: str, locator: str, book_id: str | None = None, title: str | None = None) -> Book | Rejection:
@@ -130,7 +143,10 @@ def book_from_text(text: str, source: str, locator: str, book_id: str | None = N
     text = normalize_text(text)
     if not text.strip():
         return Rejection("empty_text", source, locator, "`text` is empty or whitespace")
-    digest = content_hash(text)
+    try:
+        digest = content_hash(text)
+    except UnicodeEncodeError as e:  # lone surrogates, from JSON escapes
+        return Rejection("invalid_utf8", source, locator, f"lone surrogate at character {e.start}", text[:200])
     return Book(book_id or digest[:16], title, text, digest, source, locator)
 
 
@@ -162,7 +178,7 @@ def _read_parquet(path: str, max_record_bytes: int) -> Iterator[Book | Rejection
         if "text" not in parquet.schema_arrow.names:
             yield Rejection("missing_text", path, "", "Parquet file has no `text` column")
             return
-        wanted = [c for c in ("text", "id", "title", "meta") if c in parquet.schema_arrow.names]
+        wanted = [c for c in ("text", "id", "meta", *_TITLE_KEYS) if c in parquet.schema_arrow.names]
         row = 0
         for batch in parquet.iter_batches(batch_size=64, columns=wanted):
             for record in batch.to_pylist():

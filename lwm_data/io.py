@@ -4,8 +4,9 @@
     DIR/manifest.json                     stage, config, tokenizer sha256, counts, files
     DIR/errors/part-*.jsonl               dead letters: one JSON object per bad input record
 
-Counts in a manifest always balance: counts.in == counts.out + sum(counts.filtered) +
-counts.dead_lettered. Helpers here read and write those pieces; Beam code lives in `pipelines/`.
+Counts in a manifest should balance: counts.in == counts.out + sum(counts.filtered) +
+counts.dead_lettered; `counts.balanced` says whether they do (`lwm-data validate` checks it).
+Helpers here read and write those pieces; Beam code lives in `pipelines/`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,12 @@ class DeadLetter:
     def to_json(self) -> str:
         fields = asdict(self)
         fields["record"] = fields["record"][:RECORD_EXCERPT_CHARS]
-        return json.dumps(fields, ensure_ascii=False)
+        line = json.dumps(fields, ensure_ascii=False)
+        try:
+            line.encode()
+        except UnicodeEncodeError:  # lone surrogates (from JSON input): escape them, or no sink can write it
+            line = json.dumps(fields)
+        return line
 
 
 @dataclass
@@ -113,7 +119,8 @@ def read_dead_letters(output_dir: str) -> list[dict[str, Any]]:
     letters = []
     for path in list_error_files(output_dir):
         with FileSystems.open(path) as f:
-            letters.extend(json.loads(line) for line in f.read().decode().splitlines() if line.strip())
+            # split the bytes: str.splitlines would also split at U+2028, U+0085, ... inside a letter
+            letters.extend(json.loads(line) for line in f.read().splitlines() if line.strip())
     return letters
 
 

@@ -17,6 +17,7 @@ import asyncio
 import atexit
 import fcntl
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -28,7 +29,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import Future
@@ -137,7 +137,7 @@ def http_ok(url: str, timeout_s: float = 5.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return response.status == 200
-    except (OSError, urllib.error.URLError):
+    except (OSError, http.client.HTTPException):  # URLError is an OSError; a garbled reply is neither
         return False
 
 
@@ -243,14 +243,23 @@ class ChatClient:
 
 
 def _completion(response) -> Completion:
-    choice = response.choices[0] if response.choices else None
-    usage = response.usage
-    return Completion(
-        content=choice.message.content if choice else None,
-        finish_reason=choice.finish_reason if choice else None,
-        prompt_tokens=usage.prompt_tokens if usage else 0,
-        completion_tokens=usage.completion_tokens if usage else 0,
-    )
+    """The first choice of a chat completion; ValueError for a 200 whose body is not one (the
+    openai client builds its objects without validation, so any JSON gets here)."""
+    try:
+        choice = response.choices[0] if response.choices else None
+        message = choice.message if choice else None
+        content = message.content if message else None
+        if content is not None and not isinstance(content, str):
+            raise TypeError(f"content is {type(content).__name__}")
+        usage = response.usage
+        return Completion(
+            content=content,
+            finish_reason=choice.finish_reason if choice else None,
+            prompt_tokens=int(usage.prompt_tokens or 0) if usage else 0,
+            completion_tokens=int(usage.completion_tokens or 0) if usage else 0,
+        )
+    except (AttributeError, TypeError, IndexError, KeyError) as e:
+        raise ValueError(f"not a chat completion: {type(e).__name__}: {e}") from e
 
 
 class EventLoopThread:
@@ -387,6 +396,8 @@ class VLLMServer:
         with self._lock():
             state = self._state()
             if not self._running(state):
+                if state:  # it died: first end what is left of its process group (vLLM's engine processes)
+                    self.stop(grace_s=0)
                 state = self._start()
             url = f"http://{LOOPBACK}:{state['port']}"
             self._wait_ready(url, state["pid"])
@@ -425,9 +436,10 @@ class VLLMServer:
             return ""
 
     def stop(self, grace_s: float = 30.0) -> None:
-        """Stop the server's whole process group (vLLM runs its engine in child processes)."""
+        """Stop the server's whole process group (vLLM runs its engine in child processes), also
+        when its main process has died already. (A group id is not reused while members live.)"""
         state = self._state()
-        if self._running(state):
+        if state:
             _kill_group(state["pid"], grace_s)
         child = self._children.pop(state["pid"], None) if state else None
         if child:

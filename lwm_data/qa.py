@@ -196,8 +196,8 @@ def judge_reply(content: str | None, finish_reason: str | None, limits: PairLimi
         return Verdict([], "empty_reply", f"finish_reason={finish_reason}")
     try:
         raw = parse_pairs(content)
-    except json.JSONDecodeError as e:
-        return Verdict([], "unparsable", str(e))
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
+        return Verdict([], "unparsable", f"{type(e).__name__}: {e}")
     except ValueError as e:
         return Verdict([], "bad_shape", str(e))
     pairs, rejected = validate_pairs(raw, limits)
@@ -248,12 +248,19 @@ def cloze_candidate(sentence: str, position: int) -> _Candidate | None:
     return None
 
 
-def cloze_pairs(chunk_text: str, num_pairs: int) -> list[QAPair]:
-    """Up to num_pairs fill-in-the-blank pairs, numbers first, then earlier sentences; text order."""
-    candidates = []
+def cloze_pairs(chunk_text: str, num_pairs: int, limits: PairLimits | None = None) -> list[QAPair]:
+    """Up to num_pairs fill-in-the-blank pairs, numbers first, then earlier sentences; text order.
+
+    A repeat of an earlier question is skipped, and so is a pair that `limits` rejects.
+    """
+    candidates, seen = [], set()
     for match in _SENTENCE.finditer(chunk_text):
         candidate = cloze_candidate(" ".join(match.group().split()), match.start())
-        if candidate is not None:
+        if candidate is None or (limits is not None and pair_problem(candidate.pair, limits)):
+            continue
+        key = _normalized(candidate.pair.question)
+        if key not in seen:
+            seen.add(key)
             candidates.append(candidate)
     best = sorted(candidates, key=lambda c: (-c.score, c.position))[:num_pairs]
     return [c.pair for c in sorted(best, key=lambda c: c.position)]

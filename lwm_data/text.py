@@ -1,9 +1,9 @@
 """Book text: normalisation, identity, and cutting into ~1K-token chunks at natural boundaries.
 
 Normalisation (applied to every book before anything else, and what chunk offsets refer to):
-  1. Unicode NFC;
+  1. NUL characters removed;
   2. line ends: CRLF -> LF, then any remaining lone CR -> LF;
-  3. NUL characters removed.
+  3. Unicode NFC (last, so that the result is NFC even where a NUL separated a letter from its accent).
 Nothing else changes: whitespace, quotes and paragraph breaks are kept, so a book's chunk texts
 concatenated in order give back its normalised text exactly.
 """
@@ -38,12 +38,12 @@ _WHITESPACE = _char_class(" \t\n")
 
 
 def normalize_text(text: str) -> str:
-    if not unicodedata.is_normalized("NFC", text):
-        text = unicodedata.normalize("NFC", text)
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
     if "\x00" in text:
         text = text.replace("\x00", "")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
     return text
 
 
@@ -96,7 +96,9 @@ def chunk_tokens(
 
     Each cut lands within `chunk_tokens * (1 ± tolerance)` tokens of the previous one, at the best
     boundary there (paragraph, then sentence, then whitespace, then any token end), the one nearest
-    the target among equals. A remainder that fits in the upper bound stays in the last chunk.
+    the target among equals; when every token end in reach is inside a character (byte-fallback
+    pieces, only possible for tiny `chunk_tokens`), at the next one past it. A remainder that fits
+    in the upper bound stays in the last chunk. No chunk is empty.
     """
     n = len(tokenized.ids)
     if n == 0:
@@ -106,7 +108,10 @@ def chunk_tokens(
     high = max(low, round(chunk_tokens * (1 + tolerance)))
     token_cuts = [0]
     while n - token_cuts[-1] > high:
-        token_cuts.append(_next_cut(kinds, token_cuts[-1], low, high, chunk_tokens))
+        cut = _next_cut(kinds, token_cuts[-1], low, high, chunk_tokens)
+        if cut >= n:  # the next real cut is the text's end: the rest is the last chunk
+            break
+        token_cuts.append(cut)
     token_cuts.append(n)
     char_cuts = [0] + [int(tokenized.char_ends[t - 1]) for t in token_cuts[1:-1]] + [len(text)]
     return [

@@ -46,6 +46,7 @@ def check_example_rows(table: pa.Table, violations: Counter) -> None:
 def check_chunk_rows(table: pa.Table, violations: Counter) -> None:
     num_tokens = table["num_tokens"].to_numpy()
     violations["tokens length != num_tokens"] += int((_list_lengths(table, "tokens") != num_tokens).sum())
+    violations["empty chunk (no tokens)"] += int((num_tokens == 0).sum())
     index, total = table["chunk_index"].to_numpy(), table["num_chunks"].to_numpy()
     violations["chunk_index outside [0, num_chunks)"] += int(((index < 0) | (index >= total)).sum())
     start, end = table["char_start"].to_numpy(), table["char_end"].to_numpy()

@@ -84,3 +84,44 @@ def test_iter_lines_across_block_boundaries():
     finally:
         books._READ_BLOCK = original
     assert lines == [(1, b"aaaaa"), (2, None), (3, b""), (4, b"ccc")]
+
+
+def test_json_edge_cases_are_one_rejection_each_and_keep_the_rest_of_the_file(tmp_path):
+    path = tmp_path / "edge.jsonl"
+    lines = [
+        "[" * 100_000,  # too deeply nested for json.loads (RecursionError)
+        '{"id": ' + "1" * 5000 + ', "text": "x"}',  # int past Python's digit limit (ValueError)
+        r'{"text": "lone \ud800 surrogate"}',
+        r'{"id": "\udc00", "text": "Fine text."}',
+        r'{"title": "\ud800", "text": 5}',
+        json.dumps({"id": "last", "text": "Still read."}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    items = list(read_books(str(path)))
+    assert _reasons(items) == ["invalid_json", "invalid_json", "invalid_utf8", "invalid_utf8", "text_not_string"]
+    assert [i.locator for i in items] == [f"line {n}" for n in range(1, 7)]
+    assert items[-1].book_id == "last"
+
+
+def test_dead_letter_with_lone_surrogates_is_writable_json():
+    from lwm_data.io import DeadLetter
+
+    line = DeadLetter("chunk", "text_not_string", "f.jsonl", "line 1", "d", '{"title": "\ud800"}').to_json()
+    line.encode()  # a UTF-8 sink (WriteToText) must accept it
+    assert json.loads(line)["record"] == '{"title": "\ud800"}'
+    assert "é" in DeadLetter("chunk", "r", "s", record="café").to_json()  # readable when it can be
+
+
+def test_parquet_reads_the_same_title_keys_as_jsonl(tmp_path):
+    pq.write_table(pa.table({"text": ["A book."], "short_book_title": ["PG title"]}), tmp_path / "pg19.parquet")
+    (book,) = read_books(str(tmp_path / "pg19.parquet"))
+    assert book.title == "PG title"
+
+
+def test_dead_letters_with_unicode_line_separators_read_back_one_per_line(tmp_path):
+    from lwm_data.io import DeadLetter, read_dead_letters
+
+    (tmp_path / "errors").mkdir()
+    letters = [DeadLetter("chunk", "r", "s", "line 1", record="a\u2028b\u2029c\x85d"), DeadLetter("chunk", "r", "s", "line 2")]
+    (tmp_path / "errors" / "part-0.jsonl").write_text("".join(d.to_json() + "\n" for d in letters))
+    assert [d["record"] for d in read_dead_letters(str(tmp_path))] == ["a\u2028b\u2029c\x85d", ""]

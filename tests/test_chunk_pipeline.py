@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from lwm_data import io
 from lwm_data.cli import app
+from lwm_data.books import Book
 from lwm_data.pipelines import chunk_books
 from lwm_data.synthetic import generate_books, write_books_jsonl
 from lwm_data.tokenizers import load_tokenizer
@@ -151,3 +152,38 @@ def test_only_bad_input_gives_an_empty_valid_output(tmp_path):
     manifest = chunk_books.run(chunk_books.ChunkConfig(input=str(tmp_path / "bad.jsonl"), output=str(tmp_path / "o")))
     assert manifest["counts"]["in"] == 2 and manifest["counts"]["dead_lettered"] == 2
     assert io.read_table(str(tmp_path / "o")).num_rows == 0 and not validate(str(tmp_path / "o"))
+
+
+def test_lone_surrogates_are_dead_lettered_not_a_job_crash(tmp_path):
+    (tmp_path / "s.jsonl").write_text(
+        '{"text": 5, "title": "\\ud800"}\n{"id": "\\ud800", "text": "Some text."}\n{"text": "A good book."}\n'
+    )
+    manifest = chunk_books.run(chunk_books.ChunkConfig(input=str(tmp_path / "s.jsonl"), output=str(tmp_path / "o")))
+    counts = manifest["counts"]
+    assert (counts["in"], counts["out"]) == (3, 1) and counts["balanced"]
+    assert counts["dead_lettered_by_reason"] == {"invalid_utf8": 1, "text_not_string": 1}
+    assert not validate(str(tmp_path / "o"))
+
+
+def test_the_first_copy_and_the_first_use_of_an_id_are_kept_in_line_order():
+    def book(text, line):
+        return Book("same-id", None, text, text, "f.jsonl", f"line {line}")
+
+    (kept,) = chunk_books.KeepFirstCopy().process(("h", [book("t", 10), book("t", 9), book("t", 100)]))
+    assert kept.locator == "line 9"
+    first, *letters = chunk_books.RejectConflictingIds().process(("same-id", [book("b", 10), book("a", 9)]))
+    assert first.locator == "line 9"
+    assert [json.loads(letter.value)["locator"] for letter in letters] == ["line 10"]
+
+
+def test_validate_flags_an_empty_chunk():
+    from collections import Counter
+
+    from lwm_data.schemas import CHUNK_SCHEMA
+    from lwm_data.validate import check_chunk_rows
+
+    rows = [dict(book_id="b", title=None, chunk_index=i, num_chunks=2, char_start=s, char_end=e, num_tokens=len(t),
+                 text="ab"[s:e], tokens=t) for i, (s, e, t) in enumerate([(0, 2, [1, 2]), (2, 2, [])])]
+    violations = Counter()
+    check_chunk_rows(pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA), violations)
+    assert +violations == {"empty chunk (no tokens)": 1}

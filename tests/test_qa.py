@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import stat
+import sys
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lwm_data.llm import Completion, Endpoint, ResponseCache, SamplingParams, ServerUnavailable, backoff_s, free_port
+from lwm_data.llm import (
+    ChatClient,
+    ClientConfig,
+    Completion,
+    Endpoint,
+    RequestFailed,
+    ResponseCache,
+    SamplingParams,
+    ServerUnavailable,
+    VLLMServer,
+    _alive,
+    backoff_s,
+    free_port,
+    http_ok,
+)
 from lwm_data.qa import (
     BLANK,
     PROMPTS,
@@ -70,6 +89,7 @@ def test_judge_reply_accepts_valid_pairs_stripped_and_deduplicated():
     [
         (reply(("Where was Mara born?", "Velmont")), "length", "truncated"),
         ('{"pairs": [{"question": "Where', "stop", "unparsable"),
+        ("[" * 100_000, "stop", "unparsable"),
         ("", "stop", "empty_reply"),
         (None, None, "empty_reply"),
         ('["Where?", "Velmont"]', "stop", "bad_shape"),
@@ -167,3 +187,137 @@ def test_backoff_is_jittered_and_capped():
 def test_endpoint_wait_gives_up_at_its_deadline():
     with pytest.raises(ServerUnavailable):
         Endpoint(f"http://127.0.0.1:{free_port()}/v1", wait_s=0.3, poll_s=0.1).ensure_ready()
+
+
+def test_cloze_skips_repeated_sentences_and_pairs_outside_the_limits():
+    long = "Mara Quill kept " + "extraordinarily " * 20 + "old maps in 812 drawers."  # 26 words, 360 chars
+    repeated = "Later, Mara Quill kept 812 maps in the cellar."
+    text = f"{repeated} {repeated} {long} Tomas sailed to Velmont at dawn."
+    assert len(cloze_pairs(long, 1)[0].question) > STRICT.max_question_chars
+    pairs = cloze_pairs(text, 3, STRICT)
+    assert [p.answer for p in pairs] == ["812", "Velmont"]
+    assert all(pair_problem(p, STRICT) == "" for p in pairs)
+    assert [p.answer for p in cloze_pairs(text, 3, PairLimits(max_question_chars=70))] == ["Velmont"]
+
+
+def test_http_ok_is_false_for_a_garbled_reply():
+    import socket
+    import threading
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def answer_garbage() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"garbage\r\n\r\n")
+
+        thread = threading.Thread(target=answer_garbage, daemon=True)
+        thread.start()
+        assert http_ok(f"http://127.0.0.1:{listener.getsockname()[1]}/health", timeout_s=5) is False
+        thread.join(5)
+
+
+def test_a_200_reply_that_is_not_a_chat_completion_is_a_bad_response_not_a_crash():
+    import asyncio
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    replies = [b"null", b"[]", b'{"choices": [{"message": {"content": [1]}}]}', b'{"choices": [{}]}',
+               b'{"choices": [{"message": {"content": "{}"}, "finish_reason": "stop"}], "usage": {}}']
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            body = replies.pop(0)
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = Endpoint(f"http://127.0.0.1:{server.server_address[1]}/v1", wait_s=5)
+        client = ChatClient(ClientConfig(model="m", max_retries=0, max_recoveries=0), endpoint)
+
+        async def ask():
+            outcomes = []
+            for _ in range(5):
+                try:
+                    outcomes.append(await client._request([{"role": "user", "content": "x"}], SamplingParams(), None))
+                except RequestFailed as e:
+                    outcomes.append(e.reason)
+            return outcomes
+
+        outcomes = asyncio.run(ask())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert outcomes[:3] == ["bad_response"] * 3
+    assert outcomes[3] == Completion(None, None, 0, 0)  # judged an empty reply: re-asked
+    assert outcomes[4] == Completion("{}", "stop", 0, 0)
+
+
+# A stand-in for vLLM's server: a process-group member (like vLLM's engine process), then /health.
+FAKE_VLLM = """#!/bin/bash
+while [ $# -gt 0 ]; do [ "$1" = --port ] && port=$2; shift; done
+sleep 600 &
+echo $! >> "$ENGINE_PIDS"
+exec %s -c "
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header('content-length', '0'); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()
+" $port
+"""
+
+
+def _wait_dead(pid: int, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+def test_restart_and_stop_end_the_whole_process_group_of_a_dead_server(tmp_path, monkeypatch):
+    script = tmp_path / "fake-vllm"
+    script.write_text(FAKE_VLLM % sys.executable)
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    engine_pids = tmp_path / "engines"
+    monkeypatch.setenv("ENGINE_PIDS", str(engine_pids))
+    server = VLLMServer("m", python=str(script), state_root=str(tmp_path), ready_timeout_s=30)
+    try:
+        server.ensure_ready()
+        leader = server.pid()
+        os.kill(leader, signal.SIGKILL)  # the server dies, its engine process lives on
+        server._children[leader].wait(10)
+        first_engine = int(engine_pids.read_text().split()[0])
+        assert _alive(first_engine)
+        server.ensure_ready()
+        assert server.pid() not in (None, leader)
+        assert _wait_dead(first_engine), "restart left the dead server's engine process running"
+        second_leader = server.pid()
+        second_engine = int(engine_pids.read_text().split()[1])
+        os.kill(second_leader, signal.SIGKILL)
+        server._children[second_leader].wait(10)
+        server.stop(grace_s=5)
+        assert _wait_dead(second_engine), "stop left the dead server's engine process running"
+    finally:
+        server.stop(grace_s=5)
+        for pid in map(int, engine_pids.read_text().split()) if engine_pids.exists() else []:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -24,6 +24,8 @@ def tokenizer():
 def test_normalize_text_nfc_line_ends_and_nul():
     assert normalize_text("cafe\u0301\r\nnext\rline\x00!") == "caf\u00e9\nnext\nline!"
     assert normalize_text("already fine\n") == "already fine\n"
+    # NUL removal comes before NFC, so the result is NFC (and normalising again changes nothing)
+    assert normalize_text("e\x00\u0301") == "\u00e9" == normalize_text(normalize_text("e\x00\u0301"))
 
 
 def test_looks_binary():
@@ -89,3 +91,14 @@ def test_chunking_is_lossless_for_any_text(tokenizer, text, size):
     chunks = chunk_tokens(text, tokenized, size)
     assert "".join(text[c.char_start : c.char_end] for c in chunks) == text
     assert sum(c.token_end - c.token_start for c in chunks) == len(tokenized.ids)
+    assert all(c.token_end > c.token_start for c in chunks)
+
+
+def test_no_empty_last_chunk_when_the_text_ends_in_byte_fallback_pieces(tokenizer):
+    text = "ab\U00010348"  # the last character is four byte-fallback pieces
+    tokenized = tokenizer.encode_with_offsets([text])[0]
+    assert (tokenized.char_ends == -1).sum() == 3
+    for size in (1, 2, 3):
+        chunks = chunk_tokens(text, tokenized, size)
+        assert all(c.token_end > c.token_start and c.char_end > c.char_start for c in chunks)
+        assert "".join(_pieces(text, chunks)) == text and chunks[-1].token_end == len(tokenized.ids)

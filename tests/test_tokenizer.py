@@ -67,3 +67,22 @@ def test_sentencepiece_directory_and_hf_tokenizer_json(tmp_path):
 def test_missing_tokenizer_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_tokenizer(str(tmp_path / "nope"))
+
+
+def test_hf_byte_level_pieces_of_one_character_are_not_cut_between(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lwm_data.text import chunk_tokens
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(str(tmp_path))
+    text = "a\u4e16b"  # the middle character is three byte-level tokens
+    (out,) = tok.encode_with_offsets([text])
+    assert out.char_ends.tolist() == [1, -1, -1, 2, 3]
+    for size in (1, 2, 3):
+        for c in chunk_tokens(text, out, size):
+            assert tok.decode(out.ids[c.token_start : c.token_end]) == text[c.char_start : c.char_end]

@@ -54,7 +54,9 @@ class ReadBooks(beam.DoFn):
 
 
 def _first_by_position(books: Iterable[Book]) -> list[Book]:
-    return sorted(books, key=lambda b: (b.source, b.locator))
+    """Books in input order: by file, then by line/row. A file's locators share their prefix
+    ("line 9", "line 10"), so shorter first, then as text, is numeric order."""
+    return sorted(books, key=lambda b: (b.source, len(b.locator), b.locator))
 
 
 class KeepFirstCopy(beam.DoFn):

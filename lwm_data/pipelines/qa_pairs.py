@@ -145,7 +145,7 @@ class ClozeWriter:
         return [self.answer(c) for c in chunks], Counter()
 
     def answer(self, chunk: ChunkRequest) -> ChunkAnswer:
-        pairs = cloze_pairs(chunk.text, self.num_pairs)
+        pairs = cloze_pairs(chunk.text, self.num_pairs, self.limits)
         if not pairs:
             return ChunkAnswer([], "no_cloze_sentence", "no sentence with a number or name to blank")
         return ChunkAnswer(pairs)

@@ -140,13 +140,16 @@ class HuggingFaceTokenizer:
 
     def encode_with_offsets(self, texts: list[str], num_threads: int = -1) -> list[TokenizedText]:
         encodings = self._tok.encode_batch(texts, add_special_tokens=False)
-        return [
-            TokenizedText(
-                np.asarray(e.ids, dtype=np.int32),
-                np.asarray([end for _, end in e.offsets], dtype=np.int64).reshape(-1),
-            )
-            for e in encodings
-        ]
+        return [TokenizedText(np.asarray(e.ids, dtype=np.int32), _hf_char_ends(e.offsets)) for e in encodings]
+
+
+def _hf_char_ends(offsets: list[tuple[int, int]]) -> np.ndarray:
+    """Token end characters; -1 where the next token starts before it ends: byte-level BPE splits a
+    character into several tokens that all carry the whole character's span, and no cut goes there."""
+    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    ends = spans[:, 1].copy()
+    ends[:-1][spans[1:, 0] < ends[:-1]] = -1
+    return ends
 
 
 TextTokenizer = SentencePieceTokenizer | HuggingFaceTokenizer
