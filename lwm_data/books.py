@@ -197,5 +197,5 @@ def _read_txt(path: str, max_record_bytes: int) -> Iterator[Book | Rejection]:
     except UnicodeDecodeError as e:
         yield Rejection("invalid_utf8", path, f"byte {e.start}", str(e), data[:200].decode("utf-8", "replace"))
         return
-    title = path.rsplit("/", 1)[-1].split(".")[0]
+    title = path.rsplit("/", 1)[-1].removesuffix(".zstd").removesuffix(".zst").removesuffix(".gz").removesuffix(".txt")
     yield book_from_text(text, path, "file", title=title)

@@ -46,14 +46,14 @@ def test_compressed_jsonl_parquet_and_txt(tmp_path):
     (tmp_path / "x.jsonl.gz").write_bytes(gzip.compress(record))
     (tmp_path / "x.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(record))
     pq.write_table(pa.table({"text": ["From parquet.", None], "id": ["p1", "p2"]}), tmp_path / "x.parquet")
-    (tmp_path / "Moby.txt").write_text("Call me Ishmael.\r\n")
+    (tmp_path / "Moby.Dick.txt").write_text("Call me Ishmael.\r\n")
     for name in ("x.jsonl.gz", "x.jsonl.zst"):
         (book,) = read_books(str(tmp_path / name))
         assert (book.book_id, book.text) == ("a", "Hello there.")
     parquet_items = list(read_books(str(tmp_path / "x.parquet")))
     assert parquet_items[0].text == "From parquet." and _reasons(parquet_items) == ["missing_text"]
-    (txt,) = read_books(str(tmp_path / "Moby.txt"))
-    assert txt.text == "Call me Ishmael.\n" and txt.title == "Moby"
+    (txt,) = read_books(str(tmp_path / "Moby.Dick.txt"))
+    assert txt.text == "Call me Ishmael.\n" and txt.title == "Moby.Dick"
 
 
 def test_unreadable_and_unknown_files_are_one_rejection_each(tmp_path):

@@ -12,6 +12,8 @@ def test_demo_runs_every_text_stage_into_valid_outputs(tmp_path):
         manifest = io.read_manifest(str(tmp_path / directory))
         assert manifest["stage"] == stage and manifest["counts"]["balanced"]
         assert manifest["counts"]["out"] > 0 and not validate(str(tmp_path / directory))
+    tokenizers = {str(io.read_manifest(str(tmp_path / d))["tokenizer"]) for d in ("chunks", "qa", "chat", "packed")}
+    assert len(tokenizers) == 1 and "sha256" in tokenizers.pop()  # recorded in every manifest, end to end
     rows = io.read_table(str(tmp_path / "packed"), ["tokens", "kinds"])
     assert {kind for kinds in rows["kinds"].to_pylist() for kind in kinds} == {"chat", "text"}
     assert len({len(tokens) for tokens in rows["tokens"].to_pylist()}) == 1

@@ -177,3 +177,18 @@ def test_pack_command(tmp_path):
     manifest = io.read_manifest(str(output))
     assert manifest["config"]["seq_len"] == 1024 and manifest["config"]["loss_weighting"] == "example"
     assert not validate(str(output))
+
+
+def test_inputs_from_different_tokenizers_are_refused(chunks_dir, tmp_path):
+    import json
+    import shutil
+
+    other = tmp_path / "other-chunks"
+    shutil.copytree(chunks_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"] = {"path": "elsewhere/tokenizer.model", "sha256": "0" * 64}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    config = PackConfig(input=f"{chunks_dir},{other}", output=str(tmp_path / "out"), seq_len=8192)
+    with pytest.raises(ValueError, match="different tokenizers"):
+        pack.run(config)
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -120,6 +120,26 @@ def counts_from(counters: dict[str, int]) -> Counts:
     return counts
 
 
+def tokenizer_record(tokenizer: Any) -> dict[str, str] | None:
+    """A manifest's `tokenizer` entry from a loaded tokenizer, or an entry copied from upstream."""
+    if tokenizer is None or isinstance(tokenizer, dict):
+        return tokenizer
+    return {"path": tokenizer.path, "sha256": tokenizer.sha256}
+
+
+def upstream_tokenizer(input_dirs: list[str]) -> dict[str, str] | None:
+    """The tokenizer entry that the inputs' manifests share; inputs tokenized differently are refused."""
+    entries = {}
+    for directory in input_dirs:
+        manifest = io.join(directory, io.MANIFEST)
+        entry = io.read_json(manifest).get("tokenizer") if FileSystems.exists(manifest) else None
+        if entry:
+            entries[entry["sha256"]] = entry
+    if len(entries) > 1:
+        raise ValueError(f"inputs were tokenized by different tokenizers: {sorted(e['path'] for e in entries.values())}")
+    return next(iter(entries.values()), None)
+
+
 def run_stage(
     stage: str,
     output_dir: str,
@@ -130,7 +150,10 @@ def run_stage(
     tokenizer: Any = None,
     num_shards: int = 0,
 ) -> dict[str, Any]:
-    """Run a stage's pipeline to completion and write its manifest; returns the manifest."""
+    """Run a stage's pipeline to completion and write its manifest; returns the manifest.
+
+    `tokenizer`: the loaded tokenizer the stage used, or the upstream manifest entry of the one that
+    made the tokens it carries (see `upstream_tokenizer`)."""
     started = datetime.datetime.now(datetime.timezone.utc)
     clear_output(output_dir)
     pipeline = make_pipeline(beam_args)
@@ -145,7 +168,7 @@ def run_stage(
         "created": started.isoformat(timespec="seconds"),
         "seconds": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 3),
         "config": config,
-        "tokenizer": {"path": tokenizer.path, "sha256": tokenizer.sha256} if tokenizer else None,
+        "tokenizer": tokenizer_record(tokenizer),
         "counts": counts.to_dict(),
         "stats": {k: v for k, v in sorted(counters.items()) if k not in ("in", "out") and "." not in k},
         "files": io.describe_files(output_dir),

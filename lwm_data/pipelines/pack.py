@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from lwm_data import io
 from lwm_data.packing import PackOptions, build_rows, packed_table, plan_packing, split_over_parts
-from lwm_data.pipelines.common import StageOutputs, count, dead_letter, run_stage
+from lwm_data.pipelines.common import StageOutputs, count, dead_letter, run_stage, upstream_tokenizer
 from lwm_data.schemas import EXAMPLE_SCHEMA, PACKED_SCHEMA, STAGE_SCHEMAS
 from lwm_data.tokenizers import load_tokenizer
 
@@ -420,9 +420,10 @@ def packing_summary(manifest: dict, seq_len: int) -> dict:
 
 def run(config: PackConfig, beam_args: list[str] | None = None) -> dict:
     """Run the pack job; returns its manifest (with a `packing` section)."""
+    tokenizer = upstream_tokenizer(list(config.input_dirs))  # first: refuses mixed tokenizers
     shards = discover_inputs(config)
     manifest = run_stage(
-        STAGE, config.output, PACKED_SCHEMA, lambda p: build(p, config, shards), config.__dict__, beam_args
+        STAGE, config.output, PACKED_SCHEMA, lambda p: build(p, config, shards), config.__dict__, beam_args, tokenizer
     )
     manifest["packing"] = packing_summary(manifest, config.seq_len)
     io.write_json(io.join(config.output, io.MANIFEST), manifest)

@@ -38,7 +38,7 @@ from lwm_data.llm import (
     SamplingParams,
     VLLMServer,
 )
-from lwm_data.pipelines.common import StageOutputs, count, dead_letter, run_stage
+from lwm_data.pipelines.common import StageOutputs, count, dead_letter, run_stage, upstream_tokenizer
 from lwm_data.qa import (
     CLOZE_MODEL,
     CLOZE_PROMPT_VERSION,
@@ -288,4 +288,7 @@ def build(pipeline: beam.Pipeline, config: QAConfig) -> StageOutputs:
 
 def run(config: QAConfig, beam_args: list[str] | None = None) -> dict:
     """Run the QA job; returns its manifest."""
-    return run_stage(STAGE, config.output, QA_SCHEMA, lambda p: build(p, config), dataclasses.asdict(config), beam_args)
+    tokenizer = upstream_tokenizer([config.input])  # the chunk stage's, when input is its directory
+    return run_stage(
+        STAGE, config.output, QA_SCHEMA, lambda p: build(p, config), dataclasses.asdict(config), beam_args, tokenizer
+    )
