@@ -277,11 +277,14 @@ class LwmProcessor:
 
 
 def record_kind(record: dict[str, Any], spec: str, processor: LwmProcessor) -> str:
-    """`text`, `image_text` (every vision field one frame) or `video_text`."""
-    frames = [len(processor.vision_codes(record, f.name)) for f in parse_field_spec(spec) if f.vision]
-    if not frames:
-        return "text"
-    return "image_text" if max(frames) == 1 else "video_text"
+    """`image_text` (every vision field one frame), `video_text`, `chat` (text with a prompt field,
+    such as `[question],answer`) or `text` (plain text, which packing may split)."""
+    fields = parse_field_spec(spec)
+    frames = [len(processor.vision_codes(record, f.name)) for f in fields if f.vision]
+    if frames:
+        return "image_text" if max(frames) == 1 else "video_text"
+    has_prompt = any(f.loss_weight == 0.0 for f in fields if not f.special)
+    return "chat" if has_prompt else "text"
 
 
 def render_text(record: dict[str, Any], spec: str, processor: LwmProcessor) -> str:

@@ -162,7 +162,9 @@ def test_line_import(default_processor):
     spec = random.Random(4).choice(["[q],a", "[a],q"])
     tokens, weights, _ = default_processor(json.loads(line), spec)
     assert np.array_equal(example.tokens, tokens) and np.array_equal(example.loss_weights, weights)
-    assert example.meta == {"line": 5, "fields": spec} and example.kind == "text"
+    assert example.meta == {"line": 5, "fields": spec} and example.kind == "chat"  # a prompt field: never split
+    plain = example_from_line(json.dumps({"fields": "a+b", "a": "One.", "b": "Two."}).encode(), "d.jsonl", 0, default_processor)
+    assert plain.kind == "text"
     with pytest.raises(LwmFormatError, match="invalid_json"):
         example_from_line(b"{oops", "data.jsonl", 0, default_processor)
     with pytest.raises(LwmFormatError, match="missing_field_spec"):
@@ -305,5 +307,5 @@ def test_import_job_dead_letters_bad_lines(tmp_path, default_processor):
         tokens, weights, vision = default_processor(record, spec)
         assert rows[line_number]["tokens"] == tokens.tolist() and rows[line_number]["loss_weights"] == weights.tolist()
         assert rows[line_number]["vision_mask"] == vision.tolist()
-    assert [rows[n]["kind"] for n in (1, 3, 7)] == ["text", "image_text", "video_text"]
+    assert [rows[n]["kind"] for n in (1, 3, 7)] == ["chat", "image_text", "video_text"]
     assert not validate(str(tmp_path / "out"))
