@@ -93,6 +93,14 @@ class ServerUnavailable(RuntimeError):
     """The server did not come back within its deadline: the job should fail, not dead-letter."""
 
 
+class ServerRejected(RuntimeError):
+    """The server refuses the model or the credentials (HTTP 401, 403, 404): every request would
+    fail alike, so this is a configuration error that fails the job rather than bad input."""
+
+
+_CONFIGURATION_ERRORS = (401, 403, 404)
+
+
 class Usage(Counter):
     """Running totals: requests (HTTP requests sent), retries, recoveries, cache_hits, prompt_tokens,
     completion_tokens. Updated on the client's event loop only."""
@@ -223,6 +231,8 @@ class ChatClient:
                     )
                 return _completion(response)
             except openai.APIStatusError as e:
+                if e.status_code in _CONFIGURATION_ERRORS:
+                    raise ServerRejected(f"model {self.config.model!r}: HTTP {e.status_code}: {e}"[:1000]) from e
                 if e.status_code < 500 and e.status_code not in (408, 409, 429):
                     raise RequestFailed(f"http_{e.status_code}", str(e)[:500]) from e
                 failure = RequestFailed(f"http_{e.status_code}", str(e)[:500])

@@ -100,6 +100,15 @@ def test_openai_backend_against_real_vllm(vllm_server, small_chunks, tmp_path):
 
 
 @pytest.mark.vllm
+def test_a_model_the_server_does_not_serve_fails_the_job(vllm_server, small_chunks, tmp_path):
+    config = llm_config(small_chunks, tmp_path / "qa", backend="openai", model="no-such-model",
+                        endpoint=vllm_server.ensure_ready())
+    with pytest.raises(Exception, match="no-such-model.*HTTP 404"):
+        qa_pairs.run(config)
+    assert not (tmp_path / "qa" / "manifest.json").exists()
+
+
+@pytest.mark.vllm
 def test_vllm_backend_shares_the_running_server_and_strict_validation_reasks(vllm_server, small_chunks, tmp_path):
     pid = vllm_server.pid()
     config = llm_config(small_chunks, tmp_path / "qa", limits=PairLimits(), **vllm_backend(vllm_server))
