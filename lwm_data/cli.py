@@ -28,7 +28,8 @@ def print_manifest(manifest: dict) -> None:
         table.add_row(f"dead-lettered: {reason}", str(n))
     for name, value in manifest.get("stats", {}).items():
         table.add_row(name, f"{value:,}" if isinstance(value, int) else str(value))
-    table.add_row("seconds", str(manifest["seconds"]))
+    if "seconds" in manifest:
+        table.add_row("seconds", str(manifest["seconds"]))
     console.print(table)
 
 
@@ -169,33 +170,16 @@ def needle(
     seed: int = typer.Option(0),
 ) -> None:
     """Needle-in-a-haystack eval set (LWM's protocol)."""
-    from lwm_data import io as lwm_io
-    from lwm_data.books import Book, read_books
-    from lwm_data.needle import NeedleConfig, needle_rows, write_needle_set
+    from lwm_data.needle import NeedleConfig, make_needle_set
     from lwm_data.tokenizers import load_tokenizer
 
-    texts, rejected = [], 0
-    for path in lwm_io.list_files(haystack):
-        for item in read_books(path):
-            if isinstance(item, Book):
-                texts.append(item.text)
-            else:
-                rejected += 1
-    if not texts:
-        console.print(f"[red]no usable books[/red] in {haystack} ({rejected} rejected)")
-        raise typer.Exit(1)
-    text_tokenizer = load_tokenizer(tokenizer)
     config = NeedleConfig(_int_list(context), _float_list(depths), needles, retrieve, rounds, seed, answer_tokens)
-    rows = list(needle_rows(texts, text_tokenizer, config))
-    manifest = {
-        "stage": "needle",
-        "config": {**config.__dict__, "haystack": haystack},
-        "tokenizer": {"path": text_tokenizer.path, "sha256": text_tokenizer.sha256},
-        "haystack": {"books": len(texts), "records_rejected": rejected},
-        "counts": lwm_io.Counts(input=len(rows), output=len(rows)).to_dict(),
-    }
-    write_needle_set(rows, output, manifest)
-    console.print(f"{len(rows)} needle prompts written to {output}")
+    try:
+        manifest = make_needle_set(haystack, output, config, load_tokenizer(tokenizer))
+    except ValueError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1)
+    print_manifest(manifest)
 
 
 @app.command("needle-score")

@@ -32,6 +32,8 @@ from apache_beam.io.filesystems import FileSystems
 from lwm_data import io
 from lwm_data.schemas import NEEDLE_SCHEMA
 
+STAGE = "needle"
+
 # LWM's list, duplicates removed (first occurrence kept).
 CITIES: tuple[str, ...] = tuple(
     dict.fromkeys(
@@ -332,14 +334,44 @@ def needle_rows(book_texts: Sequence[str], tokenizer, config: NeedleConfig) -> I
                 )
 
 
-def write_needle_set(rows: Sequence[dict], output_dir: str, manifest: dict) -> None:
-    """One Parquet shard of NEEDLE_SCHEMA rows plus manifest.json (the stage layout of lwm_data.io)."""
+def make_needle_set(haystack: str, output_dir: str, config: NeedleConfig, tokenizer) -> dict:
+    """Read the haystack books (a glob), write the needle rows as one NEEDLE_SCHEMA shard, the
+    rejected haystack records to errors/ and the manifest; returns the manifest.
+
+    Counts are over haystack records: `out` = books used, dead-lettered = rejected records.
+    """
+    from lwm_data.books import Book, read_books
     from lwm_data.pipelines.common import clear_output
 
+    texts, letters = [], []
+    for path in io.list_files(haystack):
+        for item in read_books(path):
+            if isinstance(item, Book):
+                texts.append(item.text)
+            else:
+                letters.append(io.DeadLetter(STAGE, item.reason, item.source, item.locator, item.detail, item.record))
+    if not texts:
+        raise ValueError(f"no usable books in {haystack} ({len(letters)} records rejected)")
+    rows = list(needle_rows(texts, tokenizer, config))
     clear_output(output_dir)
     with FileSystems.create(io.join(output_dir, "part-00000-of-00001.parquet")) as f:
-        pq.write_table(pa.Table.from_pylist(list(rows), schema=NEEDLE_SCHEMA), f, compression="zstd")
-    io.write_json(io.join(output_dir, io.MANIFEST), {**manifest, "files": io.describe_files(output_dir)})
+        pq.write_table(pa.Table.from_pylist(rows, schema=NEEDLE_SCHEMA), f, compression="zstd")
+    if letters:
+        with FileSystems.create(io.join(output_dir, io.ERRORS_DIR, "part-00000-of-00001.jsonl")) as f:
+            f.write("".join(letter.to_json() + "\n" for letter in letters).encode())
+    rejected: dict[str, int] = {}
+    for letter in letters:
+        rejected[letter.reason] = rejected.get(letter.reason, 0) + 1
+    manifest = {
+        "stage": STAGE,
+        "config": {**config.__dict__, "haystack": haystack},
+        "tokenizer": {"path": tokenizer.path, "sha256": tokenizer.sha256},
+        "counts": io.Counts(input=len(texts) + len(letters), output=len(texts), dead_lettered=rejected).to_dict(),
+        "stats": {"prompts": len(rows)},
+        "files": io.describe_files(output_dir),
+    }
+    io.write_json(io.join(output_dir, io.MANIFEST), manifest)
+    return manifest
 
 
 # ---- scoring ----

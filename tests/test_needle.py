@@ -158,12 +158,16 @@ def test_read_responses_counts_lines_json_cannot_parse():
 def test_cli_needle_and_needle_score(books_jsonl, tmp_path):
     runner = CliRunner()
     out = tmp_path / "needle"
+    haystack = tmp_path / "haystack"
+    haystack.mkdir()
+    (haystack / "books.jsonl").write_bytes(books_jsonl.read_bytes())
+    (haystack / "bad.jsonl").write_bytes(b'{"text": 3}\nnot json\n')
     result = runner.invoke(
         app,
         [
             "needle",
             "--haystack",
-            str(books_jsonl),
+            str(haystack / "*.jsonl"),
             "--output",
             str(out),
             "--context",
@@ -180,7 +184,10 @@ def test_cli_needle_and_needle_score(books_jsonl, tmp_path):
     )
     assert result.exit_code == 0, result.output
     rows = io.read_table(str(out)).to_pylist()
-    assert len(rows) == 6 and io.read_manifest(str(out))["counts"]["balanced"]
+    counts = io.read_manifest(str(out))["counts"]
+    assert len(rows) == 6 and counts["balanced"]
+    assert counts["dead_lettered_by_reason"] == {"invalid_json": 1, "text_not_string": 1}
+    assert {d["source"] for d in io.read_dead_letters(str(out))} == {str(haystack / "bad.jsonl")}
     assert not validate(str(out))
     responses = tmp_path / "responses.jsonl"
     responses.write_text("\n".join(json.dumps({"example_id": r["example_id"], "response": r["answer"]}) for r in rows))
