@@ -533,3 +533,10 @@ def unpack_rows(table: pa.Table) -> Examples:
         loss_weights=_flat_values(table["loss_weights"].combine_chunks(), np.float32)[in_segment][index],
         vision_mask=_flat_values(table["vision_mask"].combine_chunks(), np.bool_)[in_segment][index],
     )
+
+
+def tokens_by_kind(kinds, lengths: np.ndarray) -> dict[str, int]:
+    """Total length per kind, for parallel sequences of kinds and lengths."""
+    names, index = np.unique(np.asarray(kinds, dtype=str), return_inverse=True)
+    sums = np.bincount(index, weights=np.asarray(lengths, np.float64), minlength=len(names))
+    return {str(n): int(s) for n, s in zip(names, sums)}

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lwm_data import io
+from lwm_data.packing import tokens_by_kind
 from lwm_data.schemas import EXAMPLE_SCHEMA, STAGE_SCHEMAS
 
 
@@ -39,12 +40,6 @@ def _flat(table: pa.Table, name: str) -> np.ndarray:
     return pc.list_flatten(table[name]).to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0)
 
 
-def _tokens_by_kind(kinds: np.ndarray, lengths: np.ndarray) -> dict[str, int]:
-    names, index = np.unique(kinds.astype(str), return_inverse=True)
-    sums = np.bincount(index, weights=lengths, minlength=len(names))
-    return {str(n): int(s) for n, s in zip(names, sums)}
-
-
 def collect_stats(directory: str) -> DatasetStats:
     manifest = io.read_manifest(directory)
     stage = manifest["stage"]
@@ -61,7 +56,7 @@ def collect_stats(directory: str) -> DatasetStats:
         table = io.read_table(directory, ["kind", "num_tokens"])
         stats.lengths = _column_numpy(table, "num_tokens")
         kinds = np.asarray(table["kind"].to_pylist(), dtype=object) if table.num_rows else np.zeros(0, object)
-        stats.tokens_by_kind = _tokens_by_kind(kinds, stats.lengths)
+        stats.tokens_by_kind = tokens_by_kind(kinds, stats.lengths)
         stats.totals = {"examples": table.num_rows, "tokens": int(stats.lengths.sum())}
         if table.num_rows:
             stats.totals["median example tokens"] = int(np.median(stats.lengths))
@@ -88,7 +83,7 @@ def _packed_stats(directory: str, stats: DatasetStats) -> None:
     stats.segments_per_row = num_segments
     stats.fill_per_row = row_tokens / seq_len if seq_len else np.zeros(0)
     kinds = np.asarray(pc.list_flatten(table["kinds"]).to_pylist() if table.num_rows else [], dtype=object)
-    stats.tokens_by_kind = _tokens_by_kind(kinds, segment_lengths)
+    stats.tokens_by_kind = tokens_by_kind(kinds, segment_lengths)
     tokens = int(segment_lengths.sum())
     stats.totals = {
         "rows": table.num_rows,

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lwm_data import io
-from lwm_data.packing import PackOptions, build_rows, packed_table, plan_packing, split_over_parts
+from lwm_data.packing import PackOptions, build_rows, packed_table, plan_packing, split_over_parts, tokens_by_kind
 from lwm_data.pipelines.common import StageOutputs, count, dead_letter, run_stage, upstream_tokenizer
 from lwm_data.schemas import EXAMPLE_SCHEMA, PACKED_SCHEMA, STAGE_SCHEMAS
 from lwm_data.tokenizers import load_tokenizer
@@ -355,16 +355,9 @@ class AssembleRows(beam.DoFn):
         count("segments", len(segments))
         count("tokens", total)
         count("pad_tokens", pad)
-        for kind, kind_tokens in _tokens_by_kind(kinds, lengths).items():
+        for kind, kind_tokens in tokens_by_kind(kinds, lengths).items():
             count(f"tokens_{kind}", kind_tokens)
         yield table
-
-
-def _tokens_by_kind(kinds: list[str], lengths: np.ndarray) -> dict[str, int]:
-    totals: dict[str, int] = {}
-    for kind, length in zip(kinds, lengths.tolist()):
-        totals[kind] = totals.get(kind, 0) + length
-    return totals
 
 
 def build(pipeline: beam.Pipeline, config: PackConfig, shards: list[InputShard]) -> StageOutputs:
