@@ -27,8 +27,12 @@ same ids:
 answer tokens and the EOS that ends each answer carry loss.
 
 The context is the concatenation of the window's chunk tokens (slices of the whole-book tokenization),
-except that the first chunk is re-tokenized from its own text: a slice that starts mid-line (after a
-newline, say) has no text whose tokenization it is, and re-tokenizing restores that property.
+except that the first chunk is re-tokenized: a slice that starts mid-line (after a newline, say) has
+no text whose tokenization it is, and re-tokenizing restores that property, which LWM export needs
+(every text field must be what the tokenizer makes of its own text). It is re-tokenized from the
+decoded slice rather than from the chunk's stored text: decoding drops the dummy-prefix space, so the
+result is what LWM's processor makes of that context field, and the window's other chunks follow it
+unchanged.
 
 Windows (`plan_windows`): the context budget is L minus BOS, the system prompt and room for k turns
 (k x the book's longest turn). A window is the longest run of consecutive chunks from its start that
@@ -51,64 +55,36 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from lwm_data.lwm_format import Example
-
-KIND = "chat"
+from lwm_data.chunking import BookChunks
+from lwm_data.config import ConfigError, nested, setting
+from lwm_data.examples import CHAT, Example
+from lwm_data.tokenizers import TextTokenizer
 
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    system: str = "You are a helpful assistant. USER:"
-    first_question: str = "{question} ASSISTANT:"
-    next_question: str = "USER: {question} ASSISTANT:"
+    system: str = setting("You are a helpful assistant. USER:", "Chat template: the system prompt, before the context.")
+    first_question: str = setting("{question} ASSISTANT:", "Chat template: the first question, after the context.")
+    next_question: str = setting("USER: {question} ASSISTANT:", "Chat template: every later question.")
 
 
 @dataclass(frozen=True)
 class ChatConfig:
-    pairs_per_example: int = 8
-    stride: float = 1.0  # window step as a fraction of the window's chunks
-    seed: int = 0
-    template: ChatTemplate = ChatTemplate()
+    context_lengths: tuple[int, ...] = setting(
+        (32768,), "Context lengths, comma-separated (e.g. 32768,131072,1048576).", flags=("--context",)
+    )
+    pairs_per_example: int = setting(8, "QA turns per example (fewer when the window has fewer).")
+    stride: float = setting(1.0, "Window step as a fraction of the window (1: no overlap, 0.5: half).")
+    seed: int = setting(0, "Seed of the QA sampling.")
+    max_turn_tokens: int = setting(256, "Longer QA turns are not used (each example reserves room for k of the longest).")
+    template: ChatTemplate = nested(ChatTemplate)
 
-
-@dataclass
-class BookChunks:
-    """One book's chunks: `tokens[offsets[c]:offsets[c + 1]]` are chunk c's tokens."""
-
-    book_id: str
-    tokens: np.ndarray  # int32, the whole book
-    offsets: np.ndarray  # int64, num_chunks + 1
-    texts: list[str]
-
-    @property
-    def num_chunks(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def chunk_lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-
-class BadChunks(ValueError):
-    """A book's chunk rows do not tile it (missing, repeated or inconsistent chunk indices)."""
-
-
-def book_chunks_from_table(book_id: str, table: pa.Table) -> BookChunks:
-    """A book from its CHUNK_SCHEMA rows (any order, any number of record batches).
-
-    The book's tokens are copied once into one int32 array; no per-token Python objects.
-    """
-    table = table.sort_by("chunk_index")
-    index = table["chunk_index"].to_numpy()
-    declared = pc.unique(table["num_chunks"]).to_pylist()
-    if not np.array_equal(index, np.arange(len(index))) or declared != [len(index)]:
-        raise BadChunks(f"{len(index)} chunk rows, num_chunks {declared}: indices do not run 0..n-1 once each")
-    tokens_column = table["tokens"].combine_chunks()
-    lengths = pc.list_value_length(tokens_column).to_numpy(zero_copy_only=False).astype(np.int64)
-    tokens = pc.list_flatten(tokens_column).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-    return BookChunks(book_id, tokens, np.concatenate([[0], np.cumsum(lengths)]), table["text"].to_pylist())
+    def __post_init__(self):
+        if not self.context_lengths or min(self.context_lengths) <= 0:
+            raise ConfigError("context lengths must be positive")
+        if self.pairs_per_example < 1 or not 0 < self.stride <= 1:
+            raise ConfigError("pairs per example must be >= 1 and stride in (0, 1]")
 
 
 def qa_pairs_from_table(table: pa.Table) -> list[tuple[int, str, str]]:
@@ -137,7 +113,7 @@ class QATurn:
         return max(len(self.first_prompt_ids), len(self.next_prompt_ids)) + len(self.answer_ids) + 1
 
 
-def encode_turns(pairs: Sequence[tuple[int, str, str]], tokenizer, template: ChatTemplate) -> list[QATurn]:
+def encode_turns(pairs: Sequence[tuple[int, str, str]], tokenizer: TextTokenizer, template: ChatTemplate) -> list[QATurn]:
     """Tokenize (chunk index, question, answer) triples in three batched calls."""
     if not pairs:
         return []
@@ -209,7 +185,7 @@ def _free(turns: list[QATurn], chunk: int, used: set[tuple[int, int]]) -> bool:
 
 
 def fit_context(
-    book: BookChunks, window: tuple[int, int], budget: int, tokenizer
+    book: BookChunks, window: tuple[int, int], budget: int, tokenizer: TextTokenizer
 ) -> tuple[tuple[int, int], list[np.ndarray]]:
     """The window's context as [first chunk re-tokenized from its text, a view of the other chunks'
     tokens] (see the module docstring); in the rare case that re-tokenizing made the first chunk
@@ -255,8 +231,8 @@ def render(book: BookChunks, window: tuple[int, int], turns: Sequence[QATurn], t
 
 
 @dataclass
-class WindowResult:
-    """What became of one book at one context length."""
+class BookTally:
+    """What became of one book's windows at one context length."""
 
     windows: int = 0
     examples: int = 0
@@ -268,21 +244,21 @@ def book_examples(
     turns: Sequence[QATurn],
     context_length: int,
     config: ChatConfig,
-    tokenizer,
-    result: WindowResult | None = None,
+    tokenizer: TextTokenizer,
+    tally: BookTally | None = None,
 ) -> Iterator[Example]:
     """Every chat example of one book at one context length.
 
     Each fits by construction: BOS + system prompt + context (<= the window budget) + at most k turns
     (each <= the book's longest turn, which the budget reserves k times) <= `context_length`.
-    Nothing is yielded when the book is shorter than one window; `result` collects what was skipped.
+    Nothing is yielded when the book is shorter than one window; `tally` collects what was skipped.
     """
-    result = result if result is not None else WindowResult()
+    tally = tally if tally is not None else BookTally()
     system_ids = np.asarray(tokenizer.encode(config.template.system), np.int32)
     k = min(config.pairs_per_example, len(turns))
     reserve = 1 + len(system_ids) + k * max((t.max_tokens for t in turns), default=0)
     windows = plan_windows(book.chunk_lengths, context_length - reserve, config.stride)
-    result.windows += len(windows)
+    tally.windows += len(windows)
     turns_by_chunk: dict[int, list[QATurn]] = {}
     for turn in turns:
         turns_by_chunk.setdefault(turn.chunk_index, []).append(turn)
@@ -291,13 +267,13 @@ def book_examples(
         rng = window_rng(config.seed, book.book_id, context_length, index)
         chosen = sample_turns(turns_by_chunk, book.offsets, window, k, rng)
         if not chosen:
-            result.windows_without_qa += 1
+            tally.windows_without_qa += 1
             continue
         tokens, weights = assemble(context, chosen, system_ids, tokenizer.bos_id, tokenizer.eos_id)
-        result.examples += 1
+        tally.examples += 1
         yield Example(
             example_id=f"{book.book_id}/chat-{context_length}/{index:05d}",
-            kind=KIND,
+            kind=CHAT,
             source=book.book_id,
             tokens=tokens,
             loss_weights=weights,

@@ -3,7 +3,9 @@
     ChatClient      async chat completions: at most `concurrency` in flight, a per-request timeout,
                     the openai client's own retries (exponential backoff with jitter on 408/409/429,
                     5xx, connection errors and timeouts), then recovery: wait for the server (or
-                    restart it) and try again; a response cache; request/retry/token counts.
+                    restart it) and try again; a response cache; request/retry/token counts. A
+                    request that cannot succeed raises a `Rejection` (http_<status>, unreachable,
+                    bad_response); a server that refuses the model or key raises ServerRejected.
     ResponseCache   one JSON file per request key on any Beam filesystem, written atomically.
     Endpoint        an already running server: recovery waits until it answers again.
     VLLMServer      a vLLM server this machine starts for a model, shared by all its processes
@@ -37,6 +39,9 @@ from typing import Any, Coroutine, Protocol, TypeVar
 
 from apache_beam.io.filesystems import FileSystems
 
+from lwm_data.config import setting
+from lwm_data.outputs import Rejection
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -48,12 +53,12 @@ VLLM_PYTHON_ENV = "LWM_VLLM_PYTHON"
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_tokens: int = 512
+    temperature: float = setting(0.7, "Sampling temperature.")
+    top_p: float = setting(1.0, "Nucleus sampling: keep the most likely tokens up to this probability mass.")
+    max_tokens: int = setting(512, "Reply token limit; a reply cut off there is invalid.")
     # Per-request seeds crash vLLM 0.32's CPU engine once prefills are chunked ("CPU Generator does
     # not use offset"), so none is sent unless asked for.
-    seed: int | None = None
+    seed: int | None = setting(None, "Per-request sampling seed (re-asks add 1 each); default: the server's.")
 
     def for_attempt(self, attempt: int) -> SamplingParams:
         """A re-ask samples afresh: same parameters, the next seed if there is one."""
@@ -80,15 +85,6 @@ class Completion:
         return cls(**json.loads(text))
 
 
-class RequestFailed(Exception):
-    """A request that cannot succeed: rejected (4xx) or still failing after every retry."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
 class ServerUnavailable(RuntimeError):
     """The server did not come back within its deadline: the job should fail, not dead-letter."""
 
@@ -113,19 +109,33 @@ class Usage(Counter):
 
 
 class ResponseCache:
-    """Completions by request key under `root` (any Beam filesystem): root/ab/abcdef....json."""
+    """Completions by request key under `root` (any Beam filesystem): root/ab/abcdef....json.
+
+    An entry that is absent, or torn by a killed run, is a miss. Any other read error (a permission
+    error on a bucket, say) is a miss too, so the job goes on asking the server, but it is logged
+    once per cache, since every later lookup is likely to fail alike."""
 
     def __init__(self, root: str):
         self.root = root.rstrip("/")
+        self._read_error_logged = False
 
     def path(self, key: str) -> str:
         return FileSystems.join(self.root, key[:2], f"{key}.json")
 
     def get(self, key: str) -> Completion | None:
+        path = self.path(key)
         try:
-            with FileSystems.open(self.path(key)) as f:
+            with FileSystems.open(path) as f:
                 return Completion.from_json(f.read())
-        except (OSError, ValueError, TypeError):  # absent, or a torn write from a killed run
+        except (FileNotFoundError, ValueError, TypeError):  # absent, or torn by a killed run
+            return None
+        except OSError as e:
+            if not FileSystems.exists(path):  # Beam filesystems report absence as OSError too
+                return None
+            if not self._read_error_logged:
+                log.warning("response cache %s: reading %s failed (%s: %s); treating entries as misses",
+                            self.root, path, type(e).__name__, e)
+                self._read_error_logged = True
             return None
 
     def put(self, key: str, completion: Completion) -> None:
@@ -169,12 +179,13 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class ClientConfig:
-    model: str
-    concurrency: int = 8
-    timeout_s: float = 120.0
-    max_retries: int = 4  # the openai client's own retries, per call
-    max_recoveries: int = 2  # then: wait for / restart the server and call again
-    api_key: str = "EMPTY"
+    concurrency: int = setting(8, "Requests in flight per worker.")
+    timeout: float = setting(120.0, "Per-request timeout, seconds.")
+    max_retries: int = setting(4, "Retries per request on 429, 5xx, connection errors and timeouts (the openai client's).")
+    max_recoveries: int = setting(2, "After the retries: times to wait for (or restart) the server and call again.")
+
+
+API_KEY = "EMPTY"  # what a local vLLM server without --api-key accepts
 
 
 def backoff_s(attempt: int, base_s: float = 0.5, cap_s: float = 8.0) -> float:
@@ -185,9 +196,10 @@ def backoff_s(attempt: int, base_s: float = 0.5, cap_s: float = 8.0) -> float:
 class ChatClient:
     """Chat completions against one server, `concurrency` at a time. Use from one event loop."""
 
-    def __init__(self, config: ClientConfig, server: Server, cache: ResponseCache | None = None):
+    def __init__(self, model: str, config: ClientConfig, server: Server, cache: ResponseCache | None = None):
         import openai
 
+        self.model = model
         self.config = config
         self.server = server
         self.cache = cache
@@ -196,7 +208,7 @@ class ChatClient:
         self._recovery = asyncio.Lock()
         http_client = openai.DefaultAsyncHttpxClient(event_hooks={"request": [self._on_request]})
         self._openai = openai.AsyncOpenAI(
-            base_url=server.ensure_ready(), api_key=config.api_key, timeout=config.timeout_s,
+            base_url=server.ensure_ready(), api_key=API_KEY, timeout=config.timeout,
             max_retries=config.max_retries, http_client=http_client,
         )
 
@@ -227,19 +239,19 @@ class ChatClient:
             try:
                 async with self._slots:
                     response = await self._openai.chat.completions.create(
-                        model=self.config.model, messages=messages, **sampling.to_dict(), **extra
+                        model=self.model, messages=messages, **sampling.to_dict(), **extra
                     )
                 return _completion(response)
             except openai.APIStatusError as e:
                 if e.status_code in _CONFIGURATION_ERRORS:
-                    raise ServerRejected(f"model {self.config.model!r}: HTTP {e.status_code}: {e}"[:1000]) from e
+                    raise ServerRejected(f"model {self.model!r}: HTTP {e.status_code}: {e}"[:1000]) from e
+                failure = Rejection(f"http_{e.status_code}", str(e)[:500])
                 if e.status_code < 500 and e.status_code not in (408, 409, 429):
-                    raise RequestFailed(f"http_{e.status_code}", str(e)[:500]) from e
-                failure = RequestFailed(f"http_{e.status_code}", str(e)[:500])
+                    raise failure from e
             except openai.APIConnectionError as e:  # timeouts included
-                failure = RequestFailed("unreachable", f"{type(e).__name__}: {e}")
+                failure = Rejection("unreachable", f"{type(e).__name__}: {e}")
             except (ValueError, openai.APIResponseValidationError) as e:  # a garbled 200 body
-                failure = RequestFailed("bad_response", f"{type(e).__name__}: {e}"[:500])
+                failure = Rejection("bad_response", f"{type(e).__name__}: {e}"[:500])
             if recovery < self.config.max_recoveries:
                 self.usage["recoveries"] += 1
                 await asyncio.sleep(backoff_s(recovery))

@@ -1,7 +1,7 @@
 """LWM's JSONL dataset format: its field-spec grammar, its processors, and export to it.
 
 A line is a JSON object; a field spec (the line's `fields` key, or one spec for the whole file) is a
-comma-separated list turned into tokens left to right (see ../shared/LWM_FORMAT.md):
+comma-separated list turned into tokens left to right (see docs/lwm-format.md):
 
     name          the text of key `name`, tokenized on its own, loss weight 1
     a+b           the texts of keys a and b joined by the separator (one space), tokenized as one string
@@ -18,29 +18,28 @@ does it, `random.Random(line_index).choice(specs)` (0-based line index); a nonze
 line to another stream, `random.Random(seed * 2**32 + line_index)`.
 
 `LwmProcessor` reproduces LWM's TextProcessor/VisionTextProcessor token for token, with the
-tokenizer's original behaviour (no BOS added by `encode`). Bad records raise `LwmFormatError` with a
+tokenizer's original behaviour (no BOS added by `encode`). Bad records raise a `Rejection` with a
 short reason instead of LWM's asserts, so a job can dead-letter them.
 
 Export goes the other way: `to_lwm_record` cuts an example into text fields (runs of one loss weight,
 rendered so that re-tokenizing gives the same ids), `<|bos|>`/`<|eos|>` fields and vision fields,
 and checks the result with `LwmProcessor` before it is written.
-
-`Example` is the tokenized-example layout shared with the schemas (`EXAMPLE_SCHEMA`): `tokens`,
-`loss_weights[i]` = weight on predicting token i, `vision_mask`.
 """
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-import pyarrow as pa
 
-from lwm_data.schemas import EXAMPLE_SCHEMA
+from lwm_data.config import setting
+from lwm_data.examples import CHAT, IMAGE_TEXT, TEXT, VIDEO_TEXT, Example
+from lwm_data.outputs import Rejection
+from lwm_data.reading import is_unicode, json_object
+from lwm_data.tokenizers import TextTokenizer
 
 BOS_FIELD, EOS_FIELD = "<|bos|>", "<|eos|>"
 VISION_START, VISION_END = "<vision>", "</vision>"
@@ -48,73 +47,6 @@ END_OF_FRAME, END_OF_VISION = 8192, 8193
 TOKENS_PER_FRAME = 256
 VISION_CODEBOOK = 8192
 FIELDS_KEY = "fields"
-
-
-class LwmFormatError(ValueError):
-    """A record LWM's processors would reject (or crash on); `reason` is a short class for counting."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-@dataclass
-class Example:
-    """One unpacked, tokenized example (one EXAMPLE_SCHEMA row)."""
-
-    example_id: str
-    kind: str
-    source: str
-    tokens: np.ndarray  # int32
-    loss_weights: np.ndarray  # float32, weight on predicting token i
-    vision_mask: np.ndarray  # bool
-    text: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.tokens)
-
-
-def examples_to_table(examples: Sequence[Example]) -> pa.Table:
-    """EXAMPLE_SCHEMA rows; token columns are built from numpy buffers, not per-token Python objects."""
-    offsets = pa.array(np.concatenate([[0], np.cumsum([e.num_tokens for e in examples])]).astype(np.int32))
-
-    def ragged(values: list[np.ndarray], dtype) -> pa.ListArray:
-        flat = np.concatenate(values) if values else np.zeros(0, dtype)
-        return pa.ListArray.from_arrays(offsets, pa.array(flat.astype(dtype, copy=False)))
-
-    columns = {
-        "example_id": pa.array([e.example_id for e in examples], pa.string()),
-        "kind": pa.array([e.kind for e in examples], pa.string()),
-        "source": pa.array([e.source for e in examples], pa.string()),
-        "num_tokens": pa.array([e.num_tokens for e in examples], pa.int32()),
-        "tokens": ragged([e.tokens for e in examples], np.int32),
-        "loss_weights": ragged([e.loss_weights for e in examples], np.float32),
-        "vision_mask": ragged([e.vision_mask for e in examples], np.bool_),
-        "text": pa.array([e.text for e in examples], pa.string()),
-        "meta": pa.array([json.dumps(e.meta, sort_keys=True) for e in examples], pa.string()),
-    }
-    return pa.Table.from_arrays([columns[f.name] for f in EXAMPLE_SCHEMA], schema=EXAMPLE_SCHEMA)
-
-
-def examples_from_table(table: pa.Table) -> Iterable[Example]:
-    """The rows of an EXAMPLE_SCHEMA table as `Example`s (token columns as numpy)."""
-    for batch in table.to_batches():
-        tokens, weights, mask = (batch.column(name) for name in ("tokens", "loss_weights", "vision_mask"))
-        for i in range(batch.num_rows):
-            meta = batch.column("meta")[i].as_py()
-            yield Example(
-                example_id=batch.column("example_id")[i].as_py(),
-                kind=batch.column("kind")[i].as_py(),
-                source=batch.column("source")[i].as_py(),
-                tokens=tokens[i].values.to_numpy(),
-                loss_weights=weights[i].values.to_numpy(),
-                vision_mask=mask[i].values.to_numpy(zero_copy_only=False),
-                text=batch.column("text")[i].as_py() or "",
-                meta=json.loads(meta) if meta else {},
-            )
 
 
 # ---- the field-spec grammar ----
@@ -146,7 +78,7 @@ class FieldSpec:
 def parse_field_spec(spec: str) -> list[FieldSpec]:
     """`"[question],vision,answer"` -> FieldSpecs, exactly as LWM splits it (no whitespace trimming)."""
     if not isinstance(spec, str) or not spec:
-        raise LwmFormatError("bad_field_spec", f"expected a non-empty string, got {spec!r}")
+        raise Rejection("bad_field_spec", f"expected a non-empty string, got {spec!r}")
     fields = []
     for item in spec.split(","):
         if item.startswith("[") and item.endswith("]"):
@@ -165,7 +97,7 @@ def choose_field_spec(spec: str | Sequence[str], line_index: int, seed: int = 0)
     if isinstance(spec, str):
         return spec
     if not isinstance(spec, (list, tuple)) or not spec or not all(isinstance(s, str) for s in spec):
-        raise LwmFormatError("bad_field_spec", f"expected a string or a list of strings, got {spec!r}")
+        raise Rejection("bad_field_spec", f"expected a string or a list of strings, got {spec!r}")
     return random.Random(seed * 2**32 + line_index).choice(list(spec))
 
 
@@ -176,14 +108,14 @@ def choose_field_spec(spec: str | Sequence[str], line_index: int, seed: int = 0)
 class ProcessorConfig:
     """LWM's processor settings (its `vision_text_processor` config keys, same defaults)."""
 
-    subfield_separator: str = " "
-    prepend_text: str = ""
-    add_bos_token: bool = True
-    add_eos_token: bool = True
-    n_tokens_per_frame: int = TOKENS_PER_FRAME
-    max_n_frames: int = -1  # > 0: keep that many frames, sampled uniformly (linspace)
-    eof_token: int = END_OF_FRAME
-    eov_token: int = END_OF_VISION
+    subfield_separator: str = setting(" ", "LWM's subfield_separator: joins the keys of an `a+b` field.")
+    prepend_text: str = setting("", "LWM's prepend_text, put before the first text field.")
+    add_bos_token: bool = setting(True, "Start every example with BOS (weight 0).")
+    add_eos_token: bool = setting(True, "End every example with EOS (weight 1).")
+    n_tokens_per_frame: int = setting(TOKENS_PER_FRAME, "Vision codes per frame.")
+    max_n_frames: int = setting(-1, "LWM's max_n_frames: keep this many frames, uniformly (-1: all).", flags=("--max-frames",))
+    eof_token: int = setting(END_OF_FRAME, "Vision id after every frame but the last.")
+    eov_token: int = setting(END_OF_VISION, "Vision id after the last frame.")
 
 
 class _Buffers:
@@ -205,7 +137,7 @@ class _Buffers:
 class LwmProcessor:
     """LWM's VisionTextProcessor (which gives the same result as its TextProcessor on text fields)."""
 
-    def __init__(self, tokenizer, config: ProcessorConfig = ProcessorConfig()):
+    def __init__(self, tokenizer: TextTokenizer, config: ProcessorConfig = ProcessorConfig()):
         self.tokenizer = tokenizer
         self.config = config
         self.vision_start = np.asarray(tokenizer.encode(VISION_START), np.int32)
@@ -236,33 +168,31 @@ class LwmProcessor:
         parts = []
         for key in spec_field.keys:
             if key not in record:
-                raise LwmFormatError("missing_field", f"no key {key!r} (field {spec_field})")
+                raise Rejection("missing_field", f"no key {key!r} (field {spec_field})")
             if not isinstance(record[key], str):
-                raise LwmFormatError("field_not_text", f"key {key!r} holds {type(record[key]).__name__}")
-            if not record[key].isascii():
-                try:  # JSON may escape a lone surrogate (\ud800), which no tokenizer accepts
-                    record[key].encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise LwmFormatError("invalid_utf8", f"key {key!r}: {e}") from None
+                raise Rejection("field_not_text", f"key {key!r} holds {type(record[key]).__name__}")
+            if not record[key].isascii() and not is_unicode(record[key]):
+                # JSON may escape a lone surrogate (\ud800), which no tokenizer accepts
+                raise Rejection("invalid_utf8", f"key {key!r} holds a lone surrogate")
             parts.append(record[key])
         return self.config.subfield_separator.join(parts)
 
     def vision_codes(self, record: dict[str, Any], key: str) -> np.ndarray:
         """The key's codes as (frames, n_tokens_per_frame), frames subsampled as LWM does."""
         if key not in record:
-            raise LwmFormatError("missing_field", f"no vision key {key!r}")
+            raise Rejection("missing_field", f"no vision key {key!r}")
         value = record[key]
         if not isinstance(value, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in value):
-            raise LwmFormatError("vision_not_int_list", f"key {key!r} must hold a flat list of ints")
+            raise Rejection("vision_not_int_list", f"key {key!r} must hold a flat list of ints")
         per_frame = self.config.n_tokens_per_frame
         if not value or len(value) % per_frame:
-            raise LwmFormatError("vision_length", f"{len(value)} codes is not a positive multiple of {per_frame}")
+            raise Rejection("vision_length", f"{len(value)} codes is not a positive multiple of {per_frame}")
         try:
             codes = np.asarray(value, dtype=np.int64).reshape(-1, per_frame)
         except OverflowError:  # an int beyond int64
             codes = None
         if codes is None or codes.min() < 0 or codes.max() >= VISION_CODEBOOK:
-            raise LwmFormatError("vision_code_range", f"codes must lie in [0, {VISION_CODEBOOK})")
+            raise Rejection("vision_code_range", f"codes must lie in [0, {VISION_CODEBOOK})")
         max_frames = self.config.max_n_frames
         if 0 < max_frames < len(codes):
             codes = codes[np.linspace(0, len(codes) - 1, max_frames).astype(int)]
@@ -282,9 +212,9 @@ def record_kind(record: dict[str, Any], spec: str, processor: LwmProcessor) -> s
     fields = parse_field_spec(spec)
     frames = [len(processor.vision_codes(record, f.name)) for f in fields if f.vision]
     if frames:
-        return "image_text" if max(frames) == 1 else "video_text"
+        return IMAGE_TEXT if max(frames) == 1 else VIDEO_TEXT
     has_prompt = any(f.loss_weight == 0.0 for f in fields if not f.special)
-    return "chat" if has_prompt else "text"
+    return CHAT if has_prompt else TEXT
 
 
 def render_text(record: dict[str, Any], spec: str, processor: LwmProcessor) -> str:
@@ -313,11 +243,11 @@ class _Run:
     weight: float
 
 
-def to_lwm_record(example: Example, tokenizer, processor: LwmProcessor | None = None) -> dict[str, Any]:
+def to_lwm_record(example: Example, tokenizer: TextTokenizer, processor: LwmProcessor | None = None) -> dict[str, Any]:
     """An LWM JSONL record (`fields` + text keys `text_K` + vision keys `vision_K`) that LWM's
     processor turns back into exactly this example's tokens, loss weights and vision mask.
 
-    Raises LwmFormatError("not_representable", ...) when no such record exists (no leading BOS with
+    Raises Rejection("not_representable") when no such record exists (no leading BOS with
     weight 0 or trailing EOS with weight 1, a malformed vision block, or text whose ids are not what
     the tokenizer gives for their own text).
     """
@@ -325,14 +255,14 @@ def to_lwm_record(example: Example, tokenizer, processor: LwmProcessor | None = 
     tokens, weights, vision = example.tokens, example.loss_weights, example.vision_mask
     n = len(tokens)
     if n < 2 or tokens[0] != tokenizer.bos_id or weights[0] != 0 or vision[0]:
-        raise LwmFormatError("not_representable", "LWM examples start with BOS of weight 0")
+        raise Rejection("not_representable", "LWM examples start with BOS of weight 0")
     if tokens[-1] != tokenizer.eos_id or weights[-1] != 1 or vision[-1]:
-        raise LwmFormatError("not_representable", "LWM examples end with EOS of weight 1")
+        raise Rejection("not_representable", "LWM examples end with EOS of weight 1")
     if not np.isin(weights, (0.0, 1.0)).all():
-        raise LwmFormatError("not_representable", "LWM loss weights are 0 or 1")
+        raise Rejection("not_representable", "LWM loss weights are 0 or 1")
     text_ids = tokens[~np.asarray(vision, bool)]
     if text_ids.min() < 0 or text_ids.max() >= tokenizer.vocab_size:  # decode would raise
-        raise LwmFormatError("not_representable", "text ids outside the tokenizer's vocabulary")
+        raise Rejection("not_representable", "text ids outside the tokenizer's vocabulary")
     record: dict[str, Any] = {}
     fields: list[FieldSpec] = []
     for run in _runs(tokens[1:-1], weights[1:-1], vision[1:-1], tokenizer, processor, offset=1):
@@ -351,7 +281,7 @@ def to_lwm_record(example: Example, tokenizer, processor: LwmProcessor | None = 
     record[FIELDS_KEY] = format_field_spec(fields)
     got = processor(record, record[FIELDS_KEY])
     if not all(np.array_equal(a, b) for a, b in zip(got, (tokens, weights, vision))):
-        raise LwmFormatError("not_representable", "re-tokenizing the exported text does not give the same ids")
+        raise Rejection("not_representable", "re-tokenizing the exported text does not give the same ids")
     return record
 
 
@@ -379,7 +309,7 @@ def _runs(tokens, weights, vision, tokenizer, processor: LwmProcessor, offset: i
     ]
     for run in runs:
         if run.kind == "vision" and not _is_whole_block(run, tokens, offset, processor):
-            raise LwmFormatError("not_representable", f"vision block at {run.start} has mixed loss weights")
+            raise Rejection("not_representable", f"vision block at {run.start} has mixed loss weights")
     return runs
 
 
@@ -397,9 +327,9 @@ def _vision_blocks(tokens, vision, processor: LwmProcessor) -> list[tuple[int, i
     for first, last in zip(edges[::2], edges[1::2]):
         start, end = first - len(head), last + len(tail)
         if start < 0 or not np.array_equal(tokens[start:first], head) or vision[start:first].any():
-            raise LwmFormatError("not_representable", f"vision ids at {first} not preceded by {VISION_START}")
+            raise Rejection("not_representable", f"vision ids at {first} not preceded by {VISION_START}")
         if not np.array_equal(tokens[last:end], tail) or vision[last:end].any():
-            raise LwmFormatError("not_representable", f"vision ids ending at {last} not followed by {VISION_END}")
+            raise Rejection("not_representable", f"vision ids ending at {last} not followed by {VISION_END}")
         blocks.append((int(start), int(end)))
     return blocks
 
@@ -408,12 +338,12 @@ def _vision_block_codes(block: np.ndarray, processor: LwmProcessor) -> list[int]
     codes = block[len(processor.vision_start) : len(block) - len(processor.vision_end)]
     per_frame = processor.config.n_tokens_per_frame + 1
     if len(codes) % per_frame:
-        raise LwmFormatError("not_representable", "a vision block that is not whole frames")
+        raise Rejection("not_representable", "a vision block that is not whole frames")
     frames = codes.reshape(-1, per_frame)
     expected_ends = np.full(len(frames), processor.config.eof_token)
     expected_ends[-1] = processor.config.eov_token
     if not np.array_equal(frames[:, -1], expected_ends):
-        raise LwmFormatError("not_representable", "frames must end with end-of-frame, the last with end-of-vision")
+        raise Rejection("not_representable", "frames must end with end-of-frame, the last with end-of-vision")
     return frames[:, :-1].reshape(-1).tolist()
 
 
@@ -430,7 +360,7 @@ def _texts_of(ids: np.ndarray, tokenizer) -> list[str]:
     trailing_space = spaces[ids[:-1]] & word_start[1:]
     cuts = np.flatnonzero(word_start[1:] & ~np.r_[trailing_space[1:], False]) + 1
     if not len(cuts):
-        raise LwmFormatError("not_representable", f"no text tokenizes to ids {ids[:20].tolist()}...")
+        raise Rejection("not_representable", f"no text tokenizes to ids {ids[:20].tolist()}...")
     cut = int(cuts[np.argmin(np.abs(cuts - len(ids) // 2))])
     return _texts_of(ids[:cut], tokenizer) + _texts_of(ids[cut:], tokenizer)
 
@@ -467,22 +397,14 @@ def example_from_line(
     fields_key: str = FIELDS_KEY,
     seed: int = 0,
 ) -> Example:
-    """One LWM JSONL line (0-based `line_index`, which seeds list-valued specs) as an Example.
+    """One LWM JSONL line (0-based `line_index`, which seeds list-valued specs) as an Example; raises
+    a Rejection for a line LWM's processors would refuse.
 
     `fields` is the dataset-wide spec; without it each line's `fields_key` holds its own.
     """
-    try:
-        text = line.decode("utf-8") if isinstance(line, bytes) else line
-    except UnicodeDecodeError as e:
-        raise LwmFormatError("invalid_utf8", str(e)) from None
-    try:
-        record = json.loads(text)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, an int of > 4300 digits, absurd nesting
-        raise LwmFormatError("invalid_json", str(e) or type(e).__name__) from None
-    if not isinstance(record, dict):
-        raise LwmFormatError("invalid_json", f"expected an object, got {type(record).__name__}")
+    record = json_object(line)
     if fields is None and fields_key not in record:
-        raise LwmFormatError("missing_field_spec", f"no {fields_key!r} key and no dataset-wide field spec")
+        raise Rejection("missing_field_spec", f"no {fields_key!r} key and no dataset-wide field spec")
     spec = choose_field_spec(fields if fields is not None else record[fields_key], line_index, seed)
     tokens, weights, vision = processor(record, spec)
     return Example(

@@ -5,8 +5,8 @@ Protocol (LWM's scripts/eval_needle*.py, with its flaws fixed):
   (with BOS, needles, question and template) leaves `answer_tokens` free within the context length,
   then back to the last sentence end;
 - needle: `The special magic {city} number is: {7 digits}` on its own line, inserted right after the
-  last sentence end (`.`, `!` or `?`, plus any closing quote, followed by whitespace) at or before the
-  token depth; depth 1.0 puts it at the very end, as LWM does;
+  last sentence end (lwm_data.chunking's definition) at or before the token depth; depth 1.0 puts it
+  at the very end, as LWM does;
 - question: `What is the special magic {city} number?` for one city, `What are the special magic
   numbers for A, B, and C?` for several; prompt: LWM's eval template;
 - multi-needle: K needles with distinct cities (LWM's city list repeats names, so two needles could
@@ -19,18 +19,22 @@ Protocol (LWM's scripts/eval_needle*.py, with its flaws fixed):
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from lwm_data import io
+from lwm_data import outputs
+from lwm_data.books import read_books
+from lwm_data.chunking import sentence_end_before
+from lwm_data.config import ConfigError, nested, setting
+from lwm_data.outputs import OutputRun, Rejection
+from lwm_data.reading import json_object
 from lwm_data.schemas import NEEDLE_SCHEMA
+from lwm_data.tokenizers import TextTokenizer, load_tokenizer
 
 STAGE = "needle"
 
@@ -151,8 +155,6 @@ SINGLE_TEMPLATE = (
 MULTI_TEMPLATE = (
     "You are a helpful assistant. USER: {context} {question} Don't give information outside the document. ASSISTANT: "
 )
-_SENTENCE_END = ".!?"
-_CLOSING = "\"'\u201d\u2019)"
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ class Haystack:
         return self.text[: self.char_end(num_tokens)]
 
 
-def build_haystack(texts: Iterable[str], tokenizer, min_tokens: int) -> Haystack:
+def build_haystack(texts: Iterable[str], tokenizer: TextTokenizer, min_tokens: int) -> Haystack:
     """Book texts joined by blank lines until at least `min_tokens` tokens (or the texts run out)."""
     parts, tokens = [], 0
     for text in texts:
@@ -198,22 +200,6 @@ def build_haystack(texts: Iterable[str], tokenizer, min_tokens: int) -> Haystack
     joined = "\n\n".join(parts)
     tokenized = tokenizer.encode_with_offsets([joined])[0]
     return Haystack(joined, tokenized.char_ends)
-
-
-def sentence_end_before(text: str, position: int) -> int:
-    """The largest i <= position right after a sentence end (punctuation, any closing quotes, then
-    whitespace or the end of text); 0 when there is none."""
-    i = position
-    while i > 0:
-        i = max(text.rfind(mark, 0, i) for mark in _SENTENCE_END)
-        if i < 0:
-            return 0
-        end = i + 1
-        while end < len(text) and text[end] in _CLOSING:
-            end += 1
-        if end <= position and (end == len(text) or text[end].isspace()):
-            return end
-    return 0
 
 
 def insertion_point(haystack: Haystack, context_tokens: int, context: str, depth: float) -> int:
@@ -250,7 +236,7 @@ def draw_needles(
 ) -> tuple[list[Needle], list[str]]:
     """Needles with distinct cities and numbers (needle 0 at `depth`) and the cities to ask for."""
     if not 1 <= num_retrieve <= num_needles <= len(CITIES):
-        raise ValueError(f"need 1 <= retrieve ({num_retrieve}) <= needles ({num_needles}) <= {len(CITIES)}")
+        raise ConfigError(f"need 1 <= retrieve ({num_retrieve}) <= needles ({num_needles}) <= {len(CITIES)}")
     cities = rng.sample(CITIES, num_needles)
     numbers = [str(n) for n in rng.sample(range(10**6, 10**7), num_needles)]
     depths = [depth] + [round(rng.random(), 3) for _ in range(num_needles - 1)]
@@ -262,7 +248,7 @@ def draw_needles(
 
 def needle_row(
     haystack: Haystack,
-    tokenizer,
+    tokenizer: TextTokenizer,
     context_length: int,
     depth: float,
     needles: Sequence[Needle],
@@ -277,10 +263,10 @@ def needle_row(
     fixed += sum(len(tokenizer.encode(f"\n{n.text}\n")) for n in needles)
     budget = context_length - answer_tokens - fixed
     if haystack.num_tokens < budget:  # the prompt would be far shorter than its context length says
-        raise ValueError(f"the haystack has {haystack.num_tokens} tokens, too few for context length {context_length}")
+        raise ConfigError(f"the haystack has {haystack.num_tokens} tokens, too few for context length {context_length}")
     while True:
         if budget <= 0:
-            raise ValueError(f"context length {context_length} leaves no room for a haystack")
+            raise ConfigError(f"context length {context_length} leaves no room for a haystack")
         context = haystack.prefix(budget)
         context = context[: sentence_end_before(context, len(context)) or len(context)]
         points = [insertion_point(haystack, budget, context, n.depth) for n in needles]
@@ -309,16 +295,24 @@ def needle_row(
 
 @dataclass(frozen=True)
 class NeedleConfig:
-    context_lengths: tuple[int, ...]
-    depths: tuple[float, ...] = tuple(round(d / 10, 1) for d in range(11))
-    num_needles: int = 1
-    num_retrieve: int = 1
-    rounds: int = 1
-    seed: int = 0
-    answer_tokens: int = 64
+    context_lengths: tuple[int, ...] = setting(help="Context lengths, comma-separated.", flags=("--context",))
+    depths: tuple[float, ...] = setting(tuple(round(d / 10, 1) for d in range(11)), "Needle depths in [0, 1].")
+    num_needles: int = setting(1, "Needles per prompt (distinct cities).", flags=("--needles",))
+    num_retrieve: int = setting(1, "Needles asked for per prompt.", flags=("--retrieve",))
+    rounds: int = setting(1, "Prompts per (context, depth), each over a different haystack.")
+    seed: int = setting(0, "Seed of the needles.")
+    answer_tokens: int = setting(64, "Tokens left free for the answer within the context length.")
 
 
-def needle_rows(book_texts: Sequence[str], tokenizer, config: NeedleConfig) -> Iterator[dict]:
+@dataclass(frozen=True)
+class NeedleStageConfig:
+    haystack: str = setting(help="Glob of book files (JSONL, Parquet, .txt) for the haystack.")
+    output: str = setting(help="Output directory.")
+    tokenizer: str | None = setting(None, "Tokenizer that measures context lengths (default: embedded).")
+    needle: NeedleConfig = nested(NeedleConfig)
+
+
+def needle_rows(book_texts: Sequence[str], tokenizer: TextTokenizer, config: NeedleConfig) -> Iterator[dict]:
     """Rows for every (context length, depth, round); round r's haystack starts at book r."""
     longest = max(config.context_lengths)
     for r in range(config.rounds):
@@ -334,44 +328,37 @@ def needle_rows(book_texts: Sequence[str], tokenizer, config: NeedleConfig) -> I
                 )
 
 
-def make_needle_set(haystack: str, output_dir: str, config: NeedleConfig, tokenizer) -> dict:
+def make_needle_set(config: NeedleStageConfig, beam_args: list[str] | None = None) -> dict:
     """Read the haystack books (a glob), write the needle rows as one NEEDLE_SCHEMA shard, the
-    rejected haystack records to errors/ and the manifest; returns the manifest.
+    rejected haystack records to errors/, and commit; returns the manifest. (Plain Python: the
+    set is small; `beam_args` is accepted for the stage interface and unused.)
 
     Counts are over haystack records: `out` = books used, dead-lettered = rejected records.
     """
-    from lwm_data.books import Book, read_books
-    from lwm_data.pipelines.common import clear_output
-
-    texts, letters = [], []
-    for path in io.list_files(haystack):
+    started = outputs.now()
+    tokenizer = load_tokenizer(config.tokenizer)
+    texts, rejected = [], []
+    for path in outputs.list_files(config.haystack):
         for item in read_books(path):
-            if isinstance(item, Book):
-                texts.append(item.text)
+            if isinstance(item, Rejection):
+                rejected.append(item)
             else:
-                letters.append(io.DeadLetter(STAGE, item.reason, item.source, item.locator, item.detail, item.record))
+                texts.append(item.text)
     if not texts:
-        raise ValueError(f"no usable books in {haystack} ({len(letters)} records rejected)")
-    rows = list(needle_rows(texts, tokenizer, config))
-    clear_output(output_dir)
-    with FileSystems.create(io.join(output_dir, "part-00000-of-00001.parquet")) as f:
-        pq.write_table(pa.Table.from_pylist(rows, schema=NEEDLE_SCHEMA), f, compression="zstd")
-    if letters:
-        with FileSystems.create(io.join(output_dir, io.ERRORS_DIR, "part-00000-of-00001.jsonl")) as f:
-            f.write("".join(letter.to_json() + "\n" for letter in letters).encode())
-    rejected: dict[str, int] = {}
-    for letter in letters:
-        rejected[letter.reason] = rejected.get(letter.reason, 0) + 1
-    manifest = {
-        "stage": STAGE,
-        "config": {**config.__dict__, "haystack": haystack},
-        "tokenizer": {"path": tokenizer.path, "sha256": tokenizer.sha256},
-        "counts": io.Counts(input=len(texts) + len(letters), output=len(texts), dead_lettered=rejected).to_dict(),
-        "stats": {"prompts": len(rows)},
-        "files": io.describe_files(output_dir),
-    }
-    io.write_json(io.join(output_dir, io.MANIFEST), manifest)
-    return manifest
+        raise ConfigError(f"no usable books in {config.haystack} ({len(rejected)} records rejected)")
+    rows = list(needle_rows(texts, tokenizer, config.needle))
+    counters = {"in": len(texts) + len(rejected), "out": len(texts), "prompts": len(rows)}
+    for rejection in rejected:
+        key = f"dead_lettered.{rejection.reason}"
+        counters[key] = counters.get(key, 0) + 1
+    run = OutputRun(config.output)
+    try:
+        run.write_table(pa.Table.from_pylist(rows, schema=NEEDLE_SCHEMA))
+        run.write_dead_letters(STAGE, rejected)
+        return run.commit(outputs.stage_manifest(STAGE, config, tokenizer.entry, counters, started))
+    except BaseException:
+        run.abort()
+        raise
 
 
 # ---- scoring ----
@@ -406,12 +393,11 @@ def read_responses(lines: Iterable[str]) -> tuple[dict[str, str], int]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            key = record.get("example_id", record.get("id"))
-            response = record["response"]
-        except (ValueError, RecursionError, KeyError, AttributeError):  # ValueError: JSONDecodeError, huge ints
+            record = json_object(line)
+        except Rejection:
             bad += 1
             continue
+        key, response = record.get("example_id", record.get("id")), record.get("response")
         if isinstance(key, str) and isinstance(response, str):
             responses[key] = response
         else:

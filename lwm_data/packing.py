@@ -13,6 +13,7 @@ small pure functions over numpy arrays (no Beam, no per-token Python):
     packed_table(...) -> pyarrow Table in PACKED_SCHEMA
     pack_examples(examples, options) -> (table, plan)                all of it, in memory
     unpack_rows(table) -> the examples back (round trip)
+The last two are the in-memory reference (tests and benchmarks check the Beam job against them).
 
 Row contract (PACKED_SCHEMA), for a row of length L holding n segments:
     segment_ids   1..n in row order, 0 on padding (padding only at the end of the row)
@@ -48,140 +49,37 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lwm_data.schemas import EXAMPLE_SCHEMA, PACKED_SCHEMA
+from lwm_data.arrays import flat_values, run_starts
+from lwm_data.config import ConfigError, setting
+from lwm_data.examples import Examples
+from lwm_data.schemas import PACKED_SCHEMA
 
 OVERFLOW_MODES = ("drop", "truncate", "split")
 LOSS_WEIGHTINGS = ("token", "example")
-TEXT_KIND = "text"
+LWM_TEXT_SHARE = 0.16  # LWM keeps about 16% pure text in each batch up to its 8K vision stage
 
 
 @dataclass(frozen=True)
 class PackOptions:
-    seq_len: int
-    overflow: str = "drop"
-    loss_weighting: str = "token"
-    mix: dict[str, float] | None = None  # kind -> share of tokens
-    buffer_size: int = 10_000  # examples sorted together by best-fit-decreasing
-    max_open_rows: int = 64  # rows kept open between buffers; beyond it the fullest are emitted
-    seed: int = 0
+    seq_len: int = setting(help="Tokens per packed row.")
+    overflow: str = setting("drop", "Examples longer than a row: drop, truncate, or split (plain text only).")
+    loss_weighting: str = setting("token", "token: weights as they are; example: every example counts equally.")
+    mix: dict[str, float] | None = setting(None, "Shares of tokens by kind, e.g. chat=0.84,text=0.16.")
+    buffer_size: int = setting(10_000, "Examples sorted together by best-fit-decreasing.", flags=("--buffer",))
+    max_open_rows: int = setting(64, "Rows kept open between buffers; beyond it the fullest are emitted.")
+    seed: int = setting(0, "Seed of the example order.")
 
     def __post_init__(self):
         if self.seq_len < 1:
-            raise ValueError(f"seq_len must be positive, got {self.seq_len}")
+            raise ConfigError(f"seq_len must be positive, got {self.seq_len}")
         if self.overflow not in OVERFLOW_MODES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {self.overflow!r}")
+            raise ConfigError(f"overflow must be one of {OVERFLOW_MODES}, got {self.overflow!r}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+            raise ConfigError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if self.buffer_size < 1 or self.max_open_rows < 0:
-            raise ValueError("buffer_size must be >= 1 and max_open_rows >= 0")
+            raise ConfigError("buffer_size must be >= 1 and max_open_rows >= 0")
         if self.mix is not None and (not self.mix or min(self.mix.values()) <= 0):
-            raise ValueError(f"mix shares must be positive, got {self.mix}")
-
-
-def parse_mix(spec: str | None) -> dict[str, float] | None:
-    """`chat=0.84,text=0.16` -> {"chat": 0.84, "text": 0.16} (shares need not sum to 1)."""
-    if not spec:
-        return None
-    mix = {}
-    for part in spec.split(","):
-        kind, sep, share = part.partition("=")
-        if not sep or not kind.strip():
-            raise ValueError(f"mix entry {part!r} is not kind=share")
-        mix[kind.strip()] = float(share)
-    return mix
-
-
-# ---------------------------------------------------------------------------------------------
-# Examples as flat columns
-
-
-@dataclass
-class Examples:
-    """Unpacked examples in Arrow's list layout: example i is `tokens[offsets[i]:offsets[i+1]]`."""
-
-    example_ids: np.ndarray  # object (str)
-    kinds: np.ndarray  # object (str)
-    offsets: np.ndarray  # int64, n + 1
-    tokens: np.ndarray  # int32
-    loss_weights: np.ndarray  # float32
-    vision_mask: np.ndarray  # bool
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def __len__(self) -> int:
-        return len(self.example_ids)
-
-    @property
-    def splittable(self) -> np.ndarray:
-        """Plain text: kind `text` and no vision token."""
-        has_vision = _segment_any(self.vision_mask, self.offsets)
-        return (self.kinds == TEXT_KIND) & ~has_vision
-
-    @classmethod
-    def from_table(cls, table: pa.Table) -> "Examples":
-        """From rows in EXAMPLE_SCHEMA (or any table with those list columns)."""
-        tokens = table["tokens"].combine_chunks()
-        offsets = np.asarray(tokens.offsets, dtype=np.int64)
-        return cls(
-            example_ids=np.asarray(table["example_id"].to_pylist(), dtype=object),
-            kinds=np.asarray(table["kind"].to_pylist(), dtype=object),
-            offsets=offsets - offsets[0],
-            tokens=_flat_values(tokens, np.int32),
-            loss_weights=_flat_values(table["loss_weights"].combine_chunks(), np.float32),
-            vision_mask=_flat_values(table["vision_mask"].combine_chunks(), np.bool_),
-        )
-
-    @classmethod
-    def from_arrays(
-        cls,
-        example_ids: Sequence[str],
-        kinds: Sequence[str],
-        tokens: Sequence[np.ndarray],
-        loss_weights: Sequence[np.ndarray],
-        vision_mask: Sequence[np.ndarray],
-    ) -> "Examples":
-        lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
-        return cls(
-            example_ids=np.asarray(list(example_ids), dtype=object),
-            kinds=np.asarray(list(kinds), dtype=object),
-            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            tokens=_concat(tokens, np.int32),
-            loss_weights=_concat(loss_weights, np.float32),
-            vision_mask=_concat(vision_mask, np.bool_),
-        )
-
-    def to_table(self, source: str = "") -> pa.Table:
-        """As EXAMPLE_SCHEMA rows (text and meta left empty)."""
-        offsets = pa.array(self.offsets.astype(np.int32))
-        return pa.Table.from_arrays(
-            [
-                pa.array(self.example_ids.tolist(), pa.string()),
-                pa.array(self.kinds.tolist(), pa.string()),
-                pa.array([source] * len(self), pa.string()),
-                pa.array(self.lengths.astype(np.int32)),
-                pa.ListArray.from_arrays(offsets, pa.array(self.tokens, pa.int32())),
-                pa.ListArray.from_arrays(offsets, pa.array(self.loss_weights, pa.float32())),
-                pa.ListArray.from_arrays(offsets, pa.array(self.vision_mask, pa.bool_())),
-                pa.nulls(len(self), pa.string()),
-                pa.nulls(len(self), pa.string()),
-            ],
-            schema=EXAMPLE_SCHEMA,
-        )
-
-
-def _flat_values(array: pa.ListArray, dtype) -> np.ndarray:
-    return pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-
-
-def _concat(arrays: Sequence[np.ndarray], dtype) -> np.ndarray:
-    return np.concatenate([np.asarray(a, dtype) for a in arrays]) if len(arrays) else np.zeros(0, dtype)
-
-
-def _segment_any(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    counts = np.diff(np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])[offsets])
-    return counts > 0
+            raise ConfigError(f"mix shares must be positive, got {self.mix}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +104,7 @@ def cut_overflow(lengths: np.ndarray, splittable: np.ndarray, seq_len: int, over
         kept = np.where(too_long & ~np.asarray(splittable, bool), 0, lengths)
     else:
         kept = np.where(too_long, 0, lengths)
-    num_pieces = -(-kept // seq_len)  # ceil
+    num_pieces = -(-kept // seq_len)
     return OverflowCut(kept, num_pieces)
 
 
@@ -265,6 +163,8 @@ def best_fit_decreasing(
         placement[placed : placed + len(order)] = order
         placed += len(order)
         for item, length in zip(order.tolist(), lengths[order].tolist()):
+            # the first row with room for the item; -1 sorts before every serial, so among rows
+            # with the same room the oldest (lowest serial) wins
             i = bisect.bisect_left(open_rows, (length, -1))
             if i < len(open_rows):
                 room, serial = open_rows.pop(i)
@@ -354,22 +254,6 @@ def plan_packing(
     row, segment, num_rows = best_fit_decreasing(length, options.seq_len, options.buffer_size, options.max_open_rows)
     order = np.lexsort((segment, row))
     return PackPlan(example[order], start[order], length[order], row[order], segment[order], num_rows, counts)
-
-
-def split_over_parts(part_lengths: Sequence[int], start: int, length: int) -> list[tuple[int, int, int, int]]:
-    """Where piece [start, start + length) of an example stored in consecutive parts lies:
-    (part index, first token in part, end in part, offset in piece) for every part it touches."""
-    part_starts = np.concatenate([[0], np.cumsum(part_lengths)]).astype(np.int64)
-    end = start + length
-    first = int(np.searchsorted(part_starts, start, side="right")) - 1
-    pieces = []
-    for part in range(first, len(part_lengths)):
-        lo, hi = max(start, int(part_starts[part])), min(end, int(part_starts[part + 1]))
-        if lo >= end:
-            break
-        if hi > lo:
-            pieces.append((part, lo - int(part_starts[part]), hi - int(part_starts[part]), lo - start))
-    return pieces
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,31 +396,24 @@ def unpack_rows(table: pa.Table) -> Examples:
     """Packed rows back to examples, sorted by example id: each example's segments in
     `piece_starts` order, joined. Weights come back as packed (0 on every piece's first token,
     scaled under `example` weighting)."""
-    lengths = _flat_values(table["segment_lengths"].combine_chunks(), np.int64)
-    piece_starts = _flat_values(table["piece_starts"].combine_chunks(), np.int64)
+    lengths = flat_values(table["segment_lengths"], np.int64)
+    piece_starts = flat_values(table["piece_starts"], np.int64)
     example_ids = np.asarray(pc.list_flatten(table["example_ids"]).to_pylist(), dtype=object)
     kinds = np.asarray(pc.list_flatten(table["kinds"]).to_pylist(), dtype=object)
-    in_segment = _flat_values(table["segment_ids"].combine_chunks(), np.int32) > 0
+    in_segment = flat_values(table["segment_ids"], np.int32) > 0
     order = np.lexsort((piece_starts, example_ids.astype(str)))
     segment_first = np.cumsum(lengths) - lengths  # segments are contiguous once padding is removed
     ordered_lengths = lengths[order]
     ordered_first = np.cumsum(ordered_lengths) - ordered_lengths
     index = np.arange(int(lengths.sum())) + np.repeat(segment_first[order] - ordered_first, ordered_lengths)
     ids = example_ids[order]
-    first = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
+    first = np.flatnonzero(run_starts(ids))
     example_lengths = np.add.reduceat(ordered_lengths, first) if len(ids) else np.zeros(0, np.int64)
     return Examples(
         example_ids=ids[first],
         kinds=kinds[order][first],
         offsets=np.concatenate([[0], np.cumsum(example_lengths)]).astype(np.int64),
-        tokens=_flat_values(table["tokens"].combine_chunks(), np.int32)[in_segment][index],
-        loss_weights=_flat_values(table["loss_weights"].combine_chunks(), np.float32)[in_segment][index],
-        vision_mask=_flat_values(table["vision_mask"].combine_chunks(), np.bool_)[in_segment][index],
+        tokens=flat_values(table["tokens"], np.int32)[in_segment][index],
+        loss_weights=flat_values(table["loss_weights"], np.float32)[in_segment][index],
+        vision_mask=flat_values(table["vision_mask"], np.bool_)[in_segment][index],
     )
-
-
-def tokens_by_kind(kinds, lengths: np.ndarray) -> dict[str, int]:
-    """Total length per kind, for parallel sequences of kinds and lengths."""
-    names, index = np.unique(np.asarray(kinds, dtype=str), return_inverse=True)
-    sums = np.bincount(index, weights=np.asarray(lengths, np.float64), minlength=len(names))
-    return {str(n): int(s) for n, s in zip(names, sums)}

@@ -1,10 +1,11 @@
 """Question-answer pairs about one chunk: prompts, the reply's JSON schema, validation, cloze QA.
 
 Everything here is pure and works on one chunk or one reply; talking to a model lives in
-`lwm_data.llm` and the Beam job in `lwm_data.pipelines.qa_pairs`.
+`lwm_data.llm` and the Beam job in `lwm_data.pipelines.qa`.
 
 A reply is judged as a whole (`judge_reply`): cut off by max_tokens, unparsable, of the wrong shape,
-or with fewer than `min_pairs` valid pairs after validation makes it invalid, and the caller re-asks.
+or with fewer than `min_pairs` valid pairs after validation makes it a `Rejection`, and the caller
+re-asks.
 Pair validation (`validate_pairs`) drops pairs that are empty, out of length bounds, not phrased as a
 question, whose answer copies the question, or that repeat an earlier question of the chunk.
 
@@ -20,6 +21,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from lwm_data.chunking import SENTENCE_END_MARKS
+from lwm_data.config import setting
+from lwm_data.outputs import Rejection
 
 DEFAULT_PROMPT_VERSION = "qa-v1"
 CLOZE_PROMPT_VERSION = "cloze-v1"
@@ -80,12 +85,12 @@ def prompt_from_json(text: str) -> PromptTemplate:
 class PairLimits:
     """What a valid pair and a valid reply are. Lengths in characters, after stripping whitespace."""
 
-    min_question_chars: int = 10
-    max_question_chars: int = 300
-    min_answer_chars: int = 1
-    max_answer_chars: int = 300
-    require_question_mark: bool = True
-    min_pairs: int = 1  # fewer valid pairs than this make the whole reply invalid
+    min_question_chars: int = setting(10, "Shortest valid question, characters.")
+    max_question_chars: int = setting(300, "Longest valid question, characters.")
+    min_answer_chars: int = setting(1, "Shortest valid answer, characters.")
+    max_answer_chars: int = setting(300, "Longest valid answer, characters.")
+    require_question_mark: bool = setting(True, "A question must end with '?'.")
+    min_pairs: int = setting(1, "Fewer valid pairs than this make the whole reply invalid (re-asked).")
 
 
 def reply_schema(num_pairs: int, limits: PairLimits) -> dict[str, Any]:
@@ -162,19 +167,6 @@ def validate_pairs(pairs: list[QAPair], limits: PairLimits) -> tuple[list[QAPair
     return kept, rejected
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """A judged reply: the valid pairs, or the reason ("" when valid) it must be asked again."""
-
-    pairs: list[QAPair]
-    reason: str = ""
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return not self.reason
-
-
 def parse_pairs(content: str) -> list[QAPair]:
     """The pairs of a reply's JSON; ValueError (json.JSONDecodeError included) on any other shape."""
     reply = json.loads(content)
@@ -189,22 +181,23 @@ def parse_pairs(content: str) -> list[QAPair]:
     return pairs
 
 
-def judge_reply(content: str | None, finish_reason: str | None, limits: PairLimits) -> Verdict:
+def judge_reply(content: str | None, finish_reason: str | None, limits: PairLimits) -> list[QAPair] | Rejection:
+    """The reply's valid pairs, or why it must be asked again."""
     if finish_reason == "length":
-        return Verdict([], "truncated", "reply cut off by max_tokens")
+        return Rejection("truncated", "reply cut off by max_tokens")
     if not content:
-        return Verdict([], "empty_reply", f"finish_reason={finish_reason}")
+        return Rejection("empty_reply", f"finish_reason={finish_reason}")
     try:
         raw = parse_pairs(content)
     except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
-        return Verdict([], "unparsable", f"{type(e).__name__}: {e}")
+        return Rejection("unparsable", f"{type(e).__name__}: {e}")
     except ValueError as e:
-        return Verdict([], "bad_shape", str(e))
+        return Rejection("bad_shape", str(e))
     pairs, rejected = validate_pairs(raw, limits)
     if len(pairs) < limits.min_pairs:
         detail = f"{len(pairs)} valid of {len(raw)}; rejected: {dict(sorted(rejected.items()))}"
-        return Verdict([], "no_valid_pairs", detail)
-    return Verdict(pairs)
+        return Rejection("no_valid_pairs", detail)
+    return pairs
 
 
 def cache_key(model: str, prompt_version: str, chunk_text: str, params: Mapping[str, Any]) -> str:
@@ -215,7 +208,8 @@ def cache_key(model: str, prompt_version: str, chunk_text: str, params: Mapping[
 
 # --- cloze: extractive QA from the chunk's own sentences --------------------------------------
 
-_SENTENCE = re.compile(r"[A-Z\u201c\"][^.!?\n]*[.!?]")
+_ENDS = re.escape(SENTENCE_END_MARKS)
+_SENTENCE = re.compile(f"[A-Z\u201c\"][^{_ENDS}\\n]*[{_ENDS}]")
 _NUMBER = re.compile(r"\b\d+(?:,\d{3})*\b")
 _NAME = re.compile(r"\b[A-Z][a-z]+(?:\s[A-Z][a-z]+)*\b")
 _MIN_WORDS, _MAX_WORDS = 5, 60

@@ -1,10 +1,10 @@
 """Every table lwm-data writes, defined once.
 
 Each stage writes Parquet shards in exactly one of these schemas, plus `manifest.json` and
-`errors/*.jsonl` (see `lwm_data.io`). `STAGE_SCHEMAS` maps a manifest's `stage` to its schema;
+`errors/*.jsonl` (see `lwm_data.outputs`); the registry (`lwm_data.stages`) says which, and
 `lwm-data validate` checks shards against it.
 
-Token conventions (see ../shared/LWM_FORMAT.md): text ids and vision ids share one int32 sequence,
+Token conventions (see docs/lwm-format.md): text ids and vision ids share one int32 sequence,
 `vision_mask` marks the vision ids. `loss_weights[i]` is the weight on predicting token i from the
 tokens before it (seqio's "targets" convention), so a prompt token or a segment's first token has 0.
 """
@@ -99,14 +99,3 @@ NEEDLE_SCHEMA = pa.schema(
         pa.field("num_tokens", pa.int32(), nullable=False),  # prompt tokens with BOS
     ]
 )
-
-STAGE_SCHEMAS: dict[str, pa.Schema] = {
-    "chunk": CHUNK_SCHEMA,
-    "qa": QA_SCHEMA,
-    "chat": EXAMPLE_SCHEMA,
-    "import-lwm": EXAMPLE_SCHEMA,
-    "vision": EXAMPLE_SCHEMA,
-    "text": EXAMPLE_SCHEMA,
-    "pack": PACKED_SCHEMA,
-    "needle": NEEDLE_SCHEMA,
-}

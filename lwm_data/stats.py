@@ -1,11 +1,12 @@
 """`lwm-data stats DIR [--plot FILE.png]`: what any stage's output holds.
 
 Counts come from the manifest; token totals and distributions from the shards, reading only small
-columns (num_tokens, kind, per-row and per-segment counts), never the token lists:
-    chunk          books, chunks, tokens; chunk lengths
-    examples       examples and tokens by kind; example lengths    (chat, text, vision, import-lwm)
-    pack           rows, tokens, padding, fill, segments per row, tokens by kind; segment lengths
-    anything else  rows, and tokens when the schema has num_tokens
+columns (num_tokens, kind, per-row and per-segment counts), never the token lists. Each stage's
+collector is named in the registry (lwm_data.stages):
+    chunk_stats    books, chunks, tokens; chunk lengths
+    example_stats  examples and tokens by kind; example lengths    (chat, text, import-lwm)
+    packed_stats   rows, tokens, padding, fill, segments per row, tokens by kind; segment lengths
+    row_stats      rows, and tokens when the rows have num_tokens
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lwm_data import io
-from lwm_data.packing import tokens_by_kind
-from lwm_data.schemas import EXAMPLE_SCHEMA, STAGE_SCHEMAS
+from lwm_data import outputs
+from lwm_data.arrays import flat_values
+from lwm_data.examples import tokens_by_kind
 
 
 @dataclass
@@ -36,54 +37,60 @@ def _column_numpy(table: pa.Table, name: str) -> np.ndarray:
     return table[name].to_numpy() if table.num_rows else np.zeros(0, np.int64)
 
 
-def _flat(table: pa.Table, name: str) -> np.ndarray:
-    return pc.list_flatten(table[name]).to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0)
+def _strings(table: pa.Table, name: str, flatten: bool = False) -> np.ndarray:
+    if not table.num_rows:
+        return np.zeros(0, object)
+    column = pc.list_flatten(table[name]) if flatten else table[name]
+    return np.asarray(column.to_pylist(), dtype=object)
 
 
 def collect_stats(directory: str) -> DatasetStats:
-    manifest = io.read_manifest(directory)
-    stage = manifest["stage"]
-    stats = DatasetStats(stage, manifest["counts"])
-    schema = STAGE_SCHEMAS.get(stage)
-    if stage == "pack":
-        _packed_stats(directory, stats)
-    elif stage == "chunk":
-        table = io.read_table(directory, ["book_id", "num_tokens"])
-        stats.lengths = _column_numpy(table, "num_tokens")
-        books = len(pc.unique(table["book_id"])) if table.num_rows else 0
-        stats.totals = {"books": books, "chunks": table.num_rows, "tokens": int(stats.lengths.sum())}
-    elif schema is EXAMPLE_SCHEMA:
-        table = io.read_table(directory, ["kind", "num_tokens"])
-        stats.lengths = _column_numpy(table, "num_tokens")
-        kinds = np.asarray(table["kind"].to_pylist(), dtype=object) if table.num_rows else np.zeros(0, object)
-        stats.tokens_by_kind = tokens_by_kind(kinds, stats.lengths)
-        stats.totals = {"examples": table.num_rows, "tokens": int(stats.lengths.sum())}
-        if table.num_rows:
-            stats.totals["median example tokens"] = int(np.median(stats.lengths))
-    else:
-        columns = ["num_tokens"] if schema is not None and "num_tokens" in schema.names else []
-        table = io.read_table(directory, columns or None)
-        stats.totals = {"rows": table.num_rows}
-        if columns:
-            stats.lengths = _column_numpy(table, "num_tokens")
-            stats.totals["tokens"] = int(stats.lengths.sum())
+    """The stats of a stage's output, by the collector its stage registers."""
+    from lwm_data.stages import stage_of  # the registry names this module's collectors
+
+    manifest = outputs.read_manifest(directory)
+    stats = DatasetStats(manifest["stage"], manifest["counts"])
+    stage_of(manifest).stats(directory, stats)
     return stats
 
 
-def _packed_stats(directory: str, stats: DatasetStats) -> None:
+def chunk_stats(directory: str, stats: DatasetStats) -> None:
+    table = outputs.read_table(directory, ["book_id", "num_tokens"])
+    stats.lengths = _column_numpy(table, "num_tokens")
+    books = len(pc.unique(table["book_id"])) if table.num_rows else 0
+    stats.totals = {"books": books, "chunks": table.num_rows, "tokens": int(stats.lengths.sum())}
+
+
+def example_stats(directory: str, stats: DatasetStats) -> None:
+    table = outputs.read_table(directory, ["kind", "num_tokens"])
+    stats.lengths = _column_numpy(table, "num_tokens")
+    stats.tokens_by_kind = tokens_by_kind(_strings(table, "kind"), stats.lengths)
+    stats.totals = {"examples": table.num_rows, "tokens": int(stats.lengths.sum())}
+    if table.num_rows:
+        stats.totals["median example tokens"] = int(np.median(stats.lengths))
+
+
+def row_stats(directory: str, stats: DatasetStats) -> None:
+    table = outputs.read_table(directory)
+    stats.totals = {"rows": table.num_rows}
+    if "num_tokens" in table.column_names:
+        stats.lengths = _column_numpy(table, "num_tokens")
+        stats.totals["tokens"] = int(stats.lengths.sum())
+
+
+def packed_stats(directory: str, stats: DatasetStats) -> None:
     columns = ["num_segments", "num_pad_tokens", "num_vision_tokens", "kinds", "segment_lengths"]
-    table = io.read_table(directory, columns)
+    table = outputs.read_table(directory, columns)
     num_segments = _column_numpy(table, "num_segments")
     pad = _column_numpy(table, "num_pad_tokens")
-    segment_lengths = _flat(table, "segment_lengths").astype(np.int64)
+    segment_lengths = flat_values(table["segment_lengths"], np.int64) if table.num_rows else np.zeros(0, np.int64)
     row_of_segment = np.repeat(np.arange(table.num_rows), num_segments)
     row_tokens = np.bincount(row_of_segment, weights=segment_lengths, minlength=table.num_rows)
     seq_len = int(row_tokens[0] + pad[0]) if table.num_rows else 0
     stats.lengths = segment_lengths
     stats.segments_per_row = num_segments
     stats.fill_per_row = row_tokens / seq_len if seq_len else np.zeros(0)
-    kinds = np.asarray(pc.list_flatten(table["kinds"]).to_pylist() if table.num_rows else [], dtype=object)
-    stats.tokens_by_kind = tokens_by_kind(kinds, segment_lengths)
+    stats.tokens_by_kind = tokens_by_kind(_strings(table, "kinds", flatten=True), segment_lengths)
     tokens = int(segment_lengths.sum())
     stats.totals = {
         "rows": table.num_rows,

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from apache_beam.io.filesystems import FileSystems
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lwm_data import io
+from lwm_data import outputs
 
 TOKEN_COLUMNS = ("tokens", "loss_weights", "vision_mask", "segment_ids", "positions")
 
@@ -59,8 +59,8 @@ class PackedDataset(IterableDataset):
         self.seed = seed
         self.shuffle = shuffle
         self.batch_size = batch_size
-        self.shards = io.list_shards(directory)
-        rows = np.array([io.shard_rows(p) for p in self.shards], np.int64)
+        self.shards = outputs.list_shards(directory)
+        rows = np.array([outputs.shard_rows(p) for p in self.shards], np.int64)
         self._shard_order = self.permutation(len(self.shards))
         self._ends = np.cumsum(rows[self._shard_order])  # stream index after each shard in order
         self._next = 0  # stream index of the next step

@@ -1,184 +1,44 @@
-"""`lwm-data validate DIR`: check a stage's output against its schema and invariants.
+"""`lwm-data validate DIR`: check a stage's output against its schema, its contracts and its manifest.
 
-Checks are grouped in violation classes ("tokens length != num_tokens", ...), each counted over the
-whole output, so one message says what is wrong and how often.
+The checks of each stage are named in the registry (lwm_data.stages) and written in lwm_data.checks.
+Violations are grouped in classes ("tokens length != num_tokens", ...), each counted over the whole
+output, so one message says what is wrong and how often.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from typing import Callable
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from lwm_data import io
-from lwm_data.schemas import EXAMPLE_SCHEMA, STAGE_SCHEMAS
-
-TableCheck = Callable[[pa.Table, Counter], None]
-
-
-def _list_lengths(table: pa.Table, column: str) -> np.ndarray:
-    return pc.list_value_length(table[column]).to_numpy(zero_copy_only=False)
-
-
-def _flat(table: pa.Table, column: str) -> np.ndarray:
-    return pc.list_flatten(table[column]).to_numpy(zero_copy_only=False)
-
-
-def check_example_rows(table: pa.Table, violations: Counter) -> None:
-    num_tokens = table["num_tokens"].to_numpy()
-    for column in ("tokens", "loss_weights", "vision_mask"):
-        violations[f"{column} length != num_tokens"] += int((_list_lengths(table, column) != num_tokens).sum())
-    weights = _flat(table, "loss_weights")
-    violations["loss weight outside [0, inf) or not finite"] += int((~np.isfinite(weights) | (weights < 0)).sum())
-    violations["empty example"] += int((num_tokens == 0).sum())
-    for meta in table["meta"].to_pylist():
-        if meta is not None:
-            try:
-                json.loads(meta)
-            except json.JSONDecodeError:
-                violations["meta is not JSON"] += 1
-
-
-def check_chunk_rows(table: pa.Table, violations: Counter) -> None:
-    num_tokens = table["num_tokens"].to_numpy()
-    violations["tokens length != num_tokens"] += int((_list_lengths(table, "tokens") != num_tokens).sum())
-    violations["empty chunk (no tokens)"] += int((num_tokens == 0).sum())
-    index, total = table["chunk_index"].to_numpy(), table["num_chunks"].to_numpy()
-    violations["chunk_index outside [0, num_chunks)"] += int(((index < 0) | (index >= total)).sum())
-    start, end = table["char_start"].to_numpy(), table["char_end"].to_numpy()
-    text_lengths = pc.utf8_length(table["text"]).to_numpy()
-    violations["len(text) != char_end - char_start"] += int((text_lengths != end - start).sum())
-
-
-def check_chunk_books(table: pa.Table, violations: Counter) -> None:
-    """Across shards: each book's chunks are 0..n-1, once each, and tile its text without gaps."""
-    rows = table.select(["book_id", "chunk_index", "num_chunks", "char_start", "char_end"]).sort_by(
-        [("book_id", "ascending"), ("chunk_index", "ascending")]
-    )
-    book = rows["book_id"].to_numpy(zero_copy_only=False)
-    index, total = rows["chunk_index"].to_numpy(), rows["num_chunks"].to_numpy()
-    start, end = rows["char_start"].to_numpy(), rows["char_end"].to_numpy()
-    first = np.r_[True, book[1:] != book[:-1]]
-    expected_index = np.arange(len(book)) - np.maximum.accumulate(np.where(first, np.arange(len(book)), 0))
-    violations["chunk indices of a book are not 0..n-1 exactly once"] += int((index != expected_index).sum())
-    last = np.r_[book[1:] != book[:-1], True]
-    violations["num_chunks != number of chunks of the book"] += int((last & (index + 1 != total)).sum())
-    gaps = (~first[1:]) & (start[1:] != end[:-1])
-    violations["chunk texts do not tile the book (gap or overlap)"] += int(gaps.sum() + (first & (start != 0)).sum())
-
-
-def check_packed_rows(table: pa.Table, violations: Counter) -> None:
-    """The packed-row contract (lwm_data.packing): equal-length rows; segment ids 1..n in row
-    order then 0-padding; positions restart at 0 per segment; no weight on a segment's first token
-    or on padding; per-row counts and per-segment lists agree with the token columns."""
-    lengths = _list_lengths(table, "tokens")
-    for column in ("loss_weights", "vision_mask", "segment_ids", "positions"):
-        violations[f"{column} length != tokens length"] += int((_list_lengths(table, column) != lengths).sum())
-    num_segments = table["num_segments"].to_numpy()
-    for column in ("example_ids", "kinds", "segment_lengths", "piece_starts"):
-        violations[f"{column} length != num_segments"] += int((_list_lengths(table, column) != num_segments).sum())
-    if len(set(lengths.tolist())) > 1:
-        violations["rows of different lengths"] += 1
-    if violations.total() or not table.num_rows:
-        return
-    width = int(lengths[0])
-    seg = _flat(table, "segment_ids").reshape(-1, width)
-    pos = _flat(table, "positions").reshape(-1, width)
-    weights = _flat(table, "loss_weights").reshape(-1, width)
-    vision = _flat(table, "vision_mask").reshape(-1, width).astype(bool)
-    tokens = _flat(table, "tokens").reshape(-1, width)
-    columns = np.arange(width)[None, :]
-    starts = np.ones_like(seg, dtype=bool)
-    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
-    pad = seg == 0
-    step = np.diff(seg, axis=1)
-    violations["segment ids not 1..n in row order (0 only at the end)"] += int(
-        ((step < 0) & (seg[:, 1:] != 0)).sum() + (step > 1).sum() + (seg[:, 0] > 1).sum()
-        + (pad[:, :-1] & ~pad[:, 1:]).sum()
-    )
-    violations["row without a segment"] += int(pad[:, 0].sum())
-    expected_pos = columns - np.maximum.accumulate(np.where(starts, columns, 0), axis=1)
-    violations["positions do not restart at 0 in each segment"] += int(((pos != expected_pos) & ~pad).sum() + (pos[pad] != 0).sum())
-    violations["loss weight on a segment's first token or on padding"] += int(((weights != 0) & (starts | pad)).sum())
-    violations["loss weight negative or not finite"] += int((~np.isfinite(weights) | (weights < 0)).sum())
-    violations["padding with a non-zero token or a vision flag"] += int(((tokens != 0) | vision)[pad].sum())
-    violations["num_segments != max segment id"] += int((seg.max(axis=1, initial=0) != num_segments).sum())
-    violations["num_pad_tokens wrong"] += int((pad.sum(axis=1) != table["num_pad_tokens"].to_numpy()).sum())
-    violations["num_text_tokens wrong"] += int(((~pad & ~vision).sum(axis=1) != table["num_text_tokens"].to_numpy()).sum())
-    violations["num_vision_tokens wrong"] += int(((~pad & vision).sum(axis=1) != table["num_vision_tokens"].to_numpy()).sum())
-    run_starts = np.flatnonzero(starts[~pad])  # segments are contiguous runs once padding is removed
-    run_lengths = np.diff(np.append(run_starts, int((~pad).sum())))
-    segment_lengths = _flat(table, "segment_lengths")
-    if len(run_lengths) != len(segment_lengths) or (run_lengths != segment_lengths).any():
-        violations["segment_lengths != tokens per segment"] += 1
-    violations["piece_starts negative"] += int((_flat(table, "piece_starts") < 0).sum())
-
-
-def check_packed_row_lengths(table: pa.Table, violations: Counter) -> None:
-    """Across shards: every row has the same length (pad + segment tokens)."""
-    num_segments = _list_lengths(table, "segment_lengths")
-    row_of_segment = np.repeat(np.arange(table.num_rows), num_segments)
-    segment_tokens = np.bincount(row_of_segment, weights=_flat(table, "segment_lengths"), minlength=table.num_rows)
-    row_lengths = table["num_pad_tokens"].to_numpy() + segment_tokens.astype(np.int64)
-    if len(set(row_lengths.tolist())) > 1:
-        violations["rows of different lengths across shards"] += 1
-
-
-def check_qa_rows(table: pa.Table, violations: Counter) -> None:
-    violations["no QA pairs"] += int((_list_lengths(table, "pairs") == 0).sum())
-    pairs = pc.list_flatten(table["pairs"].combine_chunks())
-    for field in ("question", "answer"):
-        empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pairs.field(field))), 0)
-        violations[f"empty {field}"] += int(empty.to_numpy(zero_copy_only=False).sum())
-
-
-def check_qa_chunks(table: pa.Table, violations: Counter) -> None:
-    """Across shards: each chunk is answered at most once."""
-    keys = table.group_by(["book_id", "chunk_index"]).aggregate([([], "count_all")])
-    violations["chunk answered more than once"] += int((keys["count_all"].to_numpy() > 1).sum())
-
-
-ROW_CHECKS: dict[str, list[TableCheck]] = {
-    "chunk": [check_chunk_rows],
-    "qa": [check_qa_rows],
-    "pack": [check_packed_rows],
-    **{stage: [check_example_rows] for stage, schema in STAGE_SCHEMAS.items() if schema is EXAMPLE_SCHEMA},
-}
-GLOBAL_CHECKS: dict[str, tuple[list[str], TableCheck]] = {
-    "chunk": (["book_id", "chunk_index", "num_chunks", "char_start", "char_end"], check_chunk_books),
-    "pack": (["num_pad_tokens", "segment_lengths"], check_packed_row_lengths),
-    "qa": (["book_id", "chunk_index"], check_qa_chunks),
-}
+from lwm_data import outputs
+from lwm_data.stages import UnknownStage, stage_of
 
 
 def validate(output_dir: str) -> Counter:
     """Violation class -> count over the whole output; empty when the output is valid."""
     violations: Counter = Counter()
     try:
-        manifest = io.read_manifest(output_dir)
+        manifest = outputs.read_manifest(output_dir)
     except Exception as e:  # noqa: BLE001 - any failure to read it is the violation
         violations[f"manifest.json unreadable ({type(e).__name__})"] += 1
         return violations
-    stage = manifest.get("stage")
-    schema = STAGE_SCHEMAS.get(stage)
-    if schema is None:
-        violations[f"unknown stage {stage!r}"] += 1
+    try:
+        stage = stage_of(manifest)
+    except UnknownStage:
+        violations[f"unknown stage {manifest.get('stage')!r}"] += 1
         return violations
     _check_manifest(output_dir, manifest, violations)
-    for path in io.list_shards(output_dir):
-        table = io.read_shard(path)
-        if not table.schema.equals(schema):
+    for path in outputs.list_shards(output_dir, manifest):
+        if not outputs.exists(path):  # counted as a file missing from the manifest's list
+            continue
+        table = outputs.read_shard(path)
+        if not table.schema.equals(stage.schema):
             violations["shard schema differs from the stage schema"] += 1
             continue
-        for check in ROW_CHECKS.get(stage, []):
+        for check in stage.row_checks:
             check(table, violations)
-    if stage in GLOBAL_CHECKS and not violations.total():
-        columns, check = GLOBAL_CHECKS[stage]
-        check(io.read_table(output_dir, columns), violations)
+    if not violations.total():
+        for check in stage.global_checks:
+            check.check(outputs.read_table(output_dir, list(check.columns)), violations)
     return +violations
 
 
@@ -188,11 +48,11 @@ def _check_manifest(output_dir: str, manifest: dict, violations: Counter) -> Non
     if counts.get("in") != total:
         violations["counts do not balance (in != out + filtered + dead_lettered)"] += 1
     listed = {f["path"]: f["rows"] for f in manifest.get("files", [])}
-    actual = {f["path"]: f["rows"] for f in io.describe_files(output_dir)}
+    actual = {f["path"]: f["rows"] for f in outputs.describe_files(output_dir, manifest.get("run"))}
     violations["files differ from the manifest's list"] += len(set(listed.items()) ^ set(actual.items()))
-    errors = sum(rows for path, rows in actual.items() if path.startswith(io.ERRORS_DIR))
+    errors = sum(rows for path, rows in listed.items() if path.endswith(outputs.ERRORS_SUFFIX))
     if errors != counts.get("dead_lettered", 0):
         violations["dead letters in errors/ != counts.dead_lettered"] += 1
-    for letter in io.read_dead_letters(output_dir):
+    for letter in outputs.read_dead_letters(output_dir):
         if not {"stage", "reason", "source", "locator"} <= letter.keys():
             violations["dead letter without stage/reason/source/locator"] += 1

@@ -27,10 +27,10 @@ def books_jsonl(tmp_path_factory, synthetic_books) -> Path:
 @pytest.fixture(scope="session")
 def chunks_dir(tmp_path_factory, books_jsonl) -> Path:
     """Output of the chunk stage over `books_jsonl` (1000-token chunks, embedded tokenizer)."""
-    from lwm_data.pipelines import chunk_books
+    from lwm_data.pipelines import chunk
 
     output = tmp_path_factory.mktemp("chunks")
-    chunk_books.run(chunk_books.ChunkConfig(input=str(books_jsonl), output=str(output)))
+    chunk.run(chunk.ChunkConfig(input=str(books_jsonl), output=str(output)))
     return output
 
 

@@ -6,7 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from lwm_data.books import Book, Rejection, iter_lines, read_books
+from lwm_data.books import Book, read_books
+from lwm_data.outputs import Rejection
+from lwm_data.reading import iter_lines
 
 
 def _reasons(items):
@@ -75,14 +77,7 @@ def test_oversized_line_is_skipped_without_losing_neighbours(tmp_path):
 
 def test_iter_lines_across_block_boundaries():
     data = b"a" * 5 + b"\n" + b"b" * 20 + b"\n\nccc"
-    import lwm_data.books as books
-
-    original = books._READ_BLOCK
-    books._READ_BLOCK = 4
-    try:
-        lines = list(iter_lines(io.BytesIO(data), max_bytes=10))
-    finally:
-        books._READ_BLOCK = original
+    lines = list(iter_lines(io.BytesIO(data), max_bytes=10, block_bytes=4))
     assert lines == [(1, b"aaaaa"), (2, None), (3, b""), (4, b"ccc")]
 
 
@@ -104,7 +99,7 @@ def test_json_edge_cases_are_one_rejection_each_and_keep_the_rest_of_the_file(tm
 
 
 def test_dead_letter_with_lone_surrogates_is_writable_json():
-    from lwm_data.io import DeadLetter
+    from lwm_data.outputs import DeadLetter
 
     line = DeadLetter("chunk", "text_not_string", "f.jsonl", "line 1", "d", '{"title": "\ud800"}').to_json()
     line.encode()  # a UTF-8 sink (WriteToText) must accept it
@@ -119,9 +114,28 @@ def test_parquet_reads_the_same_title_keys_as_jsonl(tmp_path):
 
 
 def test_dead_letters_with_unicode_line_separators_read_back_one_per_line(tmp_path):
-    from lwm_data.io import DeadLetter, read_dead_letters
+    from lwm_data.outputs import OutputRun, read_dead_letters
+    from lwm_data.schemas import CHUNK_SCHEMA
 
-    (tmp_path / "errors").mkdir()
-    letters = [DeadLetter("chunk", "r", "s", "line 1", record="a\u2028b\u2029c\x85d"), DeadLetter("chunk", "r", "s", "line 2")]
-    (tmp_path / "errors" / "part-0.jsonl").write_text("".join(d.to_json() + "\n" for d in letters))
+    run = OutputRun(str(tmp_path))
+    run.write_table(CHUNK_SCHEMA.empty_table())
+    run.write_dead_letters("chunk", [Rejection("r", record="a\u2028b\u2029c\x85d", source="s", locator="line 1"),
+                                     Rejection("r", source="s", locator="line 2")])
+    run.commit({"stage": "chunk"})
     assert [d["record"] for d in read_dead_letters(str(tmp_path))] == ["a\u2028b\u2029c\x85d", ""]
+
+
+def test_a_bug_in_a_parser_fails_instead_of_posing_as_an_unreadable_file(tmp_path, monkeypatch):
+    import pytest
+
+    import lwm_data.books as books
+
+    path = tmp_path / "b.jsonl"
+    path.write_text(json.dumps({"text": "One."}) + "\n" + json.dumps({"text": "Two."}) + "\n")
+
+    def broken(*args):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(books, "book_from_fields", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        list(read_books(str(path)))

@@ -7,18 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from lwm_data.chat import (
-    BookChunks,
-    ChatConfig,
-    ChatTemplate,
-    WindowResult,
-    book_examples,
-    encode_turns,
-    plan_windows,
-)
+from lwm_data.chat import BookTally, ChatConfig, ChatTemplate, book_examples, encode_turns, plan_windows
+from lwm_data.chunking import BookChunks, cut_chunks
 from lwm_data.lwm_format import LwmProcessor, example_from_line, to_lwm_record
 from lwm_data.synthetic import SyntheticBook, generate_book
-from lwm_data.text import chunk_tokens
 from lwm_data.tokenizers import load_tokenizer
 
 
@@ -34,7 +26,7 @@ def fact_pairs(book: SyntheticBook, chunk_texts: list[str]) -> list[tuple[int, s
 
 def chunked(book: SyntheticBook, tokenizer) -> BookChunks:
     tokenized = tokenizer.encode_with_offsets([book.text])[0]
-    chunks = chunk_tokens(book.text, tokenized, 1000)
+    chunks = cut_chunks(book.text, tokenized, 1000)
     offsets = np.array([0] + [c.token_end for c in chunks], np.int64)
     return BookChunks(book.id, tokenized.ids, offsets, [book.text[c.char_start : c.char_end] for c in chunks])
 
@@ -135,16 +127,16 @@ def test_deterministic_for_a_seed(examples, book_and_turns, tokenizer):
     assert [(e.example_id, e.tokens.tobytes(), e.text) for e in again] == [
         (e.example_id, e.tokens.tobytes(), e.text) for e in examples
     ]
-    other = list(book_examples(chunks, turns, 8192, ChatConfig(4, 0.5, seed=4), tokenizer))
+    other = list(book_examples(chunks, turns, 8192, ChatConfig(pairs_per_example=4, stride=0.5, seed=4), tokenizer))
     assert [e.meta["qa_chunks"] for e in other] != [e.meta["qa_chunks"] for e in examples]
 
 
 def test_short_book_and_missing_qa(book_and_turns, tokenizer):
     _, chunks, turns = book_and_turns
-    result = WindowResult()
+    result = BookTally()
     assert list(book_examples(chunks, turns, 1 << 20, CONFIG, tokenizer, result)) == []
     assert result.windows == 0
-    result = WindowResult()
+    result = BookTally()
     assert list(book_examples(chunks, [], 8192, CONFIG, tokenizer, result)) == []
     assert result.windows > 0 and result.windows_without_qa == result.windows
 

@@ -6,15 +6,17 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from lwm_data import io
+from lwm_data import config as settings
+from lwm_data import outputs
 from lwm_data.cli import app
-from lwm_data.pipelines import chat_examples
+from lwm_data.outputs import Rejection
+from lwm_data.pipelines import chat
 from lwm_data.schemas import QA_SCHEMA
 from lwm_data.validate import validate
+from tests.helpers import write_output
 
 LENGTHS = (4096, 65536)  # the synthetic books (~4K-12K tokens) fill 4K windows, never a 64K one
 
@@ -24,7 +26,7 @@ def qa_dir(tmp_path_factory, chunks_dir, synthetic_books):
     """QA shards as the QA stage writes them: one pair per stated fact, none for every 4th chunk,
     a blank pair, and QA for a book that has no chunks."""
     facts = {book.id: book.facts for book in synthetic_books}
-    chunks = io.read_table(str(chunks_dir), ["book_id", "chunk_index", "text"]).to_pylist()
+    chunks = outputs.read_table(str(chunks_dir), ["book_id", "chunk_index", "text"]).to_pylist()
     rows = []
     for chunk in chunks:
         pairs = [
@@ -39,20 +41,13 @@ def qa_dir(tmp_path_factory, chunks_dir, synthetic_books):
     for row in rows:
         row.update(model="test", backend="fixture", prompt_version="v0")
     output = tmp_path_factory.mktemp("qa")
-    pq.write_table(pa.Table.from_pylist(rows, schema=QA_SCHEMA), output / "part-00000-of-00001.parquet")
-    return output
+    return write_output(output, "qa", pa.Table.from_pylist(rows, schema=QA_SCHEMA))
 
 
 def run_chat(chunks_dir, qa_dir, output, seed=0):
-    config = chat_examples.ChatJobConfig(
-        chunks=str(chunks_dir),
-        qa=str(qa_dir),
-        output=str(output),
-        context_lengths=LENGTHS,
-        pairs_per_example=3,
-        seed=seed,
-    )
-    return chat_examples.run(config)
+    values = dict(chunks=str(chunks_dir), qa=str(qa_dir), output=str(output), context_lengths=LENGTHS,
+                  pairs_per_example=3, seed=seed)
+    return chat.run(settings.build(chat.ChatStageConfig, values))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +57,7 @@ def chat_run(tmp_path_factory, chunks_dir, qa_dir):
 
 
 def sorted_rows(directory) -> list[dict]:
-    return sorted(io.read_table(str(directory)).to_pylist(), key=lambda r: r["example_id"])
+    return sorted(outputs.read_table(str(directory)).to_pylist(), key=lambda r: r["example_id"])
 
 
 def test_counts_balance_per_book_and_length(chat_run, synthetic_books):
@@ -73,16 +68,16 @@ def test_counts_balance_per_book_and_length(chat_run, synthetic_books):
     assert counts["out"] == len(synthetic_books)
     assert counts["filtered"] == {"shorter_than_65536": len(synthetic_books)}
     assert counts["dead_lettered_by_reason"] == {"qa_without_chunks": len(LENGTHS)}
-    assert manifest["stats"]["examples"] == manifest["stats"]["examples_4096"] == len(io.read_table(str(output)))
+    assert manifest["stats"]["examples"] == manifest["stats"]["examples_4096"] == len(outputs.read_table(str(output)))
     assert manifest["stats"]["qa_pairs_blank"] == 1
     assert not validate(str(output))
-    assert {d["reason"] for d in io.read_dead_letters(str(output))} == {"qa_without_chunks"}
+    assert {d["reason"] for d in outputs.read_dead_letters(str(output))} == {"qa_without_chunks"}
 
 
 def test_examples_fit_and_carry_loss_only_on_answers(chat_run, chunks_dir):
     output, _ = chat_run
     chunk_counts = {
-        r["book_id"]: r["num_chunks"] for r in io.read_table(str(chunks_dir), ["book_id", "num_chunks"]).to_pylist()
+        r["book_id"]: r["num_chunks"] for r in outputs.read_table(str(chunks_dir), ["book_id", "num_chunks"]).to_pylist()
     }
     for row in sorted_rows(output):
         meta = json.loads(row["meta"])
@@ -112,7 +107,7 @@ def test_export_then_import_gives_the_same_examples(chat_run, tmp_path):
     ids = [json.loads(line)["id"] for line in jsonl.read_text().splitlines()]
     imported = runner.invoke(app, ["import-lwm", "--input", str(jsonl), "--output", str(tmp_path / "imported")])
     assert imported.exit_code == 0, imported.output
-    back = {json.loads(r["meta"])["line"]: r for r in io.read_table(str(tmp_path / "imported")).to_pylist()}
+    back = {json.loads(r["meta"])["line"]: r for r in outputs.read_table(str(tmp_path / "imported")).to_pylist()}
     original = {r["example_id"]: r for r in sorted_rows(output)}
     assert len(back) == len(original) == len(ids)
     for line, example_id in enumerate(ids, start=1):
@@ -122,15 +117,15 @@ def test_export_then_import_gives_the_same_examples(chat_run, tmp_path):
 
 
 def test_books_are_rebuilt_from_rows_in_any_order_and_bad_ones_refused(chunks_dir):
-    from lwm_data.chat import BadChunks, book_chunks_from_table
+    from lwm_data.chunking import book_chunks_from_table, split_by_book
 
-    table = io.read_table(str(chunks_dir), chat_examples.CHUNK_COLUMNS)
-    pieces = dict(chat_examples.split_by_book(table))
+    table = outputs.read_table(str(chunks_dir), chat.CHUNK_COLUMNS)
+    pieces = dict(split_by_book(table))
     book_id, rows = next(iter(pieces.items()))
     assert set(pieces) == set(table["book_id"].to_pylist())
     shuffled = rows.take(np.random.default_rng(0).permutation(rows.num_rows))
     book = book_chunks_from_table(book_id, pa.concat_tables([shuffled.slice(0, 3), shuffled.slice(3)]))
     assert np.array_equal(book.tokens, np.concatenate([np.array(t, np.int32) for t in rows["tokens"].to_pylist()]))
     assert book.texts == rows["text"].to_pylist() and book.num_chunks == rows.num_rows
-    with pytest.raises(BadChunks):
+    with pytest.raises(Rejection, match="incomplete_book"):
         book_chunks_from_table(book_id, rows.slice(1))

@@ -8,10 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from lwm_data import io
-from lwm_data.cli import app
+from lwm_data import outputs
 from lwm_data.books import Book
-from lwm_data.pipelines import chunk_books
+from lwm_data.cli import app
+from lwm_data.outputs import Rejection
+from lwm_data.pipelines import chunk
 from lwm_data.synthetic import generate_books, write_books_jsonl
 from lwm_data.tokenizers import load_tokenizer
 from lwm_data.validate import validate
@@ -41,8 +42,8 @@ def messy_input(tmp_path_factory, synthetic_books) -> Path:
 @pytest.fixture(scope="module")
 def messy_output(tmp_path_factory, messy_input):
     output = tmp_path_factory.mktemp("chunks-out")
-    config = chunk_books.ChunkConfig(input=str(messy_input / "*"), output=str(output), min_book_tokens=100)
-    return output, chunk_books.run(config)
+    config = chunk.ChunkConfig(input=str(messy_input / "*"), output=str(output), min_book_tokens=100)
+    return output, chunk.run(config)
 
 
 def test_counts_balance_and_every_bad_record_is_dead_lettered(messy_output):
@@ -56,7 +57,7 @@ def test_counts_balance_and_every_bad_record_is_dead_lettered(messy_output):
         "missing_text": 1, "record_too_large": 1, "text_not_string": 1, "unreadable_file": 1,
     }
     assert counts["out"] == 7 and counts["balanced"]
-    letters = io.read_dead_letters(str(output))
+    letters = outputs.read_dead_letters(str(output))
     assert len(letters) == counts["dead_lettered"]
     assert all(letter["stage"] == "chunk" and letter["source"] and letter["reason"] for letter in letters)
     huge = next(letter for letter in letters if letter["reason"] == "record_too_large")
@@ -71,14 +72,14 @@ def test_manifest_records_config_tokenizer_and_files(messy_output):
     assert on_disk == manifest
     shard_rows = sum(f["rows"] for f in manifest["files"] if f["path"].endswith(".parquet"))
     assert shard_rows == manifest["stats"]["chunks"] > 0
-    table = io.read_table(str(output))
+    table = outputs.read_table(str(output))
     assert sum(table["num_tokens"].to_pylist()) == manifest["stats"]["tokens"]
 
 
 def test_output_is_valid_and_chunks_rebuild_each_book(messy_output, synthetic_books):
     output, _ = messy_output
     assert not validate(str(output))
-    table = io.read_table(str(output)).sort_by([("book_id", "ascending"), ("chunk_index", "ascending")])
+    table = outputs.read_table(str(output)).sort_by([("book_id", "ascending"), ("chunk_index", "ascending")])
     rows = table.to_pylist()
     first = [r for r in rows if r["book_id"] == synthetic_books[0].id]
     assert "".join(r["text"] for r in first) == synthetic_books[0].text
@@ -93,7 +94,7 @@ def test_readable_by_hugging_face_datasets(messy_output):
     from datasets import load_dataset
 
     output, manifest = messy_output
-    shards = [str(p) for p in sorted(output.glob("part-*.parquet"))]
+    shards = outputs.list_shards(str(output))
     dataset = load_dataset("parquet", data_files=shards, split="train")
     assert len(dataset) == manifest["stats"]["chunks"]
     assert set(dataset.column_names) >= {"book_id", "chunk_index", "tokens", "text"}
@@ -101,20 +102,23 @@ def test_readable_by_hugging_face_datasets(messy_output):
 
 def test_length_filters_and_determinism(tmp_path, books_jsonl):
     def run(name, **kwargs):
-        config = chunk_books.ChunkConfig(input=str(books_jsonl), output=str(tmp_path / name), **kwargs)
-        return chunk_books.run(config)
+        config = chunk.ChunkConfig(input=str(books_jsonl), output=str(tmp_path / name), **kwargs)
+        return chunk.run(config)
 
     a, b = run("a", max_book_tokens=9000), run("b", max_book_tokens=9000)
     assert a["counts"] == b["counts"] and a["counts"]["filtered"].get("too_long", 0) > 0
     key = [("book_id", "ascending"), ("chunk_index", "ascending")]
-    assert io.read_table(str(tmp_path / "a")).sort_by(key).equals(io.read_table(str(tmp_path / "b")).sort_by(key))
+    assert outputs.read_table(str(tmp_path / "a")).sort_by(key).equals(outputs.read_table(str(tmp_path / "b")).sort_by(key))
 
 
-def test_rerun_replaces_previous_output(tmp_path, books_jsonl):
-    config = chunk_books.ChunkConfig(input=str(books_jsonl), output=str(tmp_path / "o"), chunk_tokens=500)
-    chunk_books.run(config)
-    (tmp_path / "o" / "part-99999-of-99999.parquet").write_bytes(b"stale")
-    chunk_books.run(config)
+def test_rerun_replaces_previous_output_and_leaves_no_stale_file(tmp_path, books_jsonl):
+    config = chunk.ChunkConfig(input=str(books_jsonl), output=str(tmp_path / "o"), chunk_tokens=500)
+    first = chunk.run(config)
+    (tmp_path / "o" / first["run"] / "part-99999-of-99999.parquet").write_bytes(b"stale")
+    (tmp_path / "o" / "part-00000-of-00001.parquet").write_bytes(b"a shard of the layout before runs")
+    second = chunk.run(config)
+    assert second["run"] != first["run"] and second["counts"] == first["counts"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["manifest.json", second["run"]]
     assert not validate(str(tmp_path / "o"))
 
 
@@ -125,7 +129,7 @@ def test_cli_passes_beam_options_through(tmp_path, books_jsonl):
          "--direct_num_workers", "2", "--direct_running_mode", "multi_threading"],
     )
     assert result.exit_code == 0, result.output
-    manifest = io.read_manifest(str(tmp_path / "cli"))
+    manifest = outputs.read_manifest(str(tmp_path / "cli"))
     assert manifest["config"]["chunk_tokens"] == 800 and manifest["counts"]["balanced"]
     assert CliRunner().invoke(app, ["validate", str(tmp_path / "cli")]).exit_code == 0
 
@@ -133,7 +137,7 @@ def test_cli_passes_beam_options_through(tmp_path, books_jsonl):
 def test_validate_reports_violation_classes_with_counts(tmp_path, chunks_dir):
     broken = tmp_path / "broken"
     shutil.copytree(chunks_dir, broken)
-    shard = sorted(broken.glob("part-*.parquet"))[0]
+    shard = outputs.list_shards(str(broken))[0]
     table = pq.read_table(shard)
     num_tokens = table["num_tokens"].to_pylist()
     num_tokens[0] += 1
@@ -149,16 +153,16 @@ def test_validate_reports_violation_classes_with_counts(tmp_path, chunks_dir):
 
 def test_only_bad_input_gives_an_empty_valid_output(tmp_path):
     (tmp_path / "bad.jsonl").write_bytes(b'{"text": 1}\nnot json\n')
-    manifest = chunk_books.run(chunk_books.ChunkConfig(input=str(tmp_path / "bad.jsonl"), output=str(tmp_path / "o")))
+    manifest = chunk.run(chunk.ChunkConfig(input=str(tmp_path / "bad.jsonl"), output=str(tmp_path / "o")))
     assert manifest["counts"]["in"] == 2 and manifest["counts"]["dead_lettered"] == 2
-    assert io.read_table(str(tmp_path / "o")).num_rows == 0 and not validate(str(tmp_path / "o"))
+    assert outputs.read_table(str(tmp_path / "o")).num_rows == 0 and not validate(str(tmp_path / "o"))
 
 
 def test_lone_surrogates_are_dead_lettered_not_a_job_crash(tmp_path):
     (tmp_path / "s.jsonl").write_text(
         '{"text": 5, "title": "\\ud800"}\n{"id": "\\ud800", "text": "Some text."}\n{"text": "A good book."}\n'
     )
-    manifest = chunk_books.run(chunk_books.ChunkConfig(input=str(tmp_path / "s.jsonl"), output=str(tmp_path / "o")))
+    manifest = chunk.run(chunk.ChunkConfig(input=str(tmp_path / "s.jsonl"), output=str(tmp_path / "o")))
     counts = manifest["counts"]
     assert (counts["in"], counts["out"]) == (3, 1) and counts["balanced"]
     assert counts["dead_lettered_by_reason"] == {"invalid_utf8": 1, "text_not_string": 1}
@@ -169,18 +173,19 @@ def test_the_first_copy_and_the_first_use_of_an_id_are_kept_in_line_order():
     def book(text, line):
         return Book("same-id", None, text, text, "f.jsonl", f"line {line}")
 
-    (kept,) = chunk_books.KeepFirstCopy().process(("h", [book("t", 10), book("t", 9), book("t", 100)]))
+    (kept,) = chunk.KeepFirstCopy("chunk")(("h", [book("t", 10), book("t", 9), book("t", 100)]))
     assert kept.locator == "line 9"
-    first, *letters = chunk_books.RejectConflictingIds().process(("same-id", [book("b", 10), book("a", 9)]))
+    first, *rejected = chunk.reject_conflicting_ids(("same-id", [book("b", 10), book("a", 9)]))
     assert first.locator == "line 9"
-    assert [json.loads(letter.value)["locator"] for letter in letters] == ["line 10"]
+    assert [(r.reason, r.locator) for r in rejected] == [("conflicting_id", "line 10")]
+    assert all(isinstance(r, Rejection) for r in rejected)
 
 
 def test_validate_flags_an_empty_chunk():
     from collections import Counter
 
     from lwm_data.schemas import CHUNK_SCHEMA
-    from lwm_data.validate import check_chunk_rows
+    from lwm_data.checks import check_chunk_rows
 
     rows = [dict(book_id="b", title=None, chunk_index=i, num_chunks=2, char_start=s, char_end=e, num_tokens=len(t),
                  text="ab"[s:e], tokens=t) for i, (s, e, t) in enumerate([(0, 2, [1, 2]), (2, 2, [])])]

@@ -10,18 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lwm_data.examples import Example, examples_from_table, examples_to_table
 from lwm_data.lwm_format import (
-    Example,
-    LwmFormatError,
     LwmProcessor,
     ProcessorConfig,
     choose_field_spec,
     example_from_line,
-    examples_from_table,
-    examples_to_table,
     parse_field_spec,
     to_lwm_record,
 )
+from lwm_data.outputs import Rejection
 from lwm_data.tokenizers import load_tokenizer
 
 SYSTEM_IDS = [887, 526, 263, 8444, 20255, 29889, 3148, 1001, 29901]
@@ -67,7 +65,7 @@ def test_list_spec_is_chosen_by_line_number_like_lwm():
         assert choose_field_spec(specs, line) == random.Random(line).choice(specs)
     assert choose_field_spec("a,b", 7) == "a,b"
     assert [choose_field_spec(specs, i, seed=1) for i in range(20)] != [choose_field_spec(specs, i) for i in range(20)]
-    with pytest.raises(LwmFormatError, match="bad_field_spec"):
+    with pytest.raises(Rejection, match="bad_field_spec"):
         choose_field_spec([], 0)
 
 
@@ -151,7 +149,7 @@ def test_max_frames_samples_uniformly(default_processor):
     ],
 )
 def test_bad_records_raise_with_a_reason(default_processor, record, spec, reason):
-    with pytest.raises(LwmFormatError) as error:
+    with pytest.raises(Rejection) as error:
         default_processor(record, spec)
     assert error.value.reason == reason
 
@@ -165,9 +163,9 @@ def test_line_import(default_processor):
     assert example.meta == {"line": 5, "fields": spec} and example.kind == "chat"  # a prompt field: never split
     plain = example_from_line(json.dumps({"fields": "a+b", "a": "One.", "b": "Two."}).encode(), "d.jsonl", 0, default_processor)
     assert plain.kind == "text"
-    with pytest.raises(LwmFormatError, match="invalid_json"):
+    with pytest.raises(Rejection, match="invalid_json"):
         example_from_line(b"{oops", "data.jsonl", 0, default_processor)
-    with pytest.raises(LwmFormatError, match="missing_field_spec"):
+    with pytest.raises(Rejection, match="missing_field_spec"):
         example_from_line(b'{"q": "x"}', "data.jsonl", 0, default_processor)
     global_spec = example_from_line(b'{"q": "x", "a": "y"}', "d", 0, default_processor, fields="[q],a")
     assert global_spec.meta["fields"] == "[q],a"
@@ -180,7 +178,7 @@ def test_lines_that_would_crash_a_job_are_dead_lettered(default_processor):
         ('{"fields": "a", "a": "x\\ud800y"}', "invalid_utf8"),
         (json.dumps({"fields": "vision", "vision": [-(2**70)] * 256}), "vision_code_range"),
     ]:
-        with pytest.raises(LwmFormatError) as error:
+        with pytest.raises(Rejection) as error:
             example_from_line(line, "d", 0, default_processor)
         assert error.value.reason == reason
 
@@ -222,19 +220,19 @@ def test_export_round_trip_of_vision_and_text(which, request):
 def test_export_refuses_what_lwm_cannot_express(default_processor):
     tokens, weights, vision = default_processor({"a": "Hello there."}, "a")
     no_bos = Example("e", "text", "s", tokens[1:], weights[1:], vision[1:])
-    with pytest.raises(LwmFormatError, match="not_representable"):
+    with pytest.raises(Rejection, match="not_representable"):
         to_lwm_record(no_bos, default_processor.tokenizer)
     half = Example("e", "text", "s", tokens, np.where(weights > 0, 0.5, 0).astype(np.float32), vision)
-    with pytest.raises(LwmFormatError, match="not_representable"):
+    with pytest.raises(Rejection, match="not_representable"):
         to_lwm_record(half, default_processor.tokenizer)
     for bad_id in (-5, default_processor.tokenizer.vocab_size):  # not a crash of the whole export
         out_of_vocab = tokens.copy()
         out_of_vocab[2] = bad_id
-        with pytest.raises(LwmFormatError, match="not_representable"):
+        with pytest.raises(Rejection, match="not_representable"):
             to_lwm_record(Example("e", "text", "s", out_of_vocab, weights, vision), default_processor.tokenizer)
     stray_vision = vision.copy()
     stray_vision[2] = True
-    with pytest.raises(LwmFormatError, match="not_representable"):
+    with pytest.raises(Rejection, match="not_representable"):
         to_lwm_record(Example("e", "text", "s", tokens, weights, stray_vision), default_processor.tokenizer)
 
 
@@ -270,7 +268,7 @@ def test_examples_table_round_trip(default_processor):
 
 
 def test_import_job_dead_letters_bad_lines(tmp_path, default_processor):
-    from lwm_data.io import read_dead_letters, read_table
+    from lwm_data.outputs import read_dead_letters, read_table
     from lwm_data.pipelines import import_lwm
     from lwm_data.validate import validate
 
@@ -308,4 +306,20 @@ def test_import_job_dead_letters_bad_lines(tmp_path, default_processor):
         assert rows[line_number]["tokens"] == tokens.tolist() and rows[line_number]["loss_weights"] == weights.tolist()
         assert rows[line_number]["vision_mask"] == vision.tolist()
     assert [rows[n]["kind"] for n in (1, 3, 7)] == ["chat", "image_text", "video_text"]
+    assert not validate(str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("suffix, junk", [(".jsonl.gz", b"\x1f\x8b not gzip"), (".jsonl.zst", b"\x28\xb5\x2f\xfd not zstd")])
+def test_import_dead_letters_a_corrupt_compressed_file(tmp_path, suffix, junk):
+    from lwm_data.outputs import read_dead_letters
+    from lwm_data.pipelines import import_lwm
+    from lwm_data.validate import validate
+
+    (tmp_path / f"corrupt{suffix}").write_bytes(junk)
+    (tmp_path / "good.jsonl").write_text(json.dumps({"fields": "[q],a", "q": "Why?", "a": "Because."}) + "\n")
+    manifest = import_lwm.run(import_lwm.ImportConfig(input=str(tmp_path / "*"), output=str(tmp_path / "out")))
+    counts = manifest["counts"]
+    assert (counts["in"], counts["out"], counts["dead_lettered_by_reason"]) == (2, 1, {"unreadable_file": 1})
+    [letter] = read_dead_letters(str(tmp_path / "out"))
+    assert letter["source"].endswith(f"corrupt{suffix}") and letter["stage"] == "import-lwm"
     assert not validate(str(tmp_path / "out"))

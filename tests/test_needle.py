@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from lwm_data import io
+from lwm_data import outputs
 from lwm_data.cli import app
 from lwm_data.needle import (
     CITIES,
@@ -183,11 +183,11 @@ def test_cli_needle_and_needle_score(books_jsonl, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    rows = io.read_table(str(out)).to_pylist()
-    counts = io.read_manifest(str(out))["counts"]
+    rows = outputs.read_table(str(out)).to_pylist()
+    counts = outputs.read_manifest(str(out))["counts"]
     assert len(rows) == 6 and counts["balanced"]
     assert counts["dead_lettered_by_reason"] == {"invalid_json": 1, "text_not_string": 1}
-    assert {d["source"] for d in io.read_dead_letters(str(out))} == {str(haystack / "bad.jsonl")}
+    assert {d["source"] for d in outputs.read_dead_letters(str(out))} == {str(haystack / "bad.jsonl")}
     assert not validate(str(out))
     responses = tmp_path / "responses.jsonl"
     responses.write_text("\n".join(json.dumps({"example_id": r["example_id"], "response": r["answer"]}) for r in rows))

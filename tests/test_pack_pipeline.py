@@ -1,30 +1,31 @@
-"""The pack Beam job end to end: chunk-stage output and EXAMPLE_SCHEMA directories in, valid packed
-rows out, every example accounted for."""
+"""The text and pack Beam jobs end to end: books from the chunk stage become text examples, and
+EXAMPLE_SCHEMA directories become valid packed rows, every example accounted for."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from lwm_data import io
+from lwm_data import config as settings
+from lwm_data import outputs
 from lwm_data.cli import app
-from lwm_data.io import Counts
-from lwm_data.packing import Examples, unpack_rows
-from lwm_data.pipelines import pack
-from lwm_data.pipelines.pack import PackConfig
+from lwm_data.config import ConfigError
+from lwm_data.examples import Examples
+from lwm_data.packing import unpack_rows
+from lwm_data.pipelines import pack, text
 from lwm_data.schemas import EXAMPLE_SCHEMA
 from lwm_data.tokenizers import load_tokenizer
 from lwm_data.validate import validate
+from tests.helpers import write_output
 
 SEQ_LEN = 2048
 
 
 def book_examples(chunks_dir) -> dict[str, np.ndarray]:
     """What the pack job should make of each book: BOS, then its chunks' tokens in order."""
-    table = io.read_table(str(chunks_dir), ["book_id", "chunk_index", "tokens"]).sort_by(
+    table = outputs.read_table(str(chunks_dir), ["book_id", "chunk_index", "tokens"]).sort_by(
         [("book_id", "ascending"), ("chunk_index", "ascending")]
     )
     bos = load_tokenizer(None).bos_id
@@ -34,21 +35,21 @@ def book_examples(chunks_dir) -> dict[str, np.ndarray]:
     return {k: np.array(v, np.int32) for k, v in books.items()}
 
 
+def PackConfig(**values) -> pack.PackConfig:  # noqa: N802 - reads like the config it builds
+    return settings.build(pack.PackConfig, values)
+
+
 def write_examples_dir(directory, examples: Examples, bad_rows: pa.Table | None = None) -> str:
-    table = examples.to_table(source="test")
+    table = examples.to_table(sources="test")
     if bad_rows is not None:
         table = pa.concat_tables([table, bad_rows])
-    directory.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, directory / "part-00000-of-00001.parquet")
-    counts = Counts(input=table.num_rows, output=table.num_rows).to_dict()
-    io.write_json(str(directory / io.MANIFEST), {"stage": "chat", "counts": counts, "files": io.describe_files(str(directory))})
-    return str(directory)
+    return write_output(directory, "chat", table)
 
 
 def bad_example_rows() -> pa.Table:
     rows = [
-        {"example_id": "bad-length", "kind": "chat", "source": "t", "num_tokens": 3, "tokens": [1, 2],
-         "loss_weights": [0, 1, 1], "vision_mask": [False] * 3, "text": None, "meta": None},
+        {"example_id": "bad-length", "kind": "chat", "source": "t", "num_tokens": 3, "tokens": [1, 2, 3],
+         "loss_weights": [0, 1], "vision_mask": [False] * 3, "text": None, "meta": None},
         {"example_id": "bad-empty", "kind": "chat", "source": "t", "num_tokens": 0, "tokens": [],
          "loss_weights": [], "vision_mask": [], "text": None, "meta": None},
         {"example_id": "bad-weight", "kind": "chat", "source": "t", "num_tokens": 2, "tokens": [1, 2],
@@ -72,13 +73,32 @@ def chat_examples(n: int, seed: int) -> Examples:
 
 
 @pytest.fixture(scope="module")
-def packed_books(chunks_dir, tmp_path_factory):
+def text_dir(chunks_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("text")
+    text.run(text.TextConfig(input=str(chunks_dir), output=str(output)))
+    return output
+
+
+@pytest.fixture(scope="module")
+def packed_books(text_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("packed_books")
-    manifest = pack.run(PackConfig(input=str(chunks_dir), output=str(output), seq_len=SEQ_LEN, overflow="split"))
+    manifest = pack.run(PackConfig(input=str(text_dir), output=str(output), seq_len=SEQ_LEN, overflow="split"))
     return output, manifest
 
 
-def test_books_from_the_chunk_stage_pack_into_valid_rows(packed_books, chunks_dir):
+def test_the_text_stage_makes_one_example_per_book(text_dir, chunks_dir):
+    manifest = outputs.read_manifest(str(text_dir))
+    books = book_examples(chunks_dir)
+    assert manifest["counts"]["in"] == manifest["counts"]["out"] == len(books) and manifest["counts"]["balanced"]
+    assert manifest["tokenizer"] == outputs.read_manifest(str(chunks_dir))["tokenizer"]
+    rows = outputs.read_table(str(text_dir)).to_pylist()
+    for row in rows:
+        assert row["kind"] == "text" and row["tokens"] == books[row["example_id"]].tolist()
+        assert row["loss_weights"] == [0.0] + [1.0] * (row["num_tokens"] - 1) and not any(row["vision_mask"])
+    assert not validate(str(text_dir))
+
+
+def test_books_from_the_text_stage_pack_into_valid_rows(packed_books, chunks_dir):
     output, manifest = packed_books
     assert not validate(str(output))
     books = book_examples(chunks_dir)
@@ -89,7 +109,7 @@ def test_books_from_the_chunk_stage_pack_into_valid_rows(packed_books, chunks_di
     assert summary["tokens_by_kind"] == {"text": total}
     assert summary["split"] == len(books)  # every ~8K-token book is longer than a row
     assert summary["fill_efficiency"] == pytest.approx(total / (summary["rows"] * SEQ_LEN))
-    unpacked = unpack_rows(io.read_table(str(output)))
+    unpacked = unpack_rows(outputs.read_table(str(output)))
     assert sorted(unpacked.example_ids) == sorted(books)
     for i, book_id in enumerate(unpacked.example_ids):
         lo, hi = unpacked.offsets[i], unpacked.offsets[i + 1]
@@ -100,30 +120,34 @@ def test_books_from_the_chunk_stage_pack_into_valid_rows(packed_books, chunks_di
 
 
 def test_a_book_with_a_missing_chunk_is_dead_lettered(chunks_dir, tmp_path):
-    table = io.read_table(str(chunks_dir))
+    table = outputs.read_table(str(chunks_dir))
     broken = table["book_id"][0].as_py()
     keep = [not (b == broken and i == 1) for b, i in zip(table["book_id"].to_pylist(), table["chunk_index"].to_pylist())]
-    inputs = tmp_path / "chunks"
-    inputs.mkdir()
-    pq.write_table(table.filter(pa.array(keep)), inputs / "part-00000-of-00001.parquet")
-    manifest = io.read_manifest(str(chunks_dir))
-    io.write_json(str(inputs / io.MANIFEST), {**manifest, "files": io.describe_files(str(inputs))})
-    output = tmp_path / "packed"
-    result = pack.run(PackConfig(input=str(inputs), output=str(output), seq_len=SEQ_LEN, overflow="split"))
-    assert not validate(str(output))
+    tokenizer = outputs.read_manifest(str(chunks_dir))["tokenizer"]
+    inputs = write_output(tmp_path / "chunks", "chunk", table.filter(pa.array(keep)), tokenizer)
+    result = text.run(text.TextConfig(input=inputs, output=str(tmp_path / "text")))
+    assert not validate(str(tmp_path / "text"))
     counts = result["counts"]
     assert counts["dead_lettered_by_reason"] == {"incomplete_book": 1} and counts["balanced"]
     assert counts["out"] == counts["in"] - 1
-    [letter] = io.read_dead_letters(str(output))
-    assert letter["record"] == broken and "not 0.." in letter["detail"]
+    [letter] = outputs.read_dead_letters(str(tmp_path / "text"))
+    assert letter["record"] == broken and "not 0.." in letter["detail"] and letter["stage"] == "text"
 
 
-def test_the_same_seed_packs_the_same_rows(packed_books, chunks_dir, tmp_path):
+def test_pack_refuses_chunks_and_says_what_to_run(chunks_dir, tmp_path):
+    with pytest.raises(ConfigError, match=f"lwm-data text --input {chunks_dir} --output"):
+        pack.run(PackConfig(input=str(chunks_dir), output=str(tmp_path / "packed"), seq_len=SEQ_LEN))
+    assert not (tmp_path / "packed").exists()
+    result = CliRunner().invoke(app, ["pack", "--input", str(chunks_dir), "--output", str(tmp_path / "p"), "--seq-len", "64"])
+    assert result.exit_code == 2 and "lwm-data text --input" in result.output
+
+
+def test_the_same_seed_packs_the_same_rows(packed_books, text_dir, tmp_path):
     output, _ = packed_books
-    pack.run(PackConfig(input=str(chunks_dir), output=str(tmp_path), seq_len=SEQ_LEN, overflow="split"))
+    pack.run(PackConfig(input=str(text_dir), output=str(tmp_path), seq_len=SEQ_LEN, overflow="split"))
 
     def rows(directory):
-        table = io.read_table(str(directory), ["example_ids", "piece_starts", "tokens"])
+        table = outputs.read_table(str(directory), ["example_ids", "piece_starts", "tokens"])
         return sorted(zip(map(tuple, table["example_ids"].to_pylist()), map(tuple, table["piece_starts"].to_pylist()),
                           [hash(tuple(t)) for t in table["tokens"].to_pylist()]))
 
@@ -142,8 +166,8 @@ def test_examples_dir_with_bad_rows_dead_letters_them(tmp_path):
     assert counts["in"] == 43 and counts["out"] == 40 and counts["balanced"]
     assert counts["dead_lettered_by_reason"] == {"empty_example": 1, "length_mismatch": 1, "bad_loss_weights": 1}
     assert manifest["packing"]["truncated"] == 1
-    assert {letter["locator"] for letter in io.read_dead_letters(str(output))} == {"row 40", "row 41", "row 42"}
-    table = io.read_table(str(output))
+    assert {letter["locator"] for letter in outputs.read_dead_letters(str(output))} == {"row 40", "row 41", "row 42"}
+    table = outputs.read_table(str(output))
     weights, segments = table["loss_weights"].to_pylist(), table["segment_ids"].to_pylist()
     for row_weights, row_segments in zip(weights, segments):
         sums = np.bincount(row_segments, weights=row_weights)[1:]
@@ -151,11 +175,11 @@ def test_examples_dir_with_bad_rows_dead_letters_them(tmp_path):
         assert (np.isclose(sums, 1.0, rtol=1e-5) | (sums == 0)).all()
 
 
-def test_mixing_chat_and_book_text_by_tokens(tmp_path, chunks_dir):
+def test_mixing_chat_and_book_text_by_tokens(tmp_path, text_dir):
     inputs = write_examples_dir(tmp_path / "chat", chat_examples(500, seed=4))
     output = tmp_path / "packed"
     manifest = pack.run(PackConfig(
-        input=f"{inputs},{chunks_dir}", output=str(output), seq_len=SEQ_LEN, overflow="split",
+        input=f"{inputs},{text_dir}", output=str(output), seq_len=SEQ_LEN, overflow="split",
         mix={"chat": 0.84, "text": 0.16}, seed=5,
     ))
     assert not validate(str(output))
@@ -174,7 +198,7 @@ def test_pack_command(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "fill" in result.output
-    manifest = io.read_manifest(str(output))
+    manifest = outputs.read_manifest(str(output))
     assert manifest["config"]["seq_len"] == 1024 and manifest["config"]["loss_weighting"] == "example"
     assert not validate(str(output))
 
@@ -192,3 +216,32 @@ def test_inputs_from_different_tokenizers_are_refused(chunks_dir, tmp_path):
     with pytest.raises(ValueError, match="different tokenizers"):
         pack.run(config)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_the_first_pass_reads_no_token_lists_or_text(tmp_path, monkeypatch):
+    inputs = write_examples_dir(tmp_path / "chat", chat_examples(20, seed=7))
+    reads = []
+    original = outputs.read_shard
+    monkeypatch.setattr(outputs, "read_shard", lambda path, columns=None: reads.append(columns) or original(path, columns))
+    pack.run(PackConfig(input=inputs, output=str(tmp_path / "packed"), seq_len=SEQ_LEN, overflow="truncate"))
+    first_pass, second_pass = reads
+    assert "tokens" not in first_pass and "text" not in first_pass and "meta" not in first_pass
+    assert set(first_pass) == {"example_id", "kind", "num_tokens", "loss_weights", "vision_mask"}
+    assert "tokens" in second_pass and "text" not in second_pass
+
+
+def test_token_lists_that_disagree_with_num_tokens_fail_the_job_and_keep_the_last_output(tmp_path):
+    good = write_examples_dir(tmp_path / "good", chat_examples(10, seed=8))
+    output = tmp_path / "packed"
+    first = pack.run(PackConfig(input=good, output=str(output), seq_len=SEQ_LEN, overflow="truncate"))
+    corrupt = chat_examples(10, seed=9).to_table(sources="test")
+    lengths = corrupt["num_tokens"].to_pylist()
+    lengths[3] += 1
+    corrupt = corrupt.set_column(3, "num_tokens", pa.array(lengths, pa.int32()))
+    corrupt = corrupt.set_column(5, "loss_weights", pa.array([w + [0.0] * (i == 3) for i, w in enumerate(corrupt["loss_weights"].to_pylist())], pa.list_(pa.float32())))
+    corrupt = corrupt.set_column(6, "vision_mask", pa.array([m + [False] * (i == 3) for i, m in enumerate(corrupt["vision_mask"].to_pylist())], pa.list_(pa.bool_())))
+    bad = write_output(tmp_path / "bad", "chat", corrupt.cast(EXAMPLE_SCHEMA))
+    with pytest.raises(Exception, match="disagree with num_tokens"):
+        pack.run(PackConfig(input=bad, output=str(output), seq_len=SEQ_LEN, overflow="truncate"))
+    assert outputs.read_manifest(str(output)) == first and not validate(str(output))
+    assert sorted(p.name for p in output.iterdir()) == ["manifest.json", first["run"]]

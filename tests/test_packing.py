@@ -9,18 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lwm_data.packing import (
-    Examples,
-    PackOptions,
-    best_fit_decreasing,
-    cut_overflow,
-    mix_order,
-    pack_examples,
-    parse_mix,
-    split_over_parts,
-    unpack_rows,
-)
-from lwm_data.validate import check_packed_rows
+from lwm_data.checks import check_packed_rows
+from lwm_data.config import parse_mapping as parse_mix
+from lwm_data.examples import Examples
+from lwm_data.packing import PackOptions, best_fit_decreasing, cut_overflow, mix_order, pack_examples, unpack_rows
 
 SETTINGS = settings(max_examples=100, deadline=None)
 
@@ -215,9 +207,3 @@ def test_mix_in_plan_counts_kinds_left_out_and_the_excess():
     packed_kinds = Counter(k for ks in table["kinds"].to_pylist() for k in ks)
     assert packed_kinds["chat"] == 150 and abs(packed_kinds["text"] - 150 * 0.25) <= 1
     assert plan.counts["filtered.mix_excess"] == 150 - packed_kinds["text"]
-
-
-def test_split_over_parts():
-    # parts of 3, 4, 5 tokens; piece [2, 9) spans all three
-    assert split_over_parts([3, 4, 5], 2, 7) == [(0, 2, 3, 0), (1, 0, 4, 1), (2, 0, 2, 5)]
-    assert split_over_parts([3, 4, 5], 3, 4) == [(1, 0, 4, 0)]

@@ -19,7 +19,6 @@ from lwm_data.llm import (
     ClientConfig,
     Completion,
     Endpoint,
-    RequestFailed,
     ResponseCache,
     SamplingParams,
     ServerUnavailable,
@@ -29,6 +28,7 @@ from lwm_data.llm import (
     free_port,
     http_ok,
 )
+from lwm_data.outputs import Rejection
 from lwm_data.qa import (
     BLANK,
     PROMPTS,
@@ -79,9 +79,7 @@ def test_reply_schema_bounds_pairs_and_lengths():
 
 def test_judge_reply_accepts_valid_pairs_stripped_and_deduplicated():
     text = reply(("  Where was Mara born? ", " Velmont "), ("where was MARA born?", "Cardell"), ("How many maps?", "7"))
-    verdict = judge_reply(text, "stop", STRICT)
-    assert verdict.ok
-    assert verdict.pairs == [QAPair("Where was Mara born?", "Velmont"), QAPair("How many maps?", "7")]
+    assert judge_reply(text, "stop", STRICT) == [QAPair("Where was Mara born?", "Velmont"), QAPair("How many maps?", "7")]
 
 
 @pytest.mark.parametrize(
@@ -100,7 +98,7 @@ def test_judge_reply_accepts_valid_pairs_stripped_and_deduplicated():
 )
 def test_judge_reply_rejects(content, finish_reason, reason):
     verdict = judge_reply(content, finish_reason, STRICT)
-    assert not verdict.ok and verdict.reason == reason and not verdict.pairs
+    assert isinstance(verdict, Rejection) and verdict.reason == reason
 
 
 def test_pair_problems_under_strict_limits():
@@ -115,7 +113,7 @@ def test_pair_problems_under_strict_limits():
 def test_min_pairs_makes_a_reply_with_too_few_valid_pairs_invalid():
     text = reply(("Where was Mara born?", "Velmont"), ("bad", ""))
     assert judge_reply(text, "stop", PairLimits(min_pairs=2)).reason == "no_valid_pairs"
-    assert judge_reply(text, "stop", PairLimits(min_pairs=1)).ok
+    assert judge_reply(text, "stop", PairLimits(min_pairs=1)) == [QAPair("Where was Mara born?", "Velmont")]
 
 
 @settings(max_examples=200, deadline=None)
@@ -176,6 +174,16 @@ def test_response_cache_round_trip_and_torn_entries(tmp_path):
     open(torn, "w").write('{"content": "x", "fin')
     assert cache.get("cd" * 32) is None
     assert not list((tmp_path / "cache").rglob("*.partial"))
+
+
+def test_a_cache_read_error_is_a_miss_logged_once(tmp_path, caplog):
+    cache = ResponseCache(str(tmp_path / "cache"))
+    for key in ("ab" * 32, "cd" * 32):
+        (tmp_path / "cache" / key[:2] / f"{key}.json").mkdir(parents=True)  # unreadable: a directory
+    with caplog.at_level("WARNING", logger="lwm_data.llm"):
+        assert cache.get("ab" * 32) is None and cache.get("cd" * 32) is None
+    warnings = [r for r in caplog.records if "response cache" in r.getMessage()]
+    assert len(warnings) == 1 and "IsADirectoryError" in warnings[0].getMessage()
 
 
 def test_backoff_is_jittered_and_capped():
@@ -250,14 +258,14 @@ def test_a_200_reply_that_is_not_a_chat_completion_is_a_bad_response_not_a_crash
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         endpoint = Endpoint(f"http://127.0.0.1:{server.server_address[1]}/v1", wait_s=5)
-        client = ChatClient(ClientConfig(model="m", max_retries=0, max_recoveries=0), endpoint)
+        client = ChatClient("m", ClientConfig(max_retries=0, max_recoveries=0), endpoint)
 
         async def ask():
             outcomes = []
             for _ in range(5):
                 try:
                     outcomes.append(await client._request([{"role": "user", "content": "x"}], SamplingParams(), None))
-                except RequestFailed as e:
+                except Rejection as e:
                     outcomes.append(e.reason)
             return outcomes
 

@@ -17,16 +17,20 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lwm_data import io
+from lwm_data import config as settings
+from lwm_data import outputs
 from lwm_data.cli import app
-from lwm_data.pipelines import chunk_books, qa_pairs
+from lwm_data.pipelines import chunk
+from lwm_data.pipelines import qa as qa_stage
 from lwm_data.qa import PairLimits, QAPair, pair_problem
 from lwm_data.synthetic import generate_books, write_books_jsonl
 from lwm_data.validate import validate
 from tests.fault_proxy import FAULTS, FaultProxy
 from tests.fixtures_vllm import VLLM_PYTHON, VLLM_TEST_ARGS
 
-LENIENT = PairLimits(min_question_chars=1, max_question_chars=60, max_answer_chars=30, require_question_mark=False)
+LENIENT_SETTINGS = dict(min_question_chars=1, max_question_chars=60, max_answer_chars=30, require_question_mark=False)
+LENIENT = PairLimits(**LENIENT_SETTINGS)
+STRICT_SETTINGS = dict(min_question_chars=10, max_question_chars=300, max_answer_chars=300, require_question_mark=True)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,34 +39,34 @@ def small_chunks(tmp_path_factory) -> Path:
     """About 17 chunks of ~250 tokens: cheap prompts for the CPU server."""
     root = tmp_path_factory.mktemp("small")
     books = write_books_jsonl(root / "books.jsonl", generate_books(3, 700, seed=11))
-    chunk_books.run(chunk_books.ChunkConfig(input=str(books), output=str(root / "chunks"), chunk_tokens=250))
+    chunk.run(chunk.ChunkConfig(input=str(books), output=str(root / "chunks"), chunk_tokens=250))
     return root / "chunks"
 
 
 def chunk_keys(chunks_dir: Path) -> set[tuple[str, int]]:
-    table = io.read_table(str(chunks_dir), ["book_id", "chunk_index"])
+    table = outputs.read_table(str(chunks_dir), ["book_id", "chunk_index"])
     return set(zip(table["book_id"].to_pylist(), table["chunk_index"].to_pylist()))
 
 
 def assert_each_chunk_once(chunks_dir: Path, output: Path) -> tuple[list[dict], list[dict]]:
     """Every chunk in is answered (one row) or dead-lettered (one letter), never both, never twice."""
-    rows = io.read_table(str(output)).to_pylist()
-    letters = io.read_dead_letters(str(output))
+    rows = outputs.read_table(str(output)).to_pylist()
+    letters = outputs.read_dead_letters(str(output))
     answered = [(r["book_id"], r["chunk_index"]) for r in rows]
     dead = [(d["source"], int(d["locator"])) for d in letters]
     assert len(set(answered)) == len(answered) and len(set(dead)) == len(dead)
     assert set(answered).isdisjoint(dead)
     assert set(answered) | set(dead) == chunk_keys(chunks_dir)
-    manifest = io.read_manifest(str(output))
+    manifest = outputs.read_manifest(str(output))
     assert manifest["counts"]["balanced"] and manifest["counts"]["in"] == len(answered) + len(dead)
     assert not validate(str(output))
     return rows, letters
 
 
-def llm_config(chunks: Path, output: Path, **overrides) -> qa_pairs.QAConfig:
-    settings = dict(input=str(chunks), output=str(output), pairs_per_chunk=1, max_tokens=64, concurrency=4,
-                    max_asks=2, limits=LENIENT, timeout_s=30, max_retries=2)
-    return qa_pairs.QAConfig(**{**settings, **overrides})
+def llm_config(chunks: Path, output: Path, **overrides) -> qa_stage.QAConfig:
+    values = dict(input=str(chunks), output=str(output), pairs_per_chunk=1, max_tokens=64, concurrency=4,
+                  max_asks=2, timeout=30, max_retries=2, **LENIENT_SETTINGS)
+    return settings.build(qa_stage.QAConfig, {**values, **overrides})
 
 
 def vllm_backend(server) -> dict:
@@ -76,10 +80,10 @@ def test_cloze_job_from_the_cli_answers_every_chunk_offline(chunks_dir, tmp_path
     rows, _ = assert_each_chunk_once(chunks_dir, tmp_path / "qa")
     assert rows and {(r["backend"], r["model"], r["prompt_version"]) for r in rows} == {("cloze", "lwm-data-cloze", "cloze-v1")}
     assert all(len(r["pairs"]) == 3 for r in rows)
-    again = qa_pairs.run(qa_pairs.QAConfig(input=str(chunks_dir), output=str(tmp_path / "again")))
+    again = qa_stage.run(qa_stage.QAConfig(input=str(chunks_dir), output=str(tmp_path / "again")))
     assert again["counts"]["out"] == len(rows)
     key = lambda r: (r["book_id"], r["chunk_index"])  # noqa: E731
-    assert sorted(io.read_table(str(tmp_path / "again")).to_pylist(), key=key) == sorted(rows, key=key)
+    assert sorted(outputs.read_table(str(tmp_path / "again")).to_pylist(), key=key) == sorted(rows, key=key)
 
 
 @pytest.mark.vllm
@@ -87,7 +91,7 @@ def test_openai_backend_against_real_vllm(vllm_server, small_chunks, tmp_path):
     cache = tmp_path / "cache"
     config = llm_config(small_chunks, tmp_path / "qa", backend="openai", model=vllm_server.model,
                         endpoint=vllm_server.ensure_ready(), cache=str(cache))
-    manifest = qa_pairs.run(config)
+    manifest = qa_stage.run(config)
     rows, letters = assert_each_chunk_once(small_chunks, tmp_path / "qa")
     stats, counts = manifest["stats"], manifest["counts"]
     assert stats["requests"] == counts["in"] + stats.get("reasks", 0) + stats.get("retries", 0)
@@ -104,15 +108,15 @@ def test_a_model_the_server_does_not_serve_fails_the_job(vllm_server, small_chun
     config = llm_config(small_chunks, tmp_path / "qa", backend="openai", model="no-such-model",
                         endpoint=vllm_server.ensure_ready())
     with pytest.raises(Exception, match="no-such-model.*HTTP 404"):
-        qa_pairs.run(config)
+        qa_stage.run(config)
     assert not (tmp_path / "qa" / "manifest.json").exists()
 
 
 @pytest.mark.vllm
 def test_vllm_backend_shares_the_running_server_and_strict_validation_reasks(vllm_server, small_chunks, tmp_path):
     pid = vllm_server.pid()
-    config = llm_config(small_chunks, tmp_path / "qa", limits=PairLimits(), **vllm_backend(vllm_server))
-    manifest = qa_pairs.run(config)
+    config = llm_config(small_chunks, tmp_path / "qa", **STRICT_SETTINGS, **vllm_backend(vllm_server))
+    manifest = qa_stage.run(config)
     rows, letters = assert_each_chunk_once(small_chunks, tmp_path / "qa")
     stats, counts = manifest["stats"], manifest["counts"]
     assert vllm_server.pid() == pid, "the job used the machine's server instead of starting one"
@@ -128,8 +132,8 @@ def test_fault_proxy_every_chunk_answered_or_dead_lettered_once(vllm_server, sma
     upstream = vllm_server.ensure_ready().removesuffix("/v1")
     with FaultProxy(upstream, plan, delay_s=7, max_requests=500, lifetime_s=240) as proxy:
         config = llm_config(small_chunks, tmp_path / "qa", backend="openai", model=vllm_server.model,
-                            endpoint=f"{proxy.url}/v1", timeout_s=6)
-        manifest = qa_pairs.run(config)
+                            endpoint=f"{proxy.url}/v1", timeout=6)
+        manifest = qa_stage.run(config)
     assert_each_chunk_once(small_chunks, tmp_path / "qa")
     assert all(proxy.served[fault] == 1 for fault in FAULTS)
     stats, counts = manifest["stats"], manifest["counts"]
@@ -158,7 +162,7 @@ def test_killed_job_rerun_sends_no_request_for_cached_answers(vllm_server, small
     with FaultProxy(vllm_server.ensure_ready().removesuffix("/v1"), lifetime_s=240) as proxy:
         config = llm_config(small_chunks, output, backend="openai", model=vllm_server.model,
                             endpoint=f"{proxy.url}/v1", cache=str(cache), concurrency=4)
-        manifest = qa_pairs.run(config)
+        manifest = qa_stage.run(config)
     assert_each_chunk_once(small_chunks, output)
     stats = manifest["stats"]
     new_entries = set(cache.rglob("*.json")) - cached_before
@@ -179,9 +183,9 @@ def test_vllm_backend_restarts_a_server_that_dies_mid_run(vllm_server, small_chu
     killer = threading.Thread(target=kill_after_first_answers, daemon=True)
     killer.start()
     config = llm_config(small_chunks, tmp_path / "qa", cache=str(cache), concurrency=2, **vllm_backend(vllm_server))
-    manifest = qa_pairs.run(config)
+    manifest = qa_stage.run(config)
     killer.join()
     assert_each_chunk_once(small_chunks, tmp_path / "qa")
     assert vllm_server.pid() not in (None, old_pid)
     assert manifest["stats"]["recoveries"] >= 1
-    assert {d["reason"] for d in io.read_dead_letters(str(tmp_path / "qa"))}.isdisjoint({"unreachable", "http_500"})
+    assert {d["reason"] for d in outputs.read_dead_letters(str(tmp_path / "qa"))}.isdisjoint({"unreachable", "http_500"})

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from lwm_data import io
+from lwm_data import outputs
 from lwm_data.cli import app
-from lwm_data.io import Counts
-from lwm_data.packing import Examples, PackOptions, pack_examples
+from lwm_data.examples import Examples
+from lwm_data.packing import PackOptions, pack_examples
 from lwm_data.stats import collect_stats, plot_stats
+from tests.helpers import write_output
 
 SEQ_LEN = 64
 
@@ -27,22 +27,15 @@ def sample_examples() -> Examples:
     )
 
 
-def write_stage(directory, stage: str, table) -> str:
-    pq.write_table(table, directory / "part-00000-of-00001.parquet")
-    counts = Counts(input=table.num_rows, output=table.num_rows).to_dict()
-    io.write_json(str(directory / io.MANIFEST), {"stage": stage, "counts": counts, "files": io.describe_files(str(directory))})
-    return str(directory)
-
-
 @pytest.fixture(scope="module")
 def examples_dir(tmp_path_factory) -> str:
-    return write_stage(tmp_path_factory.mktemp("examples"), "chat", sample_examples().to_table("test"))
+    return write_output(tmp_path_factory.mktemp("examples"), "chat", sample_examples().to_table("test"))
 
 
 @pytest.fixture(scope="module")
 def packed_dir(tmp_path_factory) -> str:
     table, _ = pack_examples(sample_examples(), PackOptions(seq_len=SEQ_LEN))
-    return write_stage(tmp_path_factory.mktemp("packed"), "pack", table)
+    return write_output(tmp_path_factory.mktemp("packed"), "pack", table)
 
 
 def test_examples_stats_count_tokens_by_kind(examples_dir):
@@ -69,7 +62,7 @@ def test_packed_stats_report_fill_and_segments(packed_dir):
 
 def test_chunk_stats(chunks_dir):
     stats = collect_stats(str(chunks_dir))
-    table = io.read_table(str(chunks_dir), ["book_id", "num_tokens"])
+    table = outputs.read_table(str(chunks_dir), ["book_id", "num_tokens"])
     assert stats.totals == {
         "books": len(set(table["book_id"].to_pylist())), "chunks": table.num_rows,
         "tokens": sum(table["num_tokens"].to_pylist()),

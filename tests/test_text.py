@@ -4,12 +4,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lwm_data.synthetic import generate_book
-from lwm_data.text import (
+from lwm_data.chunking import (
     PARAGRAPH,
     SENTENCE,
     WHITESPACE,
     boundary_kinds,
-    chunk_tokens,
+    cut_chunks,
     looks_binary,
     normalize_text,
 )
@@ -49,7 +49,7 @@ def _pieces(text, chunks):
 def test_chunks_are_lossless_token_aligned_and_within_tolerance(tokenizer):
     text = generate_book(3, 12000).text
     tokenized = tokenizer.encode_with_offsets([text])[0]
-    chunks = chunk_tokens(text, tokenized, 1000, 0.1)
+    chunks = cut_chunks(text, tokenized, 1000, 0.1)
     assert "".join(_pieces(text, chunks)) == text
     assert [c.index for c in chunks] == list(range(len(chunks)))
     assert chunks[0].token_start == 0 and chunks[-1].token_end == len(tokenized.ids)
@@ -60,11 +60,11 @@ def test_chunks_are_lossless_token_aligned_and_within_tolerance(tokenizer):
     assert all(text[: c.char_end].endswith("\n\n") for c in chunks[:-1])
 
 
-def test_chunk_tokens_of_whole_book_are_the_book_tokenization(tokenizer):
+def test_cut_chunks_of_whole_book_are_the_book_tokenization(tokenizer):
     text = generate_book(4, 3000).text
     tokenized = tokenizer.encode_with_offsets([text])[0]
     assert tokenized.ids.tolist() == tokenizer.encode(text)
-    chunks = chunk_tokens(text, tokenized, 200)
+    chunks = cut_chunks(text, tokenized, 200)
     rebuilt = np.concatenate([tokenized.ids[c.token_start : c.token_end] for c in chunks])
     assert rebuilt.tolist() == tokenized.ids.tolist()
 
@@ -72,7 +72,7 @@ def test_chunk_tokens_of_whole_book_are_the_book_tokenization(tokenizer):
 def test_sentence_cut_when_no_paragraph_in_reach(tokenizer):
     text = " ".join(f"Sentence number {i} ends here." for i in range(400))
     tokenized = tokenizer.encode_with_offsets([text])[0]
-    chunks = chunk_tokens(text, tokenized, 100)
+    chunks = cut_chunks(text, tokenized, 100)
     assert all(text[: c.char_end].endswith(".") for c in chunks[:-1])
 
 
@@ -88,7 +88,7 @@ def test_sentence_cut_when_no_paragraph_in_reach(tokenizer):
 def test_chunking_is_lossless_for_any_text(tokenizer, text, size):
     text = normalize_text(text)
     tokenized = tokenizer.encode_with_offsets([text])[0]
-    chunks = chunk_tokens(text, tokenized, size)
+    chunks = cut_chunks(text, tokenized, size)
     assert "".join(text[c.char_start : c.char_end] for c in chunks) == text
     assert sum(c.token_end - c.token_start for c in chunks) == len(tokenized.ids)
     assert all(c.token_end > c.token_start for c in chunks)
@@ -99,6 +99,6 @@ def test_no_empty_last_chunk_when_the_text_ends_in_byte_fallback_pieces(tokenize
     tokenized = tokenizer.encode_with_offsets([text])[0]
     assert (tokenized.char_ends == -1).sum() == 3
     for size in (1, 2, 3):
-        chunks = chunk_tokens(text, tokenized, size)
+        chunks = cut_chunks(text, tokenized, size)
         assert all(c.token_end > c.token_start and c.char_end > c.char_start for c in chunks)
         assert "".join(_pieces(text, chunks)) == text and chunks[-1].token_end == len(tokenized.ids)

@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
+from lwm_data.config import ConfigError
 from lwm_data.tokenizers import default_tokenizer_path, load_tokenizer
 from lwm_data.tokenizers.text import HuggingFaceTokenizer, SentencePieceTokenizer
 
@@ -65,14 +66,14 @@ def test_sentencepiece_directory_and_hf_tokenizer_json(tmp_path):
 
 
 def test_missing_tokenizer_raises(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="no tokenizer at"):
         load_tokenizer(str(tmp_path / "nope"))
 
 
 def test_hf_byte_level_pieces_of_one_character_are_not_cut_between(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from lwm_data.text import chunk_tokens
+    from lwm_data.chunking import cut_chunks
 
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -84,5 +85,5 @@ def test_hf_byte_level_pieces_of_one_character_are_not_cut_between(tmp_path):
     (out,) = tok.encode_with_offsets([text])
     assert out.char_ends.tolist() == [1, -1, -1, 2, 3]
     for size in (1, 2, 3):
-        for c in chunk_tokens(text, out, size):
+        for c in cut_chunks(text, out, size):
             assert tok.decode(out.ids[c.token_start : c.token_end]) == text[c.char_start : c.char_end]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lwm_data import io
-from lwm_data.io import Counts
-from lwm_data.packing import Examples, PackOptions, pack_examples
+from lwm_data.examples import Examples
+from lwm_data.outputs import Counts, OutputRun, read_table
+from lwm_data.packing import PackOptions, pack_examples
 from lwm_data.torch_data import PackedDataset
 
 SEQ_LEN = 32
@@ -30,13 +32,14 @@ def packed_dir(tmp_path_factory) -> str:
     table, _ = pack_examples(examples, PackOptions(seq_len=SEQ_LEN))
     table = table.slice(0, sum(SHARD_ROWS))
     directory = tmp_path_factory.mktemp("packed")
+    run = OutputRun(str(directory))
+    os.makedirs(run.path)
     start = 0
     for i, rows in enumerate(SHARD_ROWS):
-        path = directory / f"part-{i:05d}-of-{len(SHARD_ROWS):05d}.parquet"
+        path = f"{run.shard_prefix}-{i:05d}-of-{len(SHARD_ROWS):05d}.parquet"
         pq.write_table(table.slice(start, rows), path, row_group_size=6)  # several row groups per shard
         start += rows
-    counts = Counts(input=len(lengths), output=len(lengths)).to_dict()
-    io.write_json(str(directory / io.MANIFEST), {"stage": "pack", "counts": counts, "files": io.describe_files(str(directory))})
+    run.commit({"stage": "pack", "counts": Counts(input=len(lengths), output=len(lengths)).to_dict()})
     return str(directory)
 
 
@@ -62,7 +65,7 @@ def test_order_is_a_seeded_permutation_of_all_rows(packed_dir):
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
     key = lambda t: t.tolist()  # noqa: E731
     assert sorted(map(key, first)) == sorted(map(key, in_file_order))
-    expected = io.read_table(packed_dir, ["tokens"])["tokens"].to_pylist()
+    expected = read_table(packed_dir, ["tokens"])["tokens"].to_pylist()
     assert [t.tolist() for t in in_file_order] == expected
 
 
@@ -114,6 +117,3 @@ def test_rejects_a_state_from_another_seed(packed_dir):
     with pytest.raises(ValueError):
         PackedDataset(packed_dir, seed=2).load_state_dict(state)
 
-
-def test_io_exposes_the_dataset():
-    assert io.PackedDataset is PackedDataset

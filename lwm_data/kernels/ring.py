@@ -15,7 +15,6 @@ The algorithm runs on a ring object: `_GroupRing` (one rank per process, torch.d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import ModuleType
 from typing import NamedTuple, Protocol
 
 import torch

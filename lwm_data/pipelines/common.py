@@ -1,13 +1,28 @@
-"""What every lwm-data Beam job shares: counting, dead letters, writing shards, the manifest.
+"""What every lwm-data Beam stage is made of, and how one runs.
 
-A stage is a function `build(pipeline) -> StageOutputs` plus `run_stage`, which runs it and then
-writes `manifest.json` from the job's counters (Beam metrics in the `lwm_data` namespace):
+A stage is a composite `PTransform` from a PCollection of its input records to a `StageOutput`: its
+rows (pyarrow Tables in the stage's schema) and its dead letters (JSON lines). Reading a stage's
+directory (`ReadStage`) and writing one (`WriteStage`) are transforms of their own, so a stand-alone
+command is
 
-    in                  input records read
-    out                 records written (a stage's unit: books, chunks, examples, ...)
-    filtered.<reason>   records dropped on purpose (duplicates, length filters, ...)
+    pipeline | Read... | Stage(config) | WriteStage(run)      then run_stage counts and commits
+
+and a fused pipeline chains the stage transforms: books | Chunk | QA | Chat | ... (see
+`lwm_data.pipelines.books`).
+
+Per-record work is a *step*: a plain object, called with one element, that yields outputs and
+`Rejection`s or raises one, with an optional `setup()` run once per worker (to load a tokenizer, a
+model). `route(stage, step)` is the one DoFn that runs steps: outputs go to its main output `out`,
+each Rejection becomes a dead letter on `errors`, counted as `dead_lettered.<reason>`.
+
+Counters are Beam metrics in the stage's own namespace, `lwm_data.<stage>`, so stages fused into
+one pipeline keep their counts apart and each gets a balanced manifest:
+
+    in                      input records read
+    out                     records written (a stage's unit: books, chunks, examples, ...)
+    filtered.<reason>       records dropped on purpose (duplicates, length filters, ...)
     dead_lettered.<reason>  bad records, each also written to errors/ with its reason
-    anything else       stage statistics, listed under `stats` (e.g. tokens, chunks)
+    anything else           stage statistics, listed under `stats` (e.g. tokens, chunks)
 
 Local runs use Beam's FnApiRunner (what DirectRunner picks for batch jobs) directly: DirectRunner
 first tries the Prism runner, which downloads a binary, and lwm-data must work offline.
@@ -17,67 +32,123 @@ are passed through untouched.
 
 from __future__ import annotations
 
-import datetime
-import logging
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.parquetio import ReadAllFromParquetBatched
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-import lwm_data
-from lwm_data import io
-from lwm_data.io import Counts, DeadLetter
+from lwm_data import outputs
+from lwm_data.config import ConfigError
+from lwm_data.outputs import OutputRun, Rejection, now, stage_manifest
 
-NAMESPACE = "lwm_data"
+NAMESPACE_PREFIX = "lwm_data."
 ERRORS = "errors"  # tag of dead-letter outputs
 LOCAL_RUNNERS = {None, "DirectRunner", "SwitchingDirectRunner", "FnApiRunner"}
 
-_counters: dict[str, Any] = {}
+_counters: dict[tuple[str, str], Any] = {}
 
 
-def count(name: str, n: int = 1) -> None:
-    """Add n to the job counter `name` (see the module docstring for the reserved names)."""
-    counter = _counters.get(name)
-    if counter is None:
-        counter = _counters[name] = Metrics.counter(NAMESPACE, name)
-    counter.inc(n)
+def namespace(stage: str) -> str:
+    return NAMESPACE_PREFIX + stage
 
 
-def dead_letter(stage: str, reason: str, source: str, locator: Any = "", detail: str = "", record: Any = "") -> beam.pvalue.TaggedOutput:
-    """Count a bad record and route it to the stage's errors/ output."""
-    count(f"dead_lettered.{reason}")
-    letter = DeadLetter(stage, reason, str(source), str(locator), detail, record if isinstance(record, str) else repr(record))
-    return beam.pvalue.TaggedOutput(ERRORS, letter.to_json())
+class Counters:
+    """A stage's job counters: `count("tokens", n)` adds n to `tokens` in `lwm_data.<stage>`."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def __call__(self, name: str, n: int = 1) -> None:
+        key = (self.stage, name)
+        counter = _counters.get(key)
+        if counter is None:
+            counter = _counters[key] = Metrics.counter(namespace(self.stage), name)
+        counter.inc(n)
 
 
-@dataclass
-class StageOutputs:
-    """What a stage's build function hands back to be written."""
+class StageOutput(NamedTuple):
+    """What a stage transform hands on: rows to write (or to the next stage), and dead letters."""
 
-    tables: beam.PCollection  # of pyarrow Tables in the stage's schema
-    errors: beam.PCollection | list[beam.PCollection]  # of dead-letter JSON lines
+    rows: beam.PCollection  # pyarrow Tables in the stage's schema
+    errors: beam.PCollection  # dead letters as JSON lines
 
 
-def write_stage_outputs(outputs: StageOutputs, output_dir: str, schema: pa.Schema, num_shards: int = 0) -> None:
-    """Parquet shards `part-SSSSS-of-NNNNN.parquet` and `errors/part-*.jsonl` under output_dir."""
-    errors = outputs.errors if isinstance(outputs.errors, list) else [outputs.errors]
-    (
-        errors
-        | "FlattenErrors" >> beam.Flatten()
-        | "WriteErrors" >> beam.io.WriteToText(io.join(output_dir, io.ERRORS_DIR, "part"), file_name_suffix=".jsonl")
-    )
-    outputs.tables | "WriteShards" >> beam.io.WriteToParquetBatched(
-        io.join(output_dir, io.SHARD_PREFIX),
-        schema=schema,
-        codec="zstd",
-        file_name_suffix=io.SHARD_SUFFIX,
-        num_shards=num_shards,
-    )
+class ReadOutput(NamedTuple):
+    """What a reader of input files hands on: the records it could read, and dead letters."""
+
+    records: beam.PCollection
+    errors: beam.PCollection
+
+
+def merge_errors(*errors: beam.PCollection, label: str = "MergeErrors") -> beam.PCollection:
+    return tuple(errors) | label >> beam.Flatten()
+
+
+class _Route(beam.DoFn):
+    """Runs a step on each element: outputs (tagged ones included) pass, Rejections become dead letters."""
+
+    def __init__(self, stage: str, step: Callable[[Any], Iterable]):
+        self.stage = stage
+        self.step = step
+        self.count = Counters(stage)
+
+    def setup(self) -> None:
+        if hasattr(self.step, "setup"):
+            self.step.setup()
+
+    def process(self, element: Any) -> Iterable:
+        try:
+            for item in self.step(element):
+                yield self._letter(item) if isinstance(item, Rejection) else item
+        except Rejection as rejection:
+            yield self._letter(rejection)
+
+    def _letter(self, rejection: Rejection) -> beam.pvalue.TaggedOutput:
+        self.count(f"dead_lettered.{rejection.reason}")
+        return beam.pvalue.TaggedOutput(ERRORS, rejection.dead_letter(self.stage).to_json())
+
+
+def route(stage: str, step: Callable[[Any], Iterable], *tags: str) -> beam.ParDo:
+    """The count-and-route step as a ParDo with outputs `out`, `errors` and any extra `tags`."""
+    return beam.ParDo(_Route(stage, step)).with_outputs(ERRORS, *tags, main="out")
+
+
+class ReadStage(beam.PTransform):
+    """A finished stage's rows, as pyarrow Tables (one per row group), from the files its manifest lists."""
+
+    def __init__(self, directory: str, columns: list[str] | None = None):
+        super().__init__()
+        self.directory = directory
+        self.columns = columns
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        return (
+            pbegin
+            | "Shards" >> beam.Create(outputs.list_shards(self.directory))
+            | "Read" >> ReadAllFromParquetBatched(columns=self.columns)
+        )
+
+
+class WriteStage(beam.PTransform):
+    """Shards `part-SSSSS-of-NNNNN.parquet` and `errors/part-*.jsonl` into a run's directory; the
+    output is the PCollection of written shard paths (for a stage that reads them back)."""
+
+    def __init__(self, run: OutputRun, schema: pa.Schema, num_shards: int = 0):
+        super().__init__()
+        self.run = run
+        self.schema = schema
+        self.num_shards = num_shards
+
+    def expand(self, output: StageOutput) -> beam.PCollection:
+        output.errors | "WriteErrors" >> beam.io.WriteToText(self.run.errors_prefix, file_name_suffix=outputs.ERRORS_SUFFIX)
+        return output.rows | "WriteShards" >> beam.io.WriteToParquetBatched(
+            self.run.shard_prefix, schema=self.schema, codec="zstd", file_name_suffix=outputs.SHARD_SUFFIX,
+            num_shards=self.num_shards,
+        )
 
 
 def make_pipeline(beam_args: list[str] | None) -> beam.Pipeline:
@@ -90,18 +161,9 @@ def make_pipeline(beam_args: list[str] | None) -> beam.Pipeline:
     return beam.Pipeline(options=options)
 
 
-def clear_output(output_dir: str) -> None:
-    """Remove a previous run's shards, errors and manifest, so outputs never mix across runs."""
-    stale = io.list_shards(output_dir) + io.list_error_files(output_dir)
-    manifest = io.join(output_dir, io.MANIFEST)
-    if FileSystems.exists(manifest):
-        stale.append(manifest)
-    if stale:
-        FileSystems.delete(stale)
-
-
-def job_counters(result) -> dict[str, int]:
-    counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+def stage_counters(result, stage: str) -> dict[str, int]:
+    """A finished job's counters in the stage's namespace."""
+    counters = result.metrics().query(MetricsFilter().with_namespace(namespace(stage)))["counters"]
     totals: dict[str, int] = {}
     for c in counters:
         value = c.committed if c.committed is not None else c.attempted
@@ -109,71 +171,46 @@ def job_counters(result) -> dict[str, int]:
     return totals
 
 
-def counts_from(counters: dict[str, int]) -> Counts:
-    counts = Counts(input=counters.get("in", 0), output=counters.get("out", 0))
-    for name, value in counters.items():
-        kind, _, reason = name.partition(".")
-        if kind == "filtered":
-            counts.filtered[reason] = value
-        elif kind == "dead_lettered":
-            counts.dead_lettered[reason] = value
-    return counts
+def run_stage(
+    stage: str,
+    config: Any,
+    build: Callable[[beam.Pipeline], StageOutput],
+    schema: pa.Schema,
+    beam_args: list[str] | None = None,
+    tokenizer: dict | None = None,
+    num_shards: int = 0,
+    summary: Callable[[dict], dict] | None = None,
+) -> dict[str, Any]:
+    """Run a stand-alone stage into `config.output` and commit it; returns the manifest.
 
-
-def tokenizer_record(tokenizer: Any) -> dict[str, str] | None:
-    """A manifest's `tokenizer` entry from a loaded tokenizer, or an entry copied from upstream."""
-    if tokenizer is None or isinstance(tokenizer, dict):
-        return tokenizer
-    return {"path": tokenizer.path, "sha256": tokenizer.sha256}
+    The job writes into a new run directory; only when it has succeeded is the manifest (the
+    commit) written, so a failure leaves the previous output as it was (see lwm_data.outputs).
+    `tokenizer`: the entry of the tokenizer that made the tokens the stage's rows carry.
+    `summary(manifest)`: extra manifest sections computed from the counts (pack's `packing`).
+    """
+    started = now()
+    run = OutputRun(config.output)
+    pipeline = make_pipeline(beam_args)
+    build(pipeline) | "Write" >> WriteStage(run, schema, num_shards)
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except BaseException:
+        run.abort()
+        raise
+    manifest = stage_manifest(stage, config, tokenizer, stage_counters(result, stage), started)
+    if summary is not None:
+        manifest.update(summary(manifest))
+    return run.commit(manifest)
 
 
 def upstream_tokenizer(input_dirs: list[str]) -> dict[str, str] | None:
     """The tokenizer entry that the inputs' manifests share; inputs tokenized differently are refused."""
     entries = {}
     for directory in input_dirs:
-        manifest = io.join(directory, io.MANIFEST)
-        entry = io.read_json(manifest).get("tokenizer") if FileSystems.exists(manifest) else None
+        entry = outputs.read_manifest(directory).get("tokenizer")
         if entry:
             entries[entry["sha256"]] = entry
     if len(entries) > 1:
-        raise ValueError(f"inputs were tokenized by different tokenizers: {sorted(e['path'] for e in entries.values())}")
+        raise ConfigError(f"inputs were tokenized by different tokenizers: {sorted(map(str, entries.values()))}")
     return next(iter(entries.values()), None)
-
-
-def run_stage(
-    stage: str,
-    output_dir: str,
-    schema: pa.Schema,
-    build: Callable[[beam.Pipeline], StageOutputs],
-    config: dict[str, Any],
-    beam_args: list[str] | None = None,
-    tokenizer: Any = None,
-    num_shards: int = 0,
-) -> dict[str, Any]:
-    """Run a stage's pipeline to completion and write its manifest; returns the manifest.
-
-    `tokenizer`: the loaded tokenizer the stage used, or the upstream manifest entry of the one that
-    made the tokens it carries (see `upstream_tokenizer`)."""
-    started = datetime.datetime.now(datetime.timezone.utc)
-    clear_output(output_dir)
-    pipeline = make_pipeline(beam_args)
-    write_stage_outputs(build(pipeline), output_dir, schema, num_shards)
-    result = pipeline.run()
-    result.wait_until_finish()
-    counters = job_counters(result)
-    counts = counts_from(counters)
-    manifest = {
-        "stage": stage,
-        "lwm_data_version": lwm_data.__version__,
-        "created": started.isoformat(timespec="seconds"),
-        "seconds": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 3),
-        "config": config,
-        "tokenizer": tokenizer_record(tokenizer),
-        "counts": counts.to_dict(),
-        "stats": {k: v for k, v in sorted(counters.items()) if k not in ("in", "out") and "." not in k},
-        "files": io.describe_files(output_dir),
-    }
-    io.write_json(io.join(output_dir, io.MANIFEST), manifest)
-    if not counts.balanced:
-        logging.error("%s: counts do not balance: %s", stage, counts.to_dict())
-    return manifest

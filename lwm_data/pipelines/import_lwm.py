@@ -1,69 +1,51 @@
-"""LWM JSONL datasets -> unpacked examples (EXAMPLE_SCHEMA), tokenized exactly as LWM's processors
-do; and back: `export` writes any stage's examples as LWM JSONL.
+"""LWM JSONL datasets -> unpacked examples (EXAMPLE_SCHEMA), tokenized exactly as LWM's processors do.
 
-    files --MatchFiles--> paths --ReadLines (numbered)--> lines --Reshuffle--> ProcessLines
-          --BatchElements--> ToTable --> Parquet shards
+    files --ReadLwmLines--> numbered lines (+ dead letters)                               [read]
+    lines --Reshuffle--> ProcessLines --BatchElements--> ToTable --> EXAMPLE tables       [ImportLwm]
 
 Line numbers are kept because LWM seeds the choice among list-valued field specs by the 0-based line
 index within the file (see lwm_data.lwm_format). Blank lines are not records (LWM skips them too, but
 they still advance its line index, and here as well).
 
-Counts: `in` = non-blank lines, `out` = examples written; dead-lettered: record_too_large,
-invalid_utf8, invalid_json, missing_field_spec, bad_field_spec, missing_field, field_not_text,
-vision_not_int_list, vision_length, vision_code_range, unreadable_file. Stats: tokens,
+Counts: `in` = non-blank lines (and unreadable files), `out` = examples written; dead-lettered:
+record_too_large, unreadable_file, invalid_utf8, invalid_json, missing_field_spec, bad_field_spec,
+missing_field, field_not_text, vision_not_int_list, vision_length, vision_code_range. Stats: tokens,
 vision_tokens, loss_tokens.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable
 
 import apache_beam as beam
-import pyarrow as pa
 from apache_beam.io import fileio
-from apache_beam.io.filesystems import FileSystems
 
-from lwm_data import io
-from lwm_data.books import DEFAULT_MAX_RECORD_BYTES, iter_lines
-from lwm_data.io import Counts, DeadLetter
-from lwm_data.lwm_format import (
-    FIELDS_KEY,
-    LwmFormatError,
-    LwmProcessor,
-    ProcessorConfig,
-    example_from_line,
-    examples_from_table,
-    examples_to_table,
-    to_lwm_record,
-)
-from lwm_data.pipelines.common import (
-    ERRORS,
-    StageOutputs,
-    count,
-    dead_letter,
-    run_stage,
-)
+from lwm_data.config import nested, setting
+from lwm_data.examples import Example, examples_to_table
+from lwm_data.lwm_format import FIELDS_KEY, LwmProcessor, ProcessorConfig, example_from_line
+from lwm_data.outputs import Rejection
+from lwm_data.pipelines.common import ERRORS, Counters, ReadOutput, StageOutput, merge_errors, route, run_stage
+from lwm_data.reading import DEFAULT_MAX_RECORD_BYTES, read_lines
 from lwm_data.schemas import EXAMPLE_SCHEMA
-from lwm_data.tokenizers import load_tokenizer
+from lwm_data.tokenizers import load_tokenizer, resolve_tokenizer
 
 STAGE = "import-lwm"
-EXPORT_ERRORS_SUFFIX = ".errors.jsonl"
 
 
 @dataclass(frozen=True)
 class ImportConfig:
-    input: str
-    output: str
-    fields: tuple[str, ...] = ()  # dataset-wide spec(s); empty: each line's `fields_key`
-    fields_key: str = FIELDS_KEY
-    tokenizer: str | None = None
-    seed: int = 0
-    prepend_text: str = ""
-    max_frames: int = -1
-    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
-    batch_tokens: int = 4_000_000
+    input: str = setting(help="Glob of LWM JSONL files (.gz/.zst too), any Beam filesystem.")
+    output: str = setting(help="Output directory.")
+    fields: tuple[str, ...] = setting(
+        (), "Dataset-wide field spec; repeat for a list (one chosen per line). Default: each line's.", repeat=True
+    )
+    fields_key: str = setting(FIELDS_KEY, "Key of a line's own field spec.")
+    tokenizer: str | None = setting(None, "SentencePiece .model or tokenizer dir (default: embedded).")
+    seed: int = setting(0, "0 picks list-valued specs exactly as LWM does (by line number).")
+    max_record_bytes: int = setting(DEFAULT_MAX_RECORD_BYTES, "Dead-letter lines larger than this.")
+    batch_tokens: int = setting(4_000_000, "Examples are written in tables of about this many tokens.")
+    processor: ProcessorConfig = nested(ProcessorConfig)
 
     @property
     def spec(self) -> str | tuple[str, ...] | None:
@@ -72,121 +54,94 @@ class ImportConfig:
         return self.fields[0] if len(self.fields) == 1 else self.fields
 
 
-class ReadLines(beam.DoFn):
-    def __init__(self, max_record_bytes: int):
+class LineReader:
+    """Step: one file -> (path, 0-based line index, line) per non-blank line, each an input record."""
+
+    def __init__(self, stage: str, max_record_bytes: int):
+        self.count = Counters(stage)
         self.max_record_bytes = max_record_bytes
 
-    def process(self, path: str) -> Iterable:
-        try:
-            with FileSystems.open(path) as f:
-                for line_number, line in iter_lines(f, self.max_record_bytes):
-                    if line is None:
-                        count("in")
-                        yield dead_letter(
-                            STAGE,
-                            "record_too_large",
-                            path,
-                            f"line {line_number}",
-                            f"over {self.max_record_bytes} bytes",
-                        )
-                    elif line.strip():
-                        count("in")
-                        yield path, line_number - 1, line
-        except OSError as e:
-            count("in")
-            yield dead_letter(STAGE, "unreadable_file", path, "", f"{type(e).__name__}: {e}")
+    def __call__(self, path: str) -> Iterable[tuple[str, int, bytes] | Rejection]:
+        for item in read_lines(path, self.max_record_bytes):
+            self.count("in")
+            yield item if isinstance(item, Rejection) else (path, item[0] - 1, item[1])
 
 
-class ProcessLines(beam.DoFn):
-    def __init__(self, config: ImportConfig):
+class ReadLwmLines(beam.PTransform):
+    def __init__(self, pattern: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, stage: str = STAGE):
+        super().__init__()
+        self.pattern = pattern
+        self.max_record_bytes = max_record_bytes
+        self.stage = stage
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> ReadOutput:
+        lines = (
+            pbegin
+            | "Match" >> fileio.MatchFiles(self.pattern)
+            | "Paths" >> beam.Map(lambda m: m.path)
+            | "ReadLines" >> route(self.stage, LineReader(self.stage, self.max_record_bytes))
+        )
+        return ReadOutput(lines.out, lines[ERRORS])
+
+
+class ProcessLines:
+    """Step: one numbered line -> its Example, or why LWM's processors would refuse it."""
+
+    def __init__(self, stage: str, config: ImportConfig, tokenizer: dict):
+        self.count = Counters(stage)
         self.config = config
+        self.tokenizer_entry = tokenizer
 
     def setup(self) -> None:
-        processor_config = ProcessorConfig(prepend_text=self.config.prepend_text, max_n_frames=self.config.max_frames)
-        self.processor = LwmProcessor(load_tokenizer(self.config.tokenizer), processor_config)
+        self.processor = LwmProcessor(resolve_tokenizer(self.tokenizer_entry), self.config.processor)
 
-    def process(self, numbered: tuple[str, int, bytes]) -> Iterable:
+    def __call__(self, numbered: tuple[str, int, bytes]) -> Iterable[Example | Rejection]:
         path, line_index, line = numbered
-        try:
-            example = example_from_line(
-                line,
-                path,  # the full path: example ids stay unique across folders with same-named files
-                line_index,
-                self.processor,
-                self.config.spec,
-                self.config.fields_key,
-                self.config.seed,
-            )
-        except LwmFormatError as e:
-            yield dead_letter(
-                STAGE, e.reason, path, f"line {line_index + 1}", e.detail, line[:1000].decode("utf-8", "replace")
-            )
+        config = self.config
+        try:  # the full path as source: example ids stay unique across folders with same-named files
+            example = example_from_line(line, path, line_index, self.processor, config.spec, config.fields_key, config.seed)
+        except Rejection as rejection:
+            yield rejection.at(path, f"line {line_index + 1}", line)
             return
-        count("out")
-        count("tokens", example.num_tokens)
-        count("vision_tokens", int(example.vision_mask.sum()))
-        count("loss_tokens", int((example.loss_weights > 0).sum()))
+        self.count("out")
+        self.count("tokens", example.num_tokens)
+        self.count("vision_tokens", int(example.vision_mask.sum()))
+        self.count("loss_tokens", int((example.loss_weights > 0).sum()))
         yield example
 
 
-def build(pipeline: beam.Pipeline, config: ImportConfig) -> StageOutputs:
-    lines = (
-        pipeline
-        | "Match" >> fileio.MatchFiles(config.input)
-        | "Paths" >> beam.Map(lambda m: m.path)
-        | "ReadLines" >> beam.ParDo(ReadLines(config.max_record_bytes)).with_outputs(ERRORS, main="lines")
-    )
-    processed = (
-        lines.lines
-        | "SpreadLines" >> beam.Reshuffle()
-        | "ProcessLines" >> beam.ParDo(ProcessLines(config)).with_outputs(ERRORS, main="examples")
-    )
-    tables = (
-        processed.examples
-        | "Batch"
-        >> beam.BatchElements(
-            min_batch_size=1, max_batch_size=config.batch_tokens, element_size_fn=lambda e: e.num_tokens
+class ImportLwm(beam.PTransform):
+    """Numbered LWM JSONL lines -> EXAMPLE_SCHEMA tables."""
+
+    def __init__(self, config: ImportConfig, tokenizer: dict, stage: str = STAGE):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.stage = stage
+
+    def expand(self, lines: beam.PCollection) -> StageOutput:
+        processed = (
+            lines
+            | "SpreadLines" >> beam.Reshuffle()
+            | "ProcessLines" >> route(self.stage, ProcessLines(self.stage, self.config, self.tokenizer))
         )
-        | "ToTable" >> beam.Map(examples_to_table)
-    )
-    return StageOutputs(tables, [lines[ERRORS], processed[ERRORS]])
+        tables = (
+            processed.out
+            | "Batch" >> beam.BatchElements(
+                min_batch_size=1, max_batch_size=self.config.batch_tokens, element_size_fn=lambda e: e.num_tokens
+            )
+            | "ToTable" >> beam.Map(examples_to_table)
+        )
+        return StageOutput(tables, processed[ERRORS])
 
 
 def run(config: ImportConfig, beam_args: list[str] | None = None) -> dict:
-    """Run the import job; returns its manifest."""
-    tokenizer = load_tokenizer(config.tokenizer)
-    return run_stage(
-        STAGE, config.output, EXAMPLE_SCHEMA, lambda p: build(p, config), asdict(config), beam_args, tokenizer
-    )
+    """The stand-alone import job: ReadLwmLines | ImportLwm | write; returns its manifest."""
+    tokenizer = load_tokenizer(config.tokenizer).entry
 
+    def build(pipeline: beam.Pipeline) -> StageOutput:
+        lines = pipeline | "ReadLines" >> ReadLwmLines(config.input, config.max_record_bytes)
+        examples = lines.records | "Import" >> ImportLwm(config, tokenizer)
+        return StageOutput(examples.rows, merge_errors(lines.errors, examples.errors))
 
-# ---- export (plain Python: one pass over a stage's shards) ----
-
-
-def export(input_dir: str, output: str, tokenizer_path: str | None = None) -> Counts:
-    """Write a stage's examples as LWM JSONL at `output` (one record per example, with its `id`).
-
-    The tokenizer defaults to the one in the input's manifest. An example that no LWM record can
-    reproduce exactly is not written; it goes to `<output>.errors.jsonl` with its reason.
-    """
-    if tokenizer_path is None:
-        tokenizer_path = (io.read_manifest(input_dir).get("tokenizer") or {}).get("path")
-    tokenizer = load_tokenizer(tokenizer_path)
-    processor = LwmProcessor(tokenizer)
-    counts = Counts()
-    with FileSystems.create(output) as out, FileSystems.create(output + EXPORT_ERRORS_SUFFIX) as errors:
-        for batch in io.iter_batches(input_dir, batch_size=64):
-            for example in examples_from_table(pa.Table.from_batches([batch])):
-                counts.input += 1
-                try:
-                    record = {"id": example.example_id, **to_lwm_record(example, tokenizer, processor)}
-                except LwmFormatError as e:
-                    counts.dead_lettered[e.reason] = counts.dead_lettered.get(e.reason, 0) + 1
-                    errors.write(
-                        DeadLetter("export-lwm", e.reason, input_dir, example.example_id, e.detail).to_json().encode()
-                        + b"\n"
-                    )
-                    continue
-                out.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
-                counts.output += 1
-    return counts
+    return run_stage(STAGE, config, build, EXAMPLE_SCHEMA, beam_args, tokenizer)

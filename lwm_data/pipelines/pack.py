@@ -1,25 +1,27 @@
 """Unpacked examples -> fixed-length packed rows (masked sequence packing; see lwm_data.packing).
 
-Packing is decided on lengths alone, so the token data moves once, straight to its row:
+Pack needs files by design: packing is decided on lengths alone, then the token data moves once,
+straight to its row, read back from the input shards by path. So the `Pack` transform takes a
+PCollection of EXAMPLE_SCHEMA shard paths: a stand-alone run lists them from its input directories'
+manifests, a fused pipeline takes the paths its upstream `WriteStage` wrote (that boundary is
+materialised).
 
-    input shards --ReadRefs--> ExampleRef per example (+ dead letters)      [parallel, per shard]
-        chunk-stage shards: chunk refs --GroupByKey(book)--> one `text` ExampleRef per book
+    shard paths --ReadRefs--> ExampleRef per example (+ dead letters)          [parallel, per shard]
+        reads example_id, kind, num_tokens and the small weight/mask columns: no tokens, no text
     all refs --ToList--> Plan (seeded shuffle, overflow, mix, best-fit-decreasing)   [one worker]
         --> Segment per packed piece, keyed by row batch
-        --> FragmentRequest per (piece, source row), keyed by shard
+        --> FragmentRequest per piece, keyed by shard
     requests --GroupByKey(shard)--> ReadFragments: each shard read once, slices cut
     segments + fragments --GroupByKey(row batch)--> AssembleRows --> PACKED_SCHEMA tables
 
-Inputs are directories in EXAMPLE_SCHEMA (chat, vision, text, ...) or the chunk stage's CHUNK_SCHEMA
-output. A book's chunks become one `text` example: BOS, then every chunk's tokens in order, loss
-weight 1 on every token (packing zeroes each segment's first token, here the BOS), so plain book
-text is packed through the chunk stage; over-long books need `--overflow split`.
+Plain book text comes from the `text` stage (chunks -> one example per book); over-long books need
+`--overflow split`.
 
-Counts (unit: examples; a book from chunk input is one example): `in` = examples read, `out` =
-examples packed (split pieces count once); filtered: too_long, not_in_mix, mix_excess;
-dead-lettered: malformed examples and incomplete books. Stats: rows, tokens, pad_tokens, segments,
-tokens_<kind>, truncated, truncated_tokens, split, split_pieces; the manifest's `packing` section
-adds fill efficiency and segments per row.
+Counts (unit: examples): `in` = examples read, `out` = examples packed (split pieces count once);
+filtered: too_long, not_in_mix, mix_excess; dead-lettered: malformed examples (empty_example,
+length_mismatch, bad_loss_weights). Stats: rows, tokens, pad_tokens, segments, tokens_<kind>,
+truncated, truncated_tokens, split, split_pieces; the manifest's `packing` section adds fill
+efficiency and segments per row.
 """
 
 from __future__ import annotations
@@ -31,80 +33,42 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 
-from lwm_data import io
-from lwm_data.packing import PackOptions, build_rows, packed_table, plan_packing, split_over_parts, tokens_by_kind
-from lwm_data.pipelines.common import StageOutputs, count, dead_letter, run_stage, upstream_tokenizer
-from lwm_data.schemas import EXAMPLE_SCHEMA, PACKED_SCHEMA, STAGE_SCHEMAS
-from lwm_data.tokenizers import load_tokenizer
+from lwm_data import outputs
+from lwm_data.arrays import flagged_per_list, flat_values, list_lengths
+from lwm_data.config import ConfigError, nested, setting
+from lwm_data.examples import SPLITTABLE_KINDS, tokens_by_kind
+from lwm_data.outputs import Rejection
+from lwm_data.packing import PackOptions, build_rows, packed_table, plan_packing
+from lwm_data.pipelines.common import ERRORS, Counters, StageOutput, route, run_stage, upstream_tokenizer
+from lwm_data.schemas import EXAMPLE_SCHEMA, PACKED_SCHEMA
 
 STAGE = "pack"
-EXAMPLES = "examples"
-CHUNKS = "chunks"
 TOKENS_PER_BATCH = 1 << 22  # rows are assembled and written in batches of about this many tokens
+REF_COLUMNS = ["example_id", "kind", "num_tokens", "loss_weights", "vision_mask"]
+TOKEN_COLUMNS = ["tokens", "loss_weights", "vision_mask"]
 
 
 @dataclass(frozen=True)
 class PackConfig:
-    input: str  # comma-separated directories
-    output: str
-    seq_len: int
-    mix: dict[str, float] | None = None
-    loss_weighting: str = "token"
-    overflow: str = "drop"
-    buffer: int = 10_000
-    max_open_rows: int = 64
-    seed: int = 0
-    bos_id: int | None = None  # for chunk inputs; default: the chunk stage's tokenizer's BOS
-
-    def __post_init__(self):
-        self.options  # noqa: B018 - building PackOptions validates the settings before any work
+    input: tuple[str, ...] = setting(help="Directories of examples (chat, text, import-lwm, ...), comma-separated.")
+    output: str = setting(help="Output directory.")
+    packing: PackOptions = nested(PackOptions)
 
     @property
-    def options(self) -> PackOptions:
-        return PackOptions(
-            seq_len=self.seq_len, overflow=self.overflow, loss_weighting=self.loss_weighting, mix=self.mix,
-            buffer_size=self.buffer, max_open_rows=self.max_open_rows, seed=self.seed,
-        )
-
-    @property
-    def input_dirs(self) -> list[str]:
-        return [d.strip() for d in self.input.split(",") if d.strip()]
-
-
-class InputShard(NamedTuple):
-    input_index: int
-    format: str  # EXAMPLES or CHUNKS
-    path: str
-    bos_id: int  # prepended to a book's first chunk (CHUNKS only)
-
-
-class Part(NamedTuple):
-    """Tokens of an example held by one source row (a chunk row holds part of a book)."""
-
-    path: str
-    row: int
-    num_tokens: int  # including the BOS added before a book's first chunk
-    with_bos: bool
+    def rows_per_batch(self) -> int:
+        return max(1, TOKENS_PER_BATCH // self.packing.seq_len)
 
 
 class ExampleRef(NamedTuple):
-    input_index: int
     example_id: str
     kind: str
     splittable: bool
-    parts: tuple[Part, ...]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(p.num_tokens for p in self.parts)
-
-
-class ChunkRef(NamedTuple):
-    chunk_index: int
-    num_chunks: int
-    part: Part
-    problem: str  # "" when the chunk row is well formed
+    path: str
+    row: int
+    num_tokens: int
 
 
 class Segment(NamedTuple):
@@ -122,63 +86,25 @@ class FragmentRequest(NamedTuple):
     source_end: int
     row: int
     segment: int
-    offset: int  # where the fragment starts in its segment
-    with_bos: bool
 
 
 class Fragment(NamedTuple):
     row: int
     segment: int
-    offset: int
     tokens: np.ndarray
     loss_weights: np.ndarray
     vision_mask: np.ndarray
 
 
-def discover_inputs(config: PackConfig) -> list[InputShard]:
-    """Every input shard with its format, from each directory's manifest."""
-    shards = []
-    for index, directory in enumerate(config.input_dirs):
-        manifest = io.read_manifest(directory)
-        stage = manifest.get("stage")
-        if stage == "chunk":
-            bos_id = config.bos_id if config.bos_id is not None else _tokenizer_bos(manifest)
-            shards.extend(InputShard(index, CHUNKS, p, bos_id) for p in io.list_shards(directory))
-        elif STAGE_SCHEMAS.get(stage) is EXAMPLE_SCHEMA:
-            shards.extend(InputShard(index, EXAMPLES, p, -1) for p in io.list_shards(directory))
-        else:
-            raise ValueError(f"{directory}: stage {stage!r} holds neither examples nor chunks")
-    return shards
-
-
-def _tokenizer_bos(manifest: dict) -> int:
-    tokenizer = manifest.get("tokenizer") or {}
-    bos_id = load_tokenizer(tokenizer.get("path")).bos_id
-    if bos_id < 0:
-        raise ValueError("the chunk stage's tokenizer has no BOS token; pass --bos-id")
-    return bos_id
-
-
-def _list_lengths(table: pa.Table, column: str) -> np.ndarray:
-    return pc.list_value_length(table[column]).fill_null(-1).to_numpy(zero_copy_only=False)
-
-
-def _flagged_per_row(lists: pa.ChunkedArray, flags: np.ndarray) -> np.ndarray:
-    """How many values of each row's list are flagged (`flags`: one per value, rows concatenated)."""
-    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
-    flagged_before = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
-    return np.diff(flagged_before[np.concatenate([[0], np.cumsum(lengths)])])
-
-
 def example_problems(table: pa.Table) -> list[str]:
-    """Why each EXAMPLE_SCHEMA row cannot be packed ("" when it can), vectorised per column."""
+    """Why each row cannot be packed ("" when it can), vectorised per column."""
     num_tokens = table["num_tokens"].to_numpy(zero_copy_only=False)
-    weights = pc.list_flatten(table["loss_weights"]).to_numpy(zero_copy_only=False)
+    weights = flat_values(table["loss_weights"])
+    weight_offsets = np.concatenate([[0], np.cumsum(list_lengths(table["loss_weights"], 0))])
     checks = [  # later checks win: the most basic problem is reported
-        (_flagged_per_row(table["loss_weights"], ~np.isfinite(weights) | (weights < 0)) > 0, "bad_loss_weights"),
-        (_list_lengths(table, "vision_mask") != num_tokens, "length_mismatch"),
-        (_list_lengths(table, "loss_weights") != num_tokens, "length_mismatch"),
-        (_list_lengths(table, "tokens") != num_tokens, "length_mismatch"),
+        (flagged_per_list(~np.isfinite(weights) | (weights < 0), weight_offsets) > 0, "bad_loss_weights"),
+        (list_lengths(table["vision_mask"]) != num_tokens, "length_mismatch"),
+        (list_lengths(table["loss_weights"]) != num_tokens, "length_mismatch"),
         (num_tokens < 1, "empty_example"),
     ]
     problems = np.full(table.num_rows, "", dtype=object)
@@ -187,68 +113,29 @@ def example_problems(table: pa.Table) -> list[str]:
     return problems.tolist()
 
 
-class ReadRefs(beam.DoFn):
-    """One input shard -> an ExampleRef per example, or (book key, ChunkRef) per chunk row."""
+class ReadRefs:
+    """Step: one shard -> an ExampleRef per example it holds, or a Rejection, each an input record.
 
-    CHUNK_REFS = "chunks"
+    Reads only what planning needs; token lists are not tested here against `num_tokens` (that
+    would mean reading them twice): ReadFragments refuses a shard whose tokens disagree with it."""
 
-    def process(self, shard: InputShard) -> Iterable:
-        table = io.read_shard(shard.path)
-        if shard.format == CHUNKS:
-            yield from self._chunk_refs(shard, table)
-        else:
-            yield from self._example_refs(shard, table)
+    def __init__(self, stage: str):
+        self.count = Counters(stage)
 
-    def _example_refs(self, shard: InputShard, table: pa.Table) -> Iterable:
+    def __call__(self, path: str) -> Iterable[ExampleRef | Rejection]:
+        table = outputs.read_shard(path, REF_COLUMNS)
         ids, kinds = table["example_id"].to_pylist(), table["kind"].to_pylist()
         num_tokens = table["num_tokens"].to_pylist()
-        vision = pc.list_flatten(table["vision_mask"]).to_numpy(zero_copy_only=False).astype(bool)
-        vision_counts = _flagged_per_row(table["vision_mask"], vision)
+        vision = flat_values(table["vision_mask"], bool)
+        offsets = np.concatenate([[0], np.cumsum(list_lengths(table["vision_mask"], 0))])
+        has_vision = flagged_per_list(vision, offsets) > 0
         for row, problem in enumerate(example_problems(table)):
-            count("in")
+            self.count("in")
             if problem:
-                yield dead_letter(STAGE, problem, shard.path, f"row {row}", f"example {ids[row]!r}", ids[row] or "")
+                yield Rejection(problem, f"example {ids[row]!r}", ids[row] or "", path, f"row {row}")
                 continue
-            part = Part(shard.path, row, num_tokens[row], False)
-            splittable = kinds[row] == "text" and vision_counts[row] == 0
-            yield ExampleRef(shard.input_index, ids[row], kinds[row], splittable, (part,))
-
-    def _chunk_refs(self, shard: InputShard, table: pa.Table) -> Iterable:
-        lengths = _list_lengths(table, "tokens")
-        columns = {c: table[c].to_pylist() for c in ("book_id", "chunk_index", "num_chunks", "num_tokens")}
-        for row in range(table.num_rows):
-            first = columns["chunk_index"][row] == 0
-            length = int(lengths[row])
-            problem = "" if length == columns["num_tokens"][row] else "tokens length != num_tokens"
-            part = Part(shard.path, row, length + first, first)
-            chunk = ChunkRef(columns["chunk_index"][row], columns["num_chunks"][row], part, problem)
-            yield beam.pvalue.TaggedOutput(self.CHUNK_REFS, ((shard.input_index, columns["book_id"][row]), chunk))
-
-
-def book_problem(chunks: list[ChunkRef]) -> str:
-    """Why a book's chunks do not make one example ("" when they do): each of 0..n-1 exactly once."""
-    bad = [c.problem for c in chunks if c.problem]
-    if bad:
-        return bad[0]
-    indices = sorted(c.chunk_index for c in chunks)
-    if indices != list(range(len(chunks))) or any(c.num_chunks != len(chunks) for c in chunks):
-        shown = f"{indices[:8]}{'...' if len(indices) > 8 else ''}"
-        return f"chunk indices {shown} are not 0..{chunks[0].num_chunks - 1} once each"
-    return ""
-
-
-class BookRefs(beam.DoFn):
-    """A book's chunk refs -> one `text` ExampleRef (BOS + chunks in order), or a dead letter."""
-
-    def process(self, keyed: tuple[tuple[int, str], Iterable[ChunkRef]]) -> Iterable:
-        (input_index, book_id), chunks = keyed
-        chunks = sorted(chunks, key=lambda c: (c.chunk_index, c.part.path, c.part.row))
-        count("in")
-        problem = book_problem(chunks)
-        if problem:
-            yield dead_letter(STAGE, "incomplete_book", chunks[0].part.path, f"book {book_id}", problem, book_id)
-            return
-        yield ExampleRef(input_index, book_id, "text", True, tuple(c.part for c in chunks))
+            splittable = kinds[row] in SPLITTABLE_KINDS and not has_vision[row]
+            yield ExampleRef(ids[row], kinds[row], splittable, path, row, num_tokens[row])
 
 
 class Plan(beam.DoFn):
@@ -256,141 +143,120 @@ class Plan(beam.DoFn):
 
     REQUESTS = "requests"
 
-    def __init__(self, options: PackOptions, formats: dict[str, tuple[str, int]]):
-        self.options = options
-        self.formats = formats  # shard path -> (format, bos_id)
+    def __init__(self, stage: str, config: PackConfig):
+        self.count = Counters(stage)
+        self.options = config.packing
+        self.rows_per_batch = config.rows_per_batch
 
     def process(self, refs: list[ExampleRef]) -> Iterable:
-        refs = sorted(refs, key=lambda r: (r.input_index, r.example_id, r.parts[0].path, r.parts[0].row))
+        # ToList's order depends on the runner; the plan must not: sort by example id (then place)
+        refs = sorted(refs, key=lambda r: (r.example_id, r.path, r.row))
         lengths = np.fromiter((r.num_tokens for r in refs), np.int64, len(refs))
         kinds = np.array([r.kind for r in refs], dtype=object)
         splittable = np.fromiter((r.splittable for r in refs), bool, len(refs))
         plan = plan_packing(lengths, kinds, splittable, self.options)
         for name, value in plan.counts.items():
-            count(name, value)
-        count("out", plan.num_examples)
-        count("rows", plan.num_rows)
-        rows_per_batch = max(1, TOKENS_PER_BATCH // self.options.seq_len)
+            self.count(name, value)
+        self.count("out", plan.num_examples)
+        self.count("rows", plan.num_rows)
         for example, start, length, row, segment in zip(
             plan.example.tolist(), plan.start.tolist(), plan.length.tolist(), plan.row.tolist(), plan.segment.tolist()
         ):
             ref = refs[example]
-            yield row // rows_per_batch, Segment(row, segment, ref.example_id, ref.kind, start, length)
-            part_lengths = [p.num_tokens for p in ref.parts]
-            for part_index, lo, hi, offset in split_over_parts(part_lengths, start, length):
-                part = ref.parts[part_index]
-                request = FragmentRequest(part.row, lo, hi, row, segment, offset, part.with_bos)
-                yield beam.pvalue.TaggedOutput(self.REQUESTS, ((part.path, *self.formats[part.path]), request))
+            yield row // self.rows_per_batch, Segment(row, segment, ref.example_id, ref.kind, start, length)
+            request = FragmentRequest(ref.row, start, start + length, row, segment)
+            yield beam.pvalue.TaggedOutput(self.REQUESTS, (ref.path, request))
 
 
 class ReadFragments(beam.DoFn):
     """One shard's requests -> Fragments keyed by row batch; the shard is read once."""
 
-    def __init__(self, seq_len: int):
-        self.rows_per_batch = max(1, TOKENS_PER_BATCH // seq_len)
+    def __init__(self, rows_per_batch: int):
+        self.rows_per_batch = rows_per_batch
 
-    def process(self, keyed: tuple[tuple[str, str, int], Iterable[FragmentRequest]]) -> Iterable:
-        (path, fmt, bos_id), requests = keyed
-        columns = ["tokens"] if fmt == CHUNKS else ["tokens", "loss_weights", "vision_mask"]
-        source = _SourceRows(io.read_shard(path, columns))
+    def process(self, keyed: tuple[str, Iterable[FragmentRequest]]) -> Iterable:
+        path, requests = keyed
+        source = _SourceRows(path)
         for r in requests:
-            tokens, weights, vision = source.part(r.source_row, r.with_bos, bos_id)
+            tokens, weights, vision = source.row(r.source_row)
             lo, hi = r.source_start, r.source_end
-            fragment = Fragment(r.row, r.segment, r.offset, tokens[lo:hi], weights[lo:hi], vision[lo:hi])
-            yield r.row // self.rows_per_batch, fragment
+            yield r.row // self.rows_per_batch, Fragment(r.row, r.segment, tokens[lo:hi], weights[lo:hi], vision[lo:hi])
 
 
 class _SourceRows:
-    """Row slices of a shard's token columns; chunk shards get weight 1, no vision, optional BOS."""
+    """Row slices of a shard's token columns."""
 
-    def __init__(self, table: pa.Table):
-        tokens = table["tokens"].combine_chunks()
-        self.offsets = np.asarray(tokens.offsets, np.int64)
-        self.tokens = pc.list_flatten(tokens).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-        self.weights = self.vision = None
-        if "loss_weights" in table.column_names:
-            self.weights = pc.list_flatten(table["loss_weights"]).to_numpy(zero_copy_only=False).astype(np.float32)
-            self.vision = pc.list_flatten(table["vision_mask"]).to_numpy(zero_copy_only=False).astype(bool)
+    def __init__(self, path: str):
+        table = outputs.read_shard(path, TOKEN_COLUMNS + ["num_tokens"])
+        self.offsets = np.concatenate([[0], np.cumsum(list_lengths(table["tokens"], 0))])
+        if not np.array_equal(np.diff(self.offsets), table["num_tokens"].to_numpy()):
+            raise ValueError(f"{path}: token lists disagree with num_tokens; `lwm-data validate` the input")
+        self.tokens = flat_values(table["tokens"], np.int32)
+        self.weights = flat_values(table["loss_weights"], np.float32)
+        self.vision = flat_values(table["vision_mask"], bool)
 
-    def part(self, row: int, with_bos: bool, bos_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lo, hi = self.offsets[row] - self.offsets[0], self.offsets[row + 1] - self.offsets[0]
-        tokens = self.tokens[lo:hi]
-        if self.weights is not None:
-            return tokens, self.weights[lo:hi], self.vision[lo:hi]
-        if with_bos:
-            tokens = np.concatenate([np.array([bos_id], np.int32), tokens])
-        return tokens, np.ones(len(tokens), np.float32), np.zeros(len(tokens), bool)
+    def row(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[row], self.offsets[row + 1]
+        return self.tokens[lo:hi], self.weights[lo:hi], self.vision[lo:hi]
 
 
 class AssembleRows(beam.DoFn):
     """A batch of rows' segments and fragments -> one PACKED_SCHEMA table."""
 
-    def __init__(self, seq_len: int, loss_weighting: str):
-        self.seq_len = seq_len
-        self.loss_weighting = loss_weighting
+    def __init__(self, stage: str, options: PackOptions):
+        self.count = Counters(stage)
+        self.seq_len = options.seq_len
+        self.loss_weighting = options.loss_weighting
 
     def process(self, keyed: tuple[int, Iterable]) -> Iterable[pa.Table]:
         _, items = keyed
         segments = sorted(i for i in items if isinstance(i, Segment))
-        fragments = [i for i in items if isinstance(i, Fragment)]
+        fragments = {(f.row, f.segment): f for f in items if isinstance(f, Fragment)}
         rows = np.array([s.row for s in segments], np.int64)
         row_ids, local_rows = np.unique(rows, return_inverse=True)
         lengths = np.array([s.length for s in segments], np.int64)
-        first_token = np.cumsum(lengths) - lengths
-        where = {(s.row, s.segment): int(first) for s, first in zip(segments, first_token)}
-        total = int(lengths.sum())
-        tokens, weights, vision = np.zeros(total, np.int32), np.zeros(total, np.float32), np.zeros(total, bool)
-        for f in fragments:
-            at = where[(f.row, f.segment)] + f.offset
-            tokens[at : at + len(f.tokens)] = f.tokens
-            weights[at : at + len(f.tokens)] = f.loss_weights
-            vision[at : at + len(f.tokens)] = f.vision_mask
-        columns = build_rows(
-            tokens, weights, vision, lengths, local_rows, len(row_ids), self.seq_len, self.loss_weighting
-        )
+        pieces = [fragments[(s.row, s.segment)] for s in segments]
+        tokens, weights, vision = (np.concatenate([getattr(p, c) for p in pieces]) for c in TOKEN_COLUMNS)
+        columns = build_rows(tokens, weights, vision, lengths, local_rows, len(row_ids), self.seq_len, self.loss_weighting)
         kinds = [s.kind for s in segments]
         piece_starts = np.array([s.piece_start for s in segments], np.int64)
         table = packed_table(columns, [s.example_id for s in segments], kinds, piece_starts)
-        pad = int(pc.sum(table["num_pad_tokens"]).as_py())
-        count("segments", len(segments))
-        count("tokens", total)
-        count("pad_tokens", pad)
+        self.count("segments", len(segments))
+        self.count("tokens", int(lengths.sum()))
+        self.count("pad_tokens", int(pc.sum(table["num_pad_tokens"]).as_py()))
         for kind, kind_tokens in tokens_by_kind(kinds, lengths).items():
-            count(f"tokens_{kind}", kind_tokens)
+            self.count(f"tokens_{kind}", kind_tokens)
         yield table
 
 
-def build(pipeline: beam.Pipeline, config: PackConfig, shards: list[InputShard]) -> StageOutputs:
-    read = (
-        pipeline
-        | "Shards" >> beam.Create(shards)
-        | "SpreadShards" >> beam.Reshuffle()
-        | "ReadRefs" >> beam.ParDo(ReadRefs()).with_outputs(ReadRefs.CHUNK_REFS, "errors", main="refs")
-    )
-    books = (
-        read[ReadRefs.CHUNK_REFS]
-        | "GroupChunksByBook" >> beam.GroupByKey()
-        | "BookRefs" >> beam.ParDo(BookRefs()).with_outputs("errors", main="refs")
-    )
-    formats = {s.path: (s.format, s.bos_id) for s in shards}
-    plan = (
-        (read.refs, books.refs)
-        | "AllRefs" >> beam.Flatten()
-        | "ToList" >> beam.combiners.ToList()
-        | "Plan" >> beam.ParDo(Plan(config.options, formats)).with_outputs(Plan.REQUESTS, main="segments")
-    )
-    fragments = (
-        plan[Plan.REQUESTS]
-        | "GroupByShard" >> beam.GroupByKey()
-        | "ReadFragments" >> beam.ParDo(ReadFragments(config.seq_len))
-    )
-    tables = (
-        (plan.segments, fragments)
-        | "SegmentsAndFragments" >> beam.Flatten()
-        | "GroupByRowBatch" >> beam.GroupByKey()
-        | "AssembleRows" >> beam.ParDo(AssembleRows(config.seq_len, config.loss_weighting))
-    )
-    return StageOutputs(tables, [read.errors, books.errors])
+class Pack(beam.PTransform):
+    """EXAMPLE_SCHEMA shard paths -> PACKED_SCHEMA tables (reads the shards by path, twice)."""
+
+    def __init__(self, config: PackConfig, stage: str = STAGE):
+        super().__init__()
+        self.config = config
+        self.stage = stage
+
+    def expand(self, shard_paths: beam.PCollection) -> StageOutput:
+        stage, config = self.stage, self.config
+        refs = shard_paths | "SpreadShards" >> beam.Reshuffle() | "ReadRefs" >> route(stage, ReadRefs(stage))
+        plan = (
+            refs.out
+            | "ToList" >> beam.combiners.ToList()
+            | "Plan" >> beam.ParDo(Plan(stage, config)).with_outputs(Plan.REQUESTS, main="segments")
+        )
+        fragments = (
+            plan[Plan.REQUESTS]
+            | "GroupByShard" >> beam.GroupByKey()
+            | "ReadFragments" >> beam.ParDo(ReadFragments(config.rows_per_batch))
+        )
+        tables = (
+            (plan.segments, fragments)
+            | "SegmentsAndFragments" >> beam.Flatten()
+            | "GroupByRowBatch" >> beam.GroupByKey()
+            | "AssembleRows" >> beam.ParDo(AssembleRows(stage, config.packing))
+        )
+        return StageOutput(tables, refs[ERRORS])
 
 
 def packing_summary(manifest: dict, seq_len: int) -> dict:
@@ -411,13 +277,34 @@ def packing_summary(manifest: dict, seq_len: int) -> dict:
     }
 
 
+def example_shards(directories: Iterable[str]) -> list[str]:
+    """Every shard of the input directories, which must hold examples (EXAMPLE_SCHEMA)."""
+    shards = []
+    for directory in directories:
+        manifest = outputs.read_manifest(directory)
+        if manifest.get("stage") == "chunk":
+            raise ConfigError(
+                f"{directory} holds chunks, not examples: make one text example per book first, with\n"
+                f"    lwm-data text --input {directory} --output {directory.rstrip('/')}-text\n"
+                f"and pack that directory"
+            )
+        paths = outputs.list_shards(directory, manifest)
+        if paths:
+            with FileSystems.open(paths[0]) as f:
+                schema = pq.read_schema(f)
+            if not schema.equals(EXAMPLE_SCHEMA):
+                raise ConfigError(f"{directory} (stage {manifest.get('stage')!r}) does not hold examples (EXAMPLE_SCHEMA)")
+        shards += paths
+    return shards
+
+
 def run(config: PackConfig, beam_args: list[str] | None = None) -> dict:
-    """Run the pack job; returns its manifest (with a `packing` section)."""
-    tokenizer = upstream_tokenizer(list(config.input_dirs))  # first: refuses mixed tokenizers
-    shards = discover_inputs(config)
-    manifest = run_stage(
-        STAGE, config.output, PACKED_SCHEMA, lambda p: build(p, config, shards), config.__dict__, beam_args, tokenizer
-    )
-    manifest["packing"] = packing_summary(manifest, config.seq_len)
-    io.write_json(io.join(config.output, io.MANIFEST), manifest)
-    return manifest
+    """The stand-alone pack job: input shards | Pack | write; returns its manifest (with `packing`)."""
+    tokenizer = upstream_tokenizer(list(config.input))  # first: refuses inputs from different tokenizers
+    shards = example_shards(config.input)
+
+    def build(pipeline: beam.Pipeline) -> StageOutput:
+        return pipeline | "Shards" >> beam.Create(shards) | "Pack" >> Pack(config)
+
+    summary = lambda manifest: {"packing": packing_summary(manifest, config.packing.seq_len)}  # noqa: E731
+    return run_stage(STAGE, config, build, PACKED_SCHEMA, beam_args, tokenizer, summary=summary)

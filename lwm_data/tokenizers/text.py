@@ -1,8 +1,14 @@
 """Text tokenizers: SentencePiece `.model` files and Hugging Face tokenizer directories.
 
-`encode` never adds BOS/EOS (LWM's original tokenizer behaviour; see LWM_FORMAT.md): callers add
+`encode` never adds BOS/EOS (LWM's original tokenizer behaviour; see docs/lwm-format.md): callers add
 them explicitly. `encode_with_offsets` also returns where each token ends in the input, in
 characters, which is what lets the chunker cut only between tokens.
+
+Tokenizers are known by content. A manifest records the one a stage used as its `entry`:
+`{"name": "default", "sha256": ...}` for the embedded model, `{"path": ..., "sha256": ...}` for a
+user's file (any Beam filesystem). Later stages, on any machine, get it back through
+`resolve_tokenizer(entry)`, which always checks the sha256: a moved site-packages, an upgraded
+mistral-common or an edited file is an error that says what to pass, never a silent switch.
 """
 
 from __future__ import annotations
@@ -11,11 +17,15 @@ import hashlib
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import sentencepiece as spm
 from apache_beam.io.filesystems import FileSystems
 
+from lwm_data.config import ConfigError
+
+DEFAULT = "default"
 _SPACE = "\u2581"  # SentencePiece's whitespace symbol
 _IDENTITY_PROBE = "a  b\u3000\ufb01\r\n"
 
@@ -45,11 +55,12 @@ def _char_index_of_byte(data: bytes) -> np.ndarray:
 
 
 class SentencePieceTokenizer:
-    """A SentencePiece model loaded from any Beam filesystem path."""
+    """A SentencePiece model loaded from any Beam filesystem path (None: the embedded default)."""
 
-    def __init__(self, model_bytes: bytes, path: str):
+    def __init__(self, model_bytes: bytes, path: str | None):
         self.path = path
         self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        self.entry = _entry(path, self.sha256)
         self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         self.vocab_size = self._sp.vocab_size()
         self.bos_id = self._sp.bos_id()
@@ -116,6 +127,7 @@ class HuggingFaceTokenizer:
 
         self.path = path
         self.sha256 = hashlib.sha256(json_bytes).hexdigest()
+        self.entry = _entry(path, self.sha256)
         self._tok = Tokenizer.from_str(json_bytes.decode())
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._special_id(("<s>", "<|begin_of_text|>", "<|startoftext|>"))
@@ -152,7 +164,27 @@ def _hf_char_ends(offsets: list[tuple[int, int]]) -> np.ndarray:
     return ends
 
 
-TextTokenizer = SentencePieceTokenizer | HuggingFaceTokenizer
+class TextTokenizer(Protocol):
+    """What every stage needs of a text tokenizer."""
+
+    path: str | None
+    sha256: str
+    entry: dict[str, str]  # how manifests record it (see the module docstring)
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[np.ndarray]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def encode_with_offsets(self, texts: list[str], num_threads: int = -1) -> list[TokenizedText]: ...
+
+
+def _entry(path: str | None, sha256: str) -> dict[str, str]:
+    return {"name": DEFAULT, "sha256": sha256} if path is None else {"path": path, "sha256": sha256}
 
 
 def _read(path: str) -> bytes:
@@ -167,7 +199,9 @@ def load_tokenizer(path: str | None = None) -> TextTokenizer:
     A directory with `tokenizer.model` is read as SentencePiece (LLaMA's layout); otherwise its
     `tokenizer.json` is used. `None` loads the embedded default. Cached per process.
     """
-    path = path or default_tokenizer_path()
+    if path is None:
+        with open(default_tokenizer_path(), "rb") as f:
+            return SentencePieceTokenizer(f.read(), None)
     directory = path.rstrip("/")
     sp_model = FileSystems.join(directory, "tokenizer.model")
     hf_json = FileSystems.join(directory, "tokenizer.json")
@@ -177,4 +211,43 @@ def load_tokenizer(path: str | None = None) -> TextTokenizer:
         return HuggingFaceTokenizer(_read(hf_json), path)
     if FileSystems.exists(path):
         return SentencePieceTokenizer(_read(path), path)
-    raise FileNotFoundError(f"no SentencePiece model or tokenizer directory at {path}")
+    raise ConfigError(f"no tokenizer at {path}: expected a SentencePiece .model file or a directory with "
+                      "tokenizer.model or tokenizer.json")
+
+
+class TokenizerMismatch(ConfigError):
+    """The tokenizer at hand is not the one whose ids an input holds."""
+
+
+def describe_entry(entry: dict[str, Any]) -> str:
+    where = "the embedded default" if entry.get("name") == DEFAULT else entry.get("path")
+    return f"{where} (sha256 {entry.get('sha256', '?')[:12]}...)"
+
+
+def resolve_tokenizer(entry: dict[str, Any] | None, requested: str | None = None) -> TextTokenizer:
+    """The tokenizer an upstream manifest's entry names, its sha256 checked.
+
+    `requested` (a path the user passes) replaces the recorded location but must be the same model.
+    A recorded path that no longer exists resolves to the embedded default when that is the same
+    model (manifests once recorded the default by its site-packages path).
+    """
+    if requested is not None:
+        tokenizer = load_tokenizer(requested)
+        if entry and tokenizer.sha256 != entry.get("sha256"):
+            raise TokenizerMismatch(f"tokenizer {requested} (sha256 {tokenizer.sha256[:12]}...) is not the one "
+                                    f"that made this input's tokens: {describe_entry(entry)}")
+        return tokenizer
+    if not entry:
+        raise ConfigError("the input's manifest records no tokenizer: pass --tokenizer")
+    path = entry.get("path")
+    located = path is not None and FileSystems.exists(path)
+    tokenizer = load_tokenizer(path if located else None)
+    if tokenizer.sha256 != entry.get("sha256"):
+        if path is None or located:
+            changed = "the embedded default tokenizer" if path is None else f"the tokenizer at {path}"
+            raise TokenizerMismatch(f"{changed} has changed since it made this input's tokens (sha256 now "
+                                    f"{tokenizer.sha256[:12]}..., recorded {entry.get('sha256', '?')[:12]}...): "
+                                    "pass --tokenizer with the original model")
+        raise TokenizerMismatch(f"the tokenizer that made this input, {describe_entry(entry)}, is not at that path "
+                                "here: pass --tokenizer with a copy of it")
+    return tokenizer

@@ -1,4 +1,5 @@
-"""Book text: normalisation, identity, and cutting into ~1K-token chunks at natural boundaries.
+"""Book text: normalisation, identity, sentence ends, and cutting into ~1K-token chunks at natural
+boundaries.
 
 Normalisation (applied to every book before anything else, and what chunk offsets refer to):
   1. NUL characters removed;
@@ -6,6 +7,9 @@ Normalisation (applied to every book before anything else, and what chunk offset
   3. Unicode NFC (last, so that the result is NFC even where a NUL separated a letter from its accent).
 Nothing else changes: whitespace, quotes and paragraph breaks are kept, so a book's chunk texts
 concatenated in order give back its normalised text exactly.
+
+A sentence ends (the one definition every stage uses) at `.`, `!` or `?`, optionally followed by one
+closing quote or bracket, where whitespace or the end of the text follows.
 """
 
 from __future__ import annotations
@@ -14,9 +18,15 @@ import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from lwm_data.arrays import flat_values, list_lengths, run_starts
+from lwm_data.examples import TEXT, Example
+from lwm_data.outputs import Rejection
 from lwm_data.tokenizers.text import TokenizedText
 
 # Boundary preference when snapping a cut: higher is better.
@@ -32,9 +42,12 @@ def _char_class(chars: str) -> np.ndarray:
     return table
 
 
-_SENTENCE_END = _char_class(".!?")
-_CLOSING_QUOTE = _char_class("\"')\u201d\u2019")
+SENTENCE_END_MARKS = ".!?"
+CLOSING_QUOTES = "\"')\u201d\u2019"
+_SENTENCE_END = _char_class(SENTENCE_END_MARKS)
+_CLOSING_QUOTE = _char_class(CLOSING_QUOTES)
 _WHITESPACE = _char_class(" \t\n")
+_BINARY_SNIFF_CHARS = 65536
 
 
 def normalize_text(text: str) -> str:
@@ -49,12 +62,25 @@ def normalize_text(text: str) -> str:
 
 def looks_binary(text: str, max_control_fraction: float = 0.01) -> bool:
     """True for decoded binary junk: many control characters other than tab and newline."""
-    sample = text[:65536]
+    sample = text[:_BINARY_SNIFF_CHARS]
     return len(_CONTROL_CHARS.findall(sample)) > max_control_fraction * max(len(sample), 1)
 
 
 def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sentence_end_before(text: str, position: int) -> int:
+    """The largest i <= position right after a sentence end (see the module docstring); 0 if none."""
+    i = position
+    while i > 0:
+        i = max(text.rfind(mark, 0, i) for mark in SENTENCE_END_MARKS)
+        if i < 0:
+            return 0
+        end = i + 1 + (i + 1 < len(text) and text[i + 1] in CLOSING_QUOTES)
+        if end <= position and (end == len(text) or text[end].isspace()):
+            return end
+    return 0
 
 
 @dataclass(frozen=True)
@@ -89,9 +115,7 @@ def boundary_kinds(text: str, char_ends: np.ndarray) -> np.ndarray:
     return kinds
 
 
-def chunk_tokens(
-    text: str, tokenized: TokenizedText, chunk_tokens: int = 1000, tolerance: float = 0.1
-) -> list[Chunk]:
+def cut_chunks(text: str, tokenized: TokenizedText, chunk_tokens: int = 1000, tolerance: float = 0.1) -> list[Chunk]:
     """Cut a book into chunks of about `chunk_tokens` tokens, only between tokens.
 
     Each cut lands within `chunk_tokens * (1 ± tolerance)` tokens of the previous one, at the best
@@ -130,3 +154,64 @@ def _next_cut(kinds: np.ndarray, start: int, low: int, high: int, target: int) -
     candidates = np.flatnonzero(window == best_kind)
     pick = candidates[np.argmin(np.abs(candidates - (target - low)))]
     return start + low + int(pick)
+
+
+# ---- a book back from its chunk rows ----
+
+
+@dataclass
+class BookChunks:
+    """One book's chunks: `tokens[offsets[c]:offsets[c + 1]]` are chunk c's tokens."""
+
+    book_id: str
+    tokens: np.ndarray  # int32, the whole book
+    offsets: np.ndarray  # int64, num_chunks + 1
+    texts: list[str]
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def chunk_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def book_chunks_from_table(book_id: str, table: pa.Table) -> BookChunks:
+    """A book from its CHUNK_SCHEMA rows (any order, any number of record batches); raises
+    Rejection("incomplete_book") unless its chunk indices run 0..n-1 once each and agree with
+    num_chunks, and every chunk's token list matches its num_tokens.
+
+    The book's tokens are copied once into one int32 array; no per-token Python objects.
+    """
+    table = table.sort_by("chunk_index")
+    index = table["chunk_index"].to_numpy()
+    declared = pc.unique(table["num_chunks"]).to_pylist()
+    if not np.array_equal(index, np.arange(len(index))) or declared != [len(index)]:
+        shown = f"{index[:8].tolist()}{'...' if len(index) > 8 else ''}"
+        raise Rejection("incomplete_book", f"chunk indices {shown} are not 0..{declared[0] - 1} once each "
+                        f"({len(index)} rows, num_chunks {declared})", book_id, book_id)
+    lengths = list_lengths(table["tokens"])
+    if not np.array_equal(lengths, table["num_tokens"].to_numpy()):
+        raise Rejection("incomplete_book", "a chunk's tokens do not match its num_tokens", book_id, book_id)
+    tokens = flat_values(table["tokens"], np.int32)
+    return BookChunks(book_id, tokens, np.concatenate([[0], np.cumsum(lengths)]), table["text"].to_pylist())
+
+
+def text_example(book: BookChunks, bos_id: int, title: str | None = None) -> Example:
+    """A book as one plain-text example: BOS, then its chunks' tokens; loss on every token after BOS."""
+    tokens = np.concatenate([np.asarray([bos_id], np.int32), book.tokens])
+    weights = np.ones(len(tokens), np.float32)
+    weights[0] = 0.0
+    meta = {"num_chunks": book.num_chunks, **({"title": title} if title else {})}
+    return Example(book.book_id, TEXT, book.book_id, tokens, weights, np.zeros(len(tokens), np.bool_),
+                   "<s>" + "".join(book.texts), meta)
+
+
+def split_by_book(batch: pa.Table | pa.RecordBatch) -> Iterable[tuple[str, pa.Table]]:
+    """(book_id, that book's rows) for each book in a batch of rows (zero-copy slices)."""
+    table = (pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch).sort_by("book_id")
+    ids = table["book_id"].to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(run_starts(ids))
+    for start, end in zip(starts, np.r_[starts[1:], len(ids)]):
+        yield str(ids[start]), table.slice(int(start), int(end - start))

@@ -1,0 +1,153 @@
+"""The unpacked training example, shared by every stage that makes or reads EXAMPLE_SCHEMA rows
+(text, chat, import-lwm, pack, export): its kinds, its row form `Example`, its column form
+`Examples`, and the one reader and writer of EXAMPLE_SCHEMA tables.
+
+Token conventions: text ids and vision ids share one int32 sequence and `vision_mask` marks the
+vision ids; `loss_weights[i]` weighs predicting token i from the tokens before it (so a prompt
+token, and the first token, carry 0).
+
+Kinds:
+    text        plain text (a whole book: BOS + its chunks); the only kind packing may split
+    chat        a prompt and answers (weight only on the answers), such as long-context QA chats
+    image_text  one frame of vision codes with text
+    video_text  several frames with text
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from lwm_data.arrays import flagged_per_list
+from lwm_data.schemas import EXAMPLE_SCHEMA
+
+TEXT, CHAT, IMAGE_TEXT, VIDEO_TEXT = "text", "chat", "image_text", "video_text"
+KINDS = frozenset({TEXT, CHAT, IMAGE_TEXT, VIDEO_TEXT})
+SPLITTABLE_KINDS = frozenset({TEXT})  # never holds vision tokens: checked where examples are made
+
+
+@dataclass
+class Example:
+    """One unpacked, tokenized example (one EXAMPLE_SCHEMA row)."""
+
+    example_id: str
+    kind: str
+    source: str
+    tokens: np.ndarray  # int32
+    loss_weights: np.ndarray  # float32, weight on predicting token i
+    vision_mask: np.ndarray  # bool
+    text: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def examples_to_table(examples: Sequence[Example]) -> pa.Table:
+    """EXAMPLE_SCHEMA rows; token columns are built from numpy buffers, not per-token Python objects."""
+    columns = Examples.from_arrays(
+        [e.example_id for e in examples], [e.kind for e in examples],
+        [e.tokens for e in examples], [e.loss_weights for e in examples], [e.vision_mask for e in examples],
+    )
+    return columns.to_table(
+        sources=[e.source for e in examples],
+        texts=[e.text for e in examples],
+        metas=[json.dumps(e.meta, sort_keys=True) for e in examples],
+    )
+
+
+def examples_from_table(table: pa.Table) -> Iterator[Example]:
+    """The rows of an EXAMPLE_SCHEMA table as `Example`s (token columns as numpy)."""
+    for batch in table.to_batches():
+        tokens, weights, mask = (batch.column(name) for name in ("tokens", "loss_weights", "vision_mask"))
+        for i in range(batch.num_rows):
+            meta = batch.column("meta")[i].as_py()
+            yield Example(
+                example_id=batch.column("example_id")[i].as_py(),
+                kind=batch.column("kind")[i].as_py(),
+                source=batch.column("source")[i].as_py(),
+                tokens=tokens[i].values.to_numpy(),
+                loss_weights=weights[i].values.to_numpy(),
+                vision_mask=mask[i].values.to_numpy(zero_copy_only=False),
+                text=batch.column("text")[i].as_py() or "",
+                meta=json.loads(meta) if meta else {},
+            )
+
+
+@dataclass
+class Examples:
+    """Examples in Arrow's list layout: example i is `tokens[offsets[i]:offsets[i+1]]`."""
+
+    example_ids: np.ndarray  # object (str)
+    kinds: np.ndarray  # object (str)
+    offsets: np.ndarray  # int64, n + 1
+    tokens: np.ndarray  # int32
+    loss_weights: np.ndarray  # float32
+    vision_mask: np.ndarray  # bool
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+    @property
+    def splittable(self) -> np.ndarray:
+        """Plain text: a splittable kind, and no vision token."""
+        return np.isin(self.kinds, list(SPLITTABLE_KINDS)) & ~(flagged_per_list(self.vision_mask, self.offsets) > 0)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        example_ids: Sequence[str],
+        kinds: Sequence[str],
+        tokens: Sequence[np.ndarray],
+        loss_weights: Sequence[np.ndarray],
+        vision_mask: Sequence[np.ndarray],
+    ) -> Examples:
+        lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
+        return cls(
+            example_ids=np.asarray(list(example_ids), dtype=object),
+            kinds=np.asarray(list(kinds), dtype=object),
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            tokens=_concat(tokens, np.int32),
+            loss_weights=_concat(loss_weights, np.float32),
+            vision_mask=_concat(vision_mask, np.bool_),
+        )
+
+    def to_table(
+        self, sources: Sequence[str] | str = "", texts: Sequence[str] | None = None, metas: Sequence[str] | None = None
+    ) -> pa.Table:
+        """EXAMPLE_SCHEMA rows; `sources` one per example or one for all, text and meta null if absent."""
+        n = len(self)
+        offsets = pa.array(self.offsets.astype(np.int32))
+        sources = [sources] * n if isinstance(sources, str) else list(sources)
+        columns = {
+            "example_id": pa.array(self.example_ids.tolist(), pa.string()),
+            "kind": pa.array(self.kinds.tolist(), pa.string()),
+            "source": pa.array(sources, pa.string()),
+            "num_tokens": pa.array(self.lengths.astype(np.int32)),
+            "tokens": pa.ListArray.from_arrays(offsets, pa.array(self.tokens, pa.int32())),
+            "loss_weights": pa.ListArray.from_arrays(offsets, pa.array(self.loss_weights, pa.float32())),
+            "vision_mask": pa.ListArray.from_arrays(offsets, pa.array(self.vision_mask, pa.bool_())),
+            "text": pa.array(texts, pa.string()) if texts is not None else pa.nulls(n, pa.string()),
+            "meta": pa.array(metas, pa.string()) if metas is not None else pa.nulls(n, pa.string()),
+        }
+        return pa.Table.from_arrays([columns[f.name] for f in EXAMPLE_SCHEMA], schema=EXAMPLE_SCHEMA)
+
+
+def _concat(arrays: Sequence[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate([np.asarray(a, dtype) for a in arrays]) if len(arrays) else np.zeros(0, dtype)
+
+
+def tokens_by_kind(kinds: Sequence[str], lengths: np.ndarray) -> dict[str, int]:
+    """Total length per kind, for parallel sequences of kinds and lengths."""
+    names, index = np.unique(np.asarray(kinds, dtype=str), return_inverse=True)
+    sums = np.bincount(index, weights=np.asarray(lengths, np.float64), minlength=len(names))
+    return {str(n): int(s) for n, s in zip(names, sums)}
