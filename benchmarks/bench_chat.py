@@ -41,12 +41,12 @@ WORDS_PER_TOKEN = 0.61  # synthetic books, embedded tokenizer
 def write_book(directory: Path, num_tokens: int) -> int:
     """Chunk rows and one QA pair per stated fact of a synthetic book; returns its token count."""
     from lwm_data.synthetic import generate_book
-    from lwm_data.text import chunk_tokens
+    from lwm_data.chunking import cut_chunks
     from lwm_data.tokenizers import load_tokenizer
 
     book = generate_book(1, int(num_tokens * WORDS_PER_TOKEN), "bench-book")
     tokenized = load_tokenizer(None).encode_with_offsets([book.text])[0]
-    chunks = chunk_tokens(book.text, tokenized, 1000)
+    chunks = cut_chunks(book.text, tokenized, 1000)
     starts = [c.char_start for c in chunks]
     ids = tokenized.ids
     pq.write_table(
@@ -55,6 +55,7 @@ def write_book(directory: Path, num_tokens: int) -> int:
                 "book_id": [book.id] * len(chunks),
                 "chunk_index": pa.array([c.index for c in chunks], pa.int32()),
                 "num_chunks": pa.array([len(chunks)] * len(chunks), pa.int32()),
+                "num_tokens": pa.array([c.token_end - c.token_start for c in chunks], pa.int32()),
                 "text": [book.text[c.char_start : c.char_end] for c in chunks],
                 "tokens": pa.array([ids[c.token_start : c.token_end] for c in chunks], pa.list_(pa.int32())),
             }
@@ -76,13 +77,15 @@ def write_book(directory: Path, num_tokens: int) -> int:
 
 
 def assemble_once(chunks: pa.Table, qa: pa.Table, context_length: int) -> int:
-    from lwm_data.pipelines.chat_examples import AssembleChats, ChatJobConfig
+    from lwm_data import config as settings
+    from lwm_data.pipelines.chat import AssembleChats, ChatStageConfig
+    from lwm_data.tokenizers import load_tokenizer
 
-    config = ChatJobConfig(chunks="", qa="", output="", context_lengths=(context_length,))
-    step = AssembleChats(config, None)
+    config = settings.build(ChatStageConfig, {"chunks": "", "qa": "", "output": "", "context_lengths": (context_length,)})
+    step = AssembleChats("chat", config, load_tokenizer(None).entry)
     step.setup()
     written = 0
-    for table in step.process(("bench-book", {"chunks": [chunks], "qa": [qa]})):
+    for table in step(("bench-book", {"chunks": [chunks], "qa": [qa]})):
         written += int(pa.compute.sum(table["num_tokens"]).as_py())
     return written
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_chunk.py [--mb 50] [--repeats 3]
 
 Raw: every book's text already in memory, one `encode(texts, num_threads=<cores>)` call: the floor
-for any job that must tokenize the text. Job: `lwm_data.pipelines.chunk_books.run` over the JSONL
+for any job that must tokenize the text. Job: `lwm_data.pipelines.chunk.run` over the JSONL
 file (read, parse, normalise, deduplicate, tokenize with offsets, cut, write Parquet, manifest).
 Goal: job time <= 1.5x raw time. Medians over the repeats.
 """
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lwm_data.pipelines import chunk_books
+from lwm_data.pipelines import chunk
 from lwm_data.synthetic import generate_books, write_books_jsonl
 from lwm_data.tokenizers import load_tokenizer
 
@@ -58,9 +58,9 @@ def main() -> None:
     tokenizer = load_tokenizer()
 
     raw = median_seconds(lambda: tokenizer.encode_batch(texts, num_threads=cores), args.repeats)
-    config = chunk_books.ChunkConfig(input=str(corpus), output=str(workdir / "chunks"))
-    job = median_seconds(lambda: chunk_books.run(config), args.repeats)
-    manifest = chunk_books.run(config)
+    config = chunk.ChunkConfig(input=str(corpus), output=str(workdir / "chunks"))
+    job = median_seconds(lambda: chunk.run(config), args.repeats)
+    manifest = chunk.run(config)
 
     tokens = manifest["stats"]["tokens"]
     print(f"corpus: {len(texts)} books, {megabytes:.1f} MB, {tokens:,} tokens; {cores} cores; median of {args.repeats}")

@@ -25,44 +25,44 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lwm_data import io  # noqa: E402
-from lwm_data.llm import SamplingParams, VLLMServer  # noqa: E402
-from lwm_data.pipelines import chunk_books, qa_pairs  # noqa: E402
-from lwm_data.qa import PairLimits, reply_schema, response_format  # noqa: E402
+from lwm_data import config as settings  # noqa: E402
+from lwm_data import outputs  # noqa: E402
+from lwm_data.llm import VLLMServer  # noqa: E402
+from lwm_data.pipelines import chunk  # noqa: E402
+from lwm_data.pipelines import qa as qa_stage  # noqa: E402
+from lwm_data.qa import reply_schema, response_format  # noqa: E402
 from lwm_data.synthetic import generate_books, write_books_jsonl  # noqa: E402
 
 GOAL = 0.9
-LIMITS = PairLimits(min_question_chars=1, max_question_chars=60, max_answer_chars=30, require_question_mark=False)
+LIMITS = dict(min_question_chars=1, max_question_chars=60, max_answer_chars=30, require_question_mark=False)
 
 
 def make_chunks(root: Path, num_chunks: int, chunk_tokens: int) -> Path:
     words = num_chunks * chunk_tokens  # at least one token a word: enough text
     books = write_books_jsonl(root / "books.jsonl", generate_books(4, words // 4, seed=3))
+    all_chunks = root / "all-chunks"
+    manifest = chunk.run(chunk.ChunkConfig(input=str(books), output=str(all_chunks), chunk_tokens=chunk_tokens))
     output = root / "chunks"
-    chunk_books.run(chunk_books.ChunkConfig(input=str(books), output=str(output), chunk_tokens=chunk_tokens))
-    table = io.read_table(str(output)).slice(0, num_chunks)
-    for path in io.list_shards(str(output)):
-        Path(path).unlink()
-    import pyarrow.parquet as pq
-
-    pq.write_table(table, output / "part-00000-of-00001.parquet")
+    run = outputs.OutputRun(str(output))
+    run.write_table(outputs.read_table(str(all_chunks)).slice(0, num_chunks))
+    run.commit({**manifest, "counts": outputs.Counts(num_chunks, num_chunks).to_dict()})
     return output
 
 
-def job_tokens_per_s(config: qa_pairs.QAConfig) -> tuple[float, dict]:
-    manifest = qa_pairs.run(config)
+def job_tokens_per_s(config: qa_stage.QAConfig) -> tuple[float, dict]:
+    manifest = qa_stage.run(config)
     return manifest["stats"]["completion_tokens"] / manifest["seconds"], manifest
 
 
-async def flood(config: qa_pairs.QAConfig, texts: list[str]) -> tuple[float, int]:
+async def flood(config: qa_stage.QAConfig, texts: list[str]) -> tuple[float, int]:
     """The same requests as the job, sent by a bare asyncio loop; (tokens/s, requests)."""
     import openai
 
-    template = qa_pairs.load_prompt(config)
-    sampling = SamplingParams(config.temperature, config.top_p, config.max_tokens, config.seed).to_dict()
+    template = qa_stage.load_prompt(config)
+    sampling = config.sampling.to_dict()
     fmt = response_format(reply_schema(config.pairs_per_chunk, config.limits))
-    client = openai.AsyncOpenAI(base_url=config.endpoint, api_key="EMPTY", timeout=config.timeout_s)
-    slots = asyncio.Semaphore(config.concurrency)
+    client = openai.AsyncOpenAI(base_url=config.endpoint, api_key="EMPTY", timeout=config.client.timeout)
+    slots = asyncio.Semaphore(config.client.concurrency)
 
     async def one(text: str) -> int:
         async with slots:
@@ -97,16 +97,16 @@ def main() -> None:
 
         args.model = str(build_tiny_llama(root / "tiny-llama"))
     chunks = make_chunks(root, args.chunks, args.chunk_tokens)
-    texts = io.read_table(str(chunks), ["text"])["text"].to_pylist()
+    texts = outputs.read_table(str(chunks), ["text"])["text"].to_pylist()
     server = VLLMServer(args.model, ("--max-model-len", "4096", "--kv-cache-memory-bytes", str(2 << 30)), args.vllm_python, str(root))
     started = time.perf_counter()
     endpoint = server.acquire()
     print(f"vLLM ready in {time.perf_counter() - started:.0f} s: {args.model}")
     try:
-        config = qa_pairs.QAConfig(
+        config = settings.build(qa_stage.QAConfig, dict(
             input=str(chunks), output=str(root / "qa"), backend="openai", model=args.model, endpoint=endpoint,
-            pairs_per_chunk=args.pairs, concurrency=args.concurrency, max_tokens=args.max_tokens, max_asks=1, limits=LIMITS,
-        )
+            pairs_per_chunk=args.pairs, concurrency=args.concurrency, max_tokens=args.max_tokens, max_asks=1, **LIMITS,
+        ))
         asyncio.run(flood(config, texts[: args.concurrency]))  # warm-up: compile paths, grammar cache
         jobs, floods = [], []
         for _ in range(args.repeats):

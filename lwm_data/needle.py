@@ -353,6 +353,7 @@ def make_needle_set(config: NeedleStageConfig, beam_args: list[str] | None = Non
         counters[key] = counters.get(key, 0) + 1
     run = OutputRun(config.output)
     try:
+        run.begin()
         run.write_table(pa.Table.from_pylist(rows, schema=NEEDLE_SCHEMA))
         run.write_dead_letters(STAGE, rejected)
         return run.commit(outputs.stage_manifest(STAGE, config, tokenizer.entry, counters, started))

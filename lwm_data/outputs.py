@@ -4,6 +4,7 @@
                                                    counts, stats, the run it names and its files
     DIR/run-<id>/part-00000-of-00004.parquet ...   rows in the stage's schema (lwm_data.schemas)
     DIR/run-<id>/errors/part-*.jsonl               dead letters: one JSON object per bad record
+    DIR/run-<id>/_started.json                     written when the run starts
 
 Atomic outputs. Every run writes into a directory of its own, `DIR/run-<id>` (ids sort by start
 time), and the output changes only when `manifest.json` is replaced, in one step, after the job has
@@ -41,6 +42,7 @@ SHARD_PREFIX = "part"
 SHARD_SUFFIX = ".parquet"
 ERRORS_DIR = "errors"
 ERRORS_SUFFIX = ".jsonl"
+STARTED = "_started.json"
 RECORD_EXCERPT_CHARS = 1000
 
 
@@ -287,6 +289,11 @@ class OutputRun:
         self.directory = directory.rstrip("/") or directory
         self.id = run_id or new_run_id()
         self.path = join(self.directory, self.id)
+
+    def begin(self) -> None:
+        """Mark the run as started, so a killed run is found and removed by the next commit even
+        if it wrote nothing else (listing finds files, not empty directories)."""
+        write_json(join(self.path, STARTED), {"run": self.id, "started": now().isoformat(timespec="seconds")})
 
     @property
     def shard_prefix(self) -> str:

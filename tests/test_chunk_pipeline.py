@@ -13,7 +13,7 @@ from lwm_data.books import Book
 from lwm_data.cli import app
 from lwm_data.outputs import Rejection
 from lwm_data.pipelines import chunk
-from lwm_data.synthetic import generate_books, write_books_jsonl
+from lwm_data.synthetic import write_books_jsonl
 from lwm_data.tokenizers import load_tokenizer
 from lwm_data.validate import validate
 

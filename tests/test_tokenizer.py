@@ -1,12 +1,11 @@
 import hashlib
-import json
 import shutil
 
 import numpy as np
 import pytest
 
 from lwm_data.config import ConfigError
-from lwm_data.tokenizers import default_tokenizer_path, load_tokenizer
+from lwm_data.tokenizers import TokenizerMismatch, default_tokenizer_path, load_tokenizer, resolve_tokenizer
 from lwm_data.tokenizers.text import HuggingFaceTokenizer, SentencePieceTokenizer
 
 MIXED = ["\n\nHello  world.\n\"Hi,\" said \u5317\u4eac Ann. \U0001F600 x", " leading space", "", "tabs\tand\u00a0nbsp"]
@@ -87,3 +86,51 @@ def test_hf_byte_level_pieces_of_one_character_are_not_cut_between(tmp_path):
     for size in (1, 2, 3):
         for c in cut_chunks(text, out, size):
             assert tok.decode(out.ids[c.token_start : c.token_end]) == text[c.char_start : c.char_end]
+
+
+# ---- tokenizers by content ----
+
+
+def test_manifest_entries_name_the_default_by_name_and_files_by_path(tmp_path):
+    default = load_tokenizer(None)
+    assert default.entry == {"name": "default", "sha256": default.sha256}
+    copy = tmp_path / "tokenizer.model"
+    shutil.copy(default_tokenizer_path(), copy)
+    assert load_tokenizer(str(copy)).entry == {"path": str(copy), "sha256": default.sha256}
+    assert resolve_tokenizer(default.entry).sha256 == default.sha256
+
+
+def test_a_recorded_path_that_moved_resolves_by_content_or_says_what_to_pass(tmp_path):
+    default = load_tokenizer(None)
+    site_packages = {"path": "/elsewhere/site-packages/mistral_common/data/tokenizer.model.v1", "sha256": default.sha256}
+    assert resolve_tokenizer(site_packages) is default  # an older manifest's default, found by content
+    other = {"path": "/elsewhere/llama2/tokenizer.model", "sha256": "ab" * 32}
+    with pytest.raises(TokenizerMismatch, match="is not at that path here: pass --tokenizer"):
+        resolve_tokenizer(other)
+    with pytest.raises(TokenizerMismatch, match="is not the one that made this input"):
+        resolve_tokenizer(other, requested=default_tokenizer_path())
+
+
+def test_a_changed_tokenizer_is_refused(tmp_path):
+    copy = tmp_path / "tokenizer.model"
+    shutil.copy(default_tokenizer_path(), copy)
+    entry = load_tokenizer(str(copy)).entry
+    with pytest.raises(TokenizerMismatch, match="the embedded default tokenizer has changed"):
+        resolve_tokenizer({"name": "default", "sha256": "cd" * 32})
+    edited = {**entry, "sha256": "ef" * 32}
+    with pytest.raises(TokenizerMismatch, match=f"the tokenizer at {copy} has changed"):
+        resolve_tokenizer(edited)
+    with pytest.raises(ConfigError, match="records no tokenizer"):
+        resolve_tokenizer(None)
+
+
+def test_downstream_stages_refuse_chunks_from_another_tokenizer(chunks_dir, tmp_path, llama2_tokenizer_path):
+    from typer.testing import CliRunner
+
+    from lwm_data.cli import app
+
+    args = ["chat", "--chunks", str(chunks_dir), "--qa", str(chunks_dir), "--output", str(tmp_path / "chat"),
+            "--tokenizer", str(llama2_tokenizer_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "is not the one that made this input's tokens" in result.output
+    assert not (tmp_path / "chat").exists()

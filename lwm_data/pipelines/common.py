@@ -7,8 +7,8 @@ command is
 
     pipeline | Read... | Stage(config) | WriteStage(run)      then run_stage counts and commits
 
-and a fused pipeline chains the stage transforms: books | Chunk | QA | Chat | ... (see
-`lwm_data.pipelines.books`).
+and a fused pipeline (`Job`) chains the stage transforms in one Beam pipeline and writes each
+stage's output: books | Chunk | QA | Chat | ... (see `lwm_data.pipelines.books`).
 
 Per-record work is a *step*: a plain object, called with one element, that yields outputs and
 `Rejection`s or raises one, with an optional `setup()` run once per worker (to load a tokenizer, a
@@ -171,6 +171,57 @@ def stage_counters(result, stage: str) -> dict[str, int]:
     return totals
 
 
+class Job:
+    """One Beam pipeline that writes one or more stages' outputs, each into its own directory.
+
+    Every output goes into a new run directory; only when the whole job has succeeded is each
+    committed (its manifest written, from its stage's counters), so a failure leaves every previous
+    output as it was (see lwm_data.outputs).
+    """
+
+    def __init__(self, beam_args: list[str] | None = None):
+        self.pipeline = make_pipeline(beam_args)
+        self.started = now()
+        self._writes: list[tuple[str, Any, OutputRun, dict | None, Callable[[dict], dict] | None]] = []
+
+    def write(
+        self,
+        stage: str,
+        config: Any,
+        output: StageOutput,
+        schema: pa.Schema,
+        tokenizer: dict | None = None,
+        num_shards: int = 0,
+        summary: Callable[[dict], dict] | None = None,
+    ) -> beam.PCollection:
+        """Write a stage's output into `config.output`; returns the written shard paths.
+
+        `tokenizer`: the entry of the tokenizer that made the tokens the rows carry; `summary(manifest)`:
+        extra manifest sections computed from its counts (pack's `packing`)."""
+        run = OutputRun(config.output)
+        self._writes.append((stage, config, run, tokenizer, summary))
+        return output | f"Write[{stage}]" >> WriteStage(run, schema, num_shards)
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run to completion, then commit every output; returns their manifests in write order."""
+        try:
+            for _, _, run, _, _ in self._writes:
+                run.begin()
+            result = self.pipeline.run()
+            result.wait_until_finish()
+        except BaseException:
+            for _, _, run, _, _ in self._writes:
+                run.abort()
+            raise
+        manifests = []
+        for stage, config, run, tokenizer, summary in self._writes:
+            manifest = stage_manifest(stage, config, tokenizer, stage_counters(result, stage), self.started)
+            if summary is not None:
+                manifest.update(summary(manifest))
+            manifests.append(run.commit(manifest))
+        return manifests
+
+
 def run_stage(
     stage: str,
     config: Any,
@@ -178,30 +229,14 @@ def run_stage(
     schema: pa.Schema,
     beam_args: list[str] | None = None,
     tokenizer: dict | None = None,
-    num_shards: int = 0,
     summary: Callable[[dict], dict] | None = None,
 ) -> dict[str, Any]:
-    """Run a stand-alone stage into `config.output` and commit it; returns the manifest.
-
-    The job writes into a new run directory; only when it has succeeded is the manifest (the
-    commit) written, so a failure leaves the previous output as it was (see lwm_data.outputs).
-    `tokenizer`: the entry of the tokenizer that made the tokens the stage's rows carry.
-    `summary(manifest)`: extra manifest sections computed from the counts (pack's `packing`).
-    """
-    started = now()
-    run = OutputRun(config.output)
-    pipeline = make_pipeline(beam_args)
-    build(pipeline) | "Write" >> WriteStage(run, schema, num_shards)
-    try:
-        result = pipeline.run()
-        result.wait_until_finish()
-    except BaseException:
-        run.abort()
-        raise
-    manifest = stage_manifest(stage, config, tokenizer, stage_counters(result, stage), started)
-    if summary is not None:
-        manifest.update(summary(manifest))
-    return run.commit(manifest)
+    """A stand-alone stage: `build(pipeline)` (Read | Stage) written into `config.output` and
+    committed; returns the manifest. See `Job.write` for `tokenizer` and `summary`."""
+    job = Job(beam_args)
+    job.write(stage, config, build(job.pipeline), schema, tokenizer, summary=summary)
+    (manifest,) = job.run()
+    return manifest
 
 
 def upstream_tokenizer(input_dirs: list[str]) -> dict[str, str] | None:

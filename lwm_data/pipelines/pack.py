@@ -27,7 +27,7 @@ efficiency and segments per row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -277,6 +277,11 @@ def packing_summary(manifest: dict, seq_len: int) -> dict:
     }
 
 
+def packing_section(config: PackConfig) -> Callable[[dict], dict]:
+    """The manifest's extra section, for `Job.write`'s summary."""
+    return lambda manifest: {"packing": packing_summary(manifest, config.packing.seq_len)}
+
+
 def example_shards(directories: Iterable[str]) -> list[str]:
     """Every shard of the input directories, which must hold examples (EXAMPLE_SCHEMA)."""
     shards = []
@@ -306,5 +311,4 @@ def run(config: PackConfig, beam_args: list[str] | None = None) -> dict:
     def build(pipeline: beam.Pipeline) -> StageOutput:
         return pipeline | "Shards" >> beam.Create(shards) | "Pack" >> Pack(config)
 
-    summary = lambda manifest: {"packing": packing_summary(manifest, config.packing.seq_len)}  # noqa: E731
-    return run_stage(STAGE, config, build, PACKED_SCHEMA, beam_args, tokenizer, summary=summary)
+    return run_stage(STAGE, config, build, PACKED_SCHEMA, beam_args, tokenizer, summary=packing_section(config))
