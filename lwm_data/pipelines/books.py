@@ -51,7 +51,7 @@ def books_job(configs: BooksConfigs, beam_args: list[str] | None = None) -> Job:
     """The whole text pipeline as one job; `.run()` it for the five stages' manifests."""
     tokenizer = load_tokenizer(configs.chunk.tokenizer).entry
     job = Job(beam_args)
-    books = job.pipeline | "ReadBooks" >> chunk.ReadBooks(configs.chunk.input, configs.chunk.max_record_bytes)
+    books = job.pipeline | "ReadBooks" >> chunk.read_book_files(configs.chunk.input, configs.chunk.max_record_bytes)
     chunks = books.records | "Chunk" >> chunk.Chunk(configs.chunk, tokenizer)
     job.write(chunk.STAGE, configs.chunk, StageOutput(chunks.rows, merge_errors(books.errors, chunks.errors)),
               CHUNK_SCHEMA, tokenizer)

@@ -16,14 +16,13 @@ from typing import Iterable
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from apache_beam.io import fileio
 
 from lwm_data.books import Book, read_books
 from lwm_data.chunking import Chunk as ChunkSpan
 from lwm_data.chunking import cut_chunks
 from lwm_data.config import ConfigError, setting
 from lwm_data.outputs import Rejection
-from lwm_data.pipelines.common import ERRORS, Counters, ReadOutput, StageOutput, merge_errors, route, run_stage
+from lwm_data.pipelines.common import ERRORS, Counters, ReadFiles, StageOutput, merge_errors, route, run_stage
 from lwm_data.reading import DEFAULT_MAX_RECORD_BYTES
 from lwm_data.schemas import CHUNK_SCHEMA
 from lwm_data.tokenizers import load_tokenizer, resolve_tokenizer
@@ -61,24 +60,9 @@ class BookReader:
             yield item
 
 
-class ReadBooks(beam.PTransform):
-    """The chunk stage's input: books from files matching a glob, and the rejected records."""
-
-    def __init__(self, pattern: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, stage: str = STAGE):
-        super().__init__()
-        self.pattern = pattern
-        self.max_record_bytes = max_record_bytes
-        self.stage = stage
-
-    def expand(self, pbegin: beam.pvalue.PBegin) -> ReadOutput:
-        read = (
-            pbegin
-            | "Match" >> fileio.MatchFiles(self.pattern)
-            | "Paths" >> beam.Map(lambda m: m.path)
-            | "SpreadFiles" >> beam.Reshuffle()
-            | "ReadBooks" >> route(self.stage, BookReader(self.stage, self.max_record_bytes))
-        )
-        return ReadOutput(read.out, read[ERRORS])
+def read_book_files(pattern: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, stage: str = STAGE) -> ReadFiles:
+    """The chunk stage's input: books from the files matching a glob, and the rejected records."""
+    return ReadFiles(pattern, stage, BookReader(stage, max_record_bytes))
 
 
 def _first_by_position(books: Iterable[Book]) -> list[Book]:
@@ -214,7 +198,7 @@ def run(config: ChunkConfig, beam_args: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(config.tokenizer).entry
 
     def build(pipeline: beam.Pipeline) -> StageOutput:
-        books = pipeline | "ReadBooks" >> ReadBooks(config.input, config.max_record_bytes)
+        books = pipeline | "ReadBooks" >> read_book_files(config.input, config.max_record_bytes)
         chunks = books.records | "Chunk" >> Chunk(config, tokenizer)
         return StageOutput(chunks.rows, merge_errors(books.errors, chunks.errors))
 

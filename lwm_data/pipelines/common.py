@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam.io import fileio
 from apache_beam.io.parquetio import ReadAllFromParquetBatched
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
@@ -115,6 +116,27 @@ class _Route(beam.DoFn):
 def route(stage: str, step: Callable[[Any], Iterable], *tags: str) -> beam.ParDo:
     """The count-and-route step as a ParDo with outputs `out`, `errors` and any extra `tags`."""
     return beam.ParDo(_Route(stage, step)).with_outputs(ERRORS, *tags, main="out")
+
+
+class ReadFiles(beam.PTransform):
+    """A stage's input files: every file matching a glob, spread over workers, read by `step(path)`,
+    which yields records and Rejections (and counts each as an input record)."""
+
+    def __init__(self, pattern: str, stage: str, step: Callable[[str], Iterable]):
+        super().__init__()
+        self.pattern = pattern
+        self.stage = stage
+        self.step = step
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> ReadOutput:
+        read = (
+            pbegin
+            | "Match" >> fileio.MatchFiles(self.pattern)
+            | "Paths" >> beam.Map(lambda m: m.path)
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "Read" >> route(self.stage, self.step)
+        )
+        return ReadOutput(read.out, read[ERRORS])
 
 
 class ReadStage(beam.PTransform):

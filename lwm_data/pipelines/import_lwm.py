@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import apache_beam as beam
-from apache_beam.io import fileio
 
 from lwm_data.config import nested, setting
 from lwm_data.examples import Example, examples_to_table
 from lwm_data.lwm_format import FIELDS_KEY, LwmProcessor, ProcessorConfig, example_from_line
 from lwm_data.outputs import Rejection
-from lwm_data.pipelines.common import ERRORS, Counters, ReadOutput, StageOutput, merge_errors, route, run_stage
+from lwm_data.pipelines.common import ERRORS, Counters, ReadFiles, StageOutput, merge_errors, route, run_stage
 from lwm_data.reading import DEFAULT_MAX_RECORD_BYTES, read_lines
 from lwm_data.schemas import EXAMPLE_SCHEMA
 from lwm_data.tokenizers import load_tokenizer, resolve_tokenizer
@@ -67,21 +66,9 @@ class LineReader:
             yield item if isinstance(item, Rejection) else (path, item[0] - 1, item[1])
 
 
-class ReadLwmLines(beam.PTransform):
-    def __init__(self, pattern: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, stage: str = STAGE):
-        super().__init__()
-        self.pattern = pattern
-        self.max_record_bytes = max_record_bytes
-        self.stage = stage
-
-    def expand(self, pbegin: beam.pvalue.PBegin) -> ReadOutput:
-        lines = (
-            pbegin
-            | "Match" >> fileio.MatchFiles(self.pattern)
-            | "Paths" >> beam.Map(lambda m: m.path)
-            | "ReadLines" >> route(self.stage, LineReader(self.stage, self.max_record_bytes))
-        )
-        return ReadOutput(lines.out, lines[ERRORS])
+def read_lwm_files(pattern: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, stage: str = STAGE) -> ReadFiles:
+    """The import stage's input: numbered lines of the files matching a glob, and rejected ones."""
+    return ReadFiles(pattern, stage, LineReader(stage, max_record_bytes))
 
 
 class ProcessLines:
@@ -140,7 +127,7 @@ def run(config: ImportConfig, beam_args: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(config.tokenizer).entry
 
     def build(pipeline: beam.Pipeline) -> StageOutput:
-        lines = pipeline | "ReadLines" >> ReadLwmLines(config.input, config.max_record_bytes)
+        lines = pipeline | "ReadLines" >> read_lwm_files(config.input, config.max_record_bytes)
         examples = lines.records | "Import" >> ImportLwm(config, tokenizer)
         return StageOutput(examples.rows, merge_errors(lines.errors, examples.errors))
 
