@@ -8,8 +8,9 @@ from __future__ import annotations
 import inspect
 import logging
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -104,17 +105,14 @@ def stage_command(stage: Stage) -> Callable[..., None]:
     return command
 
 
-class user_errors:
+@contextmanager
+def user_errors() -> Iterator[None]:
     """Print a configuration error (what to change) and exit 2, instead of a traceback."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        if isinstance(error, (ConfigError, NotAStageOutput)):
-            console.print(f"[red]error:[/red] {error}")
-            raise typer.Exit(2)
-        return False
+    try:
+        yield
+    except (ConfigError, NotAStageOutput) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
 
 
 for _stage in STAGES.values():
