@@ -54,6 +54,16 @@ def check_example_rows(table: pa.Table, violations: Counter) -> None:
                 violations["meta is not JSON"] += 1
 
 
+def check_codes_rows(table: pa.Table, violations: Counter) -> None:
+    frames = table["num_frames"].to_numpy()
+    violations["codes length != num_frames x 256"] += int((_list_lengths(table, "codes") != frames * 256).sum())
+    violations["frame_indices length != num_frames"] += int((_list_lengths(table, "frame_indices") != frames).sum())
+    violations["no frames"] += int((frames < 1).sum())
+    violations["code outside [0, 8192)"] += int((_flat(table, "codes") >= 8192).sum())
+    media = table["media_type"].to_numpy(zero_copy_only=False)
+    violations["media_type not image or video"] += int((~np.isin(media, ["image", "video"])).sum())
+
+
 def check_chunk_rows(table: pa.Table, violations: Counter) -> None:
     num_tokens = table["num_tokens"].to_numpy()
     violations["tokens length != num_tokens"] += int((_list_lengths(table, "tokens") != num_tokens).sum())

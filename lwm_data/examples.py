@@ -11,6 +11,9 @@ Kinds:
     chat        a prompt and answers (weight only on the answers), such as long-context QA chats
     image_text  one frame of vision codes with text
     video_text  several frames with text
+    image_chat  a conversation about one image (LLaVA-style instruction data): weight on the answers
+    video_chat  a conversation about a video
+Vision kinds (the last four) are never split by packing.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from lwm_data.arrays import flagged_per_list
 from lwm_data.schemas import EXAMPLE_SCHEMA
 
 TEXT, CHAT, IMAGE_TEXT, VIDEO_TEXT = "text", "chat", "image_text", "video_text"
-KINDS = frozenset({TEXT, CHAT, IMAGE_TEXT, VIDEO_TEXT})
+IMAGE_CHAT, VIDEO_CHAT = "image_chat", "video_chat"
+VISION_KINDS = frozenset({IMAGE_TEXT, VIDEO_TEXT, IMAGE_CHAT, VIDEO_CHAT})
+KINDS = frozenset({TEXT, CHAT}) | VISION_KINDS
 SPLITTABLE_KINDS = frozenset({TEXT})  # never holds vision tokens: checked where examples are made
 
 

@@ -182,10 +182,12 @@ class LwmProcessor:
         if key not in record:
             raise Rejection("missing_field", f"no vision key {key!r}")
         value = record[key]
-        if not isinstance(value, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in value):
+        if isinstance(value, np.ndarray) and value.dtype.kind in "iu":  # codes made in-process (lwm_data.vision)
+            value = value.reshape(-1)
+        elif not isinstance(value, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in value):
             raise Rejection("vision_not_int_list", f"key {key!r} must hold a flat list of ints")
         per_frame = self.config.n_tokens_per_frame
-        if not value or len(value) % per_frame:
+        if len(value) == 0 or len(value) % per_frame:
             raise Rejection("vision_length", f"{len(value)} codes is not a positive multiple of {per_frame}")
         try:
             codes = np.asarray(value, dtype=np.int64).reshape(-1, per_frame)

@@ -59,6 +59,23 @@ EXAMPLE_SCHEMA = pa.schema(
     ]
 )
 
+# Frame-level VQ-GAN codes of one image or video (`lwm-data vision-codes`, or `--keep-codes`): what
+# sequences are assembled from, so other templates need no re-encoding. `codes` holds
+# num_frames x 256 codes in raster order, frame after frame; `frame_indices` the frames they came from.
+CODES_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # media path (a tar member: TAR#KEY)
+        pa.field("media_type", pa.string(), nullable=False),  # "image" or "video"
+        pa.field("num_frames", pa.int32(), nullable=False),
+        pa.field("codes", pa.list_(pa.uint16()), nullable=False),
+        pa.field("frame_indices", pa.list_(pa.int32()), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("conversations", pa.string()),  # JSON list of {"from", "value"} turns (LLaVA form)
+        pa.field("meta", pa.string()),  # JSON object: reader, native size and fps, input provenance
+    ]
+)
+
 # Fixed-length training rows (the trainer's contract; see lwm_data.packing). For a row of length L:
 #   segment_ids: 1..n in row order for the n packed examples, 0 on padding (only at the row's end);
 #   positions:   0-based within each segment (0 on padding);

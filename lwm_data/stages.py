@@ -23,8 +23,8 @@ import pyarrow as pa
 from lwm_data import checks, stats
 from lwm_data.checks import GlobalCheck, TableCheck
 from lwm_data.needle import NeedleStageConfig, make_needle_set
-from lwm_data.pipelines import chat, chunk, import_lwm, pack, qa, text
-from lwm_data.schemas import CHUNK_SCHEMA, EXAMPLE_SCHEMA, NEEDLE_SCHEMA, PACKED_SCHEMA, QA_SCHEMA
+from lwm_data.pipelines import chat, chunk, import_lwm, pack, qa, text, vision
+from lwm_data.schemas import CHUNK_SCHEMA, CODES_SCHEMA, EXAMPLE_SCHEMA, NEEDLE_SCHEMA, PACKED_SCHEMA, QA_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Stage:
 
 
 _EXAMPLE_CHECKS = (checks.check_example_rows,)
+_MEDIA = "media: manifest (JSONL/JSON/CSV/Parquet), WebDataset `.tar`, folder"
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -77,6 +78,26 @@ STAGES: dict[str, Stage] = {
             "import-lwm", "LWM JSONL -> unpacked examples, tokenized exactly as LWM's processors do.",
             "LWM JSONL", "examples (`EXAMPLE_SCHEMA`)", EXAMPLE_SCHEMA, import_lwm.ImportConfig, import_lwm.run, import_lwm.ImportLwm,
             _EXAMPLE_CHECKS, (), stats.example_stats,
+        ),
+        Stage(
+            "video", "Videos (and images) -> VQ-GAN tokens in LWM's vision layout, with captions or LLaVA conversations.",
+            _MEDIA, "vision examples (`EXAMPLE_SCHEMA`)", EXAMPLE_SCHEMA, vision.VideoConfig, vision.run_video,
+            vision.EncodeMedia, _EXAMPLE_CHECKS, (), stats.example_stats,
+        ),
+        Stage(
+            "image", "Images -> VQ-GAN tokens in LWM's vision layout, with captions or LLaVA conversations.",
+            _MEDIA, "vision examples (`EXAMPLE_SCHEMA`)", EXAMPLE_SCHEMA, vision.ImageConfig, vision.run_image,
+            vision.EncodeMedia, _EXAMPLE_CHECKS, (), stats.example_stats,
+        ),
+        Stage(
+            "vision-codes", "Images and videos -> frame-level VQ-GAN codes, to assemble sequences from later.",
+            _MEDIA, "codes per item (`CODES_SCHEMA`)", CODES_SCHEMA, vision.VisionCodesConfig, vision.run_codes,
+            vision.EncodeMedia, (checks.check_codes_rows,),
+        ),
+        Stage(
+            "vision-sequences", "Frame-level codes -> vision examples (any template or direction, no re-encoding).",
+            "codes", "vision examples (`EXAMPLE_SCHEMA`)", EXAMPLE_SCHEMA, vision.SequencesConfig, vision.run_sequences,
+            vision.Sequences, _EXAMPLE_CHECKS, (), stats.example_stats,
         ),
         Stage(
             "pack", "Examples -> fixed-length packed rows with segment ids.",

@@ -57,18 +57,26 @@ def namespace(stage: str) -> str:
     return NAMESPACE_PREFIX + stage
 
 
-class Counters:
-    """A stage's job counters: `count("tokens", n)` adds n to `tokens` in `lwm_data.<stage>`."""
+Stages = str | tuple[str, ...]
 
-    def __init__(self, stage: str):
-        self.stage = stage
+
+class Counters:
+    """A stage's job counters: `count("tokens", n)` adds n to `tokens` in `lwm_data.<stage>`.
+
+    Work shared by two outputs of one job (frames decoded for both a video stage's examples and its
+    kept codes) counts in both namespaces: `Counters(("video", "vision-codes"))`."""
+
+    def __init__(self, stage: Stages):
+        self.stages = (stage,) if isinstance(stage, str) else tuple(stage)
+        self.stage = self.stages[0]  # the one named in dead letters
 
     def __call__(self, name: str, n: int = 1) -> None:
-        key = (self.stage, name)
-        counter = _counters.get(key)
-        if counter is None:
-            counter = _counters[key] = Metrics.counter(namespace(self.stage), name)
-        counter.inc(n)
+        for stage in self.stages:
+            key = (stage, name)
+            counter = _counters.get(key)
+            if counter is None:
+                counter = _counters[key] = Metrics.counter(namespace(stage), name)
+            counter.inc(n)
 
 
 class StageOutput(NamedTuple):
@@ -92,10 +100,10 @@ def merge_errors(*errors: beam.PCollection, label: str = "MergeErrors") -> beam.
 class _Route(beam.DoFn):
     """Runs a step on each element: outputs (tagged ones included) pass, Rejections become dead letters."""
 
-    def __init__(self, stage: str, step: Callable[[Any], Iterable]):
-        self.stage = stage
+    def __init__(self, stage: Stages, step: Callable[[Any], Iterable]):
         self.step = step
         self.count = Counters(stage)
+        self.stage = self.count.stage
 
     def setup(self) -> None:
         if hasattr(self.step, "setup"):
@@ -113,7 +121,7 @@ class _Route(beam.DoFn):
         return beam.pvalue.TaggedOutput(ERRORS, rejection.dead_letter(self.stage).to_json())
 
 
-def route(stage: str, step: Callable[[Any], Iterable], *tags: str) -> beam.ParDo:
+def route(stage: Stages, step: Callable[[Any], Iterable], *tags: str) -> beam.ParDo:
     """The count-and-route step as a ParDo with outputs `out`, `errors` and any extra `tags`."""
     return beam.ParDo(_Route(stage, step)).with_outputs(ERRORS, *tags, main="out")
 

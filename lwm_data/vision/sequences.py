@@ -1,0 +1,202 @@
+"""VQ-GAN codes + text -> training examples in LWM's vision layout and chat template.
+
+A vision block is `<vision>` (text tokens), per frame its 256 codes then 8192 (end of frame) except
+the last frame, whose codes are followed by 8193 (end of vision), then `</vision>` (text tokens);
+`vision_mask` is true on the codes and 8192/8193 only (docs/lwm-format.md). Every example is built as
+an LWM record (text fields, vision fields, a field spec) and tokenized by `LwmProcessor`, the code
+import-lwm runs, so what this stage writes is what LWM's loaders make of its export, token for token.
+
+Every example is a conversation in LWM's chat form (lwm_data.chat.ChatTemplate; BOS, the system prompt
+"You are a helpful assistant. USER:", each question then "ASSISTANT:", each answer then EOS; loss on
+the answers and their EOS only):
+
+    understand  USER: <vision>..</vision> {caption_question} ASSISTANT: {caption}</s>     loss: caption
+    generate    USER: {caption} ASSISTANT: <vision>..</vision></s>                        loss: vision block
+    vision only <vision>..</vision></s> (no caption, with --allow-uncaptioned)           loss: vision block
+    LLaVA chat  the record's turns; the vision block stands where `<image>`/`<video>` is in a human turn
+                (at the start of the first turn when there is none)                       loss: gpt turns
+
+Kinds: image_text / video_text for captions (one frame / several, as import-lwm names them), image_chat
+/ video_chat for conversations. With `one_vocabulary`, vision ids are moved after the text vocabulary
+(id + text vocab size) and `vision_mask` is all false, for trainers with one embedding table.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from lwm_data.chat import ChatTemplate
+from lwm_data.config import ConfigError, nested, setting
+from lwm_data.examples import IMAGE_CHAT, IMAGE_TEXT, VIDEO_CHAT, VIDEO_TEXT, Example
+from lwm_data.lwm_format import EOS_FIELD, FieldSpec, LwmProcessor, format_field_spec, render_text
+from lwm_data.outputs import Rejection
+from lwm_data.tokenizers.vision import CODES_SIDE
+
+TOKENS_PER_FRAME = CODES_SIDE * CODES_SIDE
+DIRECTIONS = ("understand", "generate", "both")
+PLACEHOLDER = re.compile(r"\s*<(?:image|video)>\s*")
+HUMAN, ASSISTANT = frozenset({"human", "user"}), frozenset({"gpt", "assistant"})
+
+
+@dataclass(frozen=True)
+class SequenceSettings:
+    direction: str = setting("understand", "understand (vision -> caption), generate (caption -> vision) or both.")
+    caption_question: str = setting("", "Question before ASSISTANT: in understanding examples (e.g. 'Describe the video.').")
+    one_vocabulary: bool = setting(False, "Offset vision ids after the text vocabulary instead of a vision mask.")
+    template: ChatTemplate = nested(ChatTemplate)
+
+    def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise ConfigError(f"--direction must be one of {', '.join(DIRECTIONS)}, not {self.direction!r}")
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return ("understand", "generate") if self.direction == "both" else (self.direction,)
+
+
+@dataclass
+class CodedItem:
+    """One image or video as VQ-GAN codes, with its text (a CODES_SCHEMA row)."""
+
+    item_id: str
+    source: str
+    media_type: str  # "image" | "video"
+    codes: np.ndarray  # (frames, 256) codes
+    frame_indices: np.ndarray
+    caption: str | None = None
+    conversations: list[dict[str, Any]] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "item_id": self.item_id, "source": self.source, "media_type": self.media_type,
+            "num_frames": len(self.codes), "codes": self.codes.astype(np.uint16).reshape(-1),
+            "frame_indices": np.asarray(self.frame_indices, np.int32), "caption": self.caption,
+            "conversations": None if self.conversations is None else json.dumps(self.conversations, ensure_ascii=False),
+            "meta": json.dumps(self.meta, sort_keys=True),
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> CodedItem:
+        return cls(
+            row["item_id"], row["source"], row["media_type"],
+            np.asarray(row["codes"], np.int32).reshape(-1, TOKENS_PER_FRAME), np.asarray(row["frame_indices"], np.int32),
+            row["caption"], json.loads(row["conversations"]) if row["conversations"] else None,
+            json.loads(row["meta"]) if row["meta"] else {},
+        )
+
+
+Part = str | np.ndarray  # text, or a vision block's codes
+Turn = tuple[Sequence[Part], Sequence[Part]]  # (question parts, answer parts)
+
+
+def chat_record(turns: Sequence[Turn], template: ChatTemplate) -> tuple[dict[str, Any], str]:
+    """An LWM record + field spec for a conversation whose questions and answers mix text and vision.
+
+    Adjacent texts of one weight are joined by a space and tokenized as one field, so a text-only turn
+    tokenizes as lwm_data.chat's turns do; vision parts become vision fields of their turn's weight."""
+    pieces: list[tuple[Part, float]] = []
+    for i, (question, answer) in enumerate(turns):
+        head, tail = (template.first_question if i == 0 else template.next_question).split("{question}")
+        prompt = ([template.system] if i == 0 else []) + [head, *question, tail]
+        pieces += [(p, 0.0) for p in prompt] + [(a, 1.0) for a in answer]
+        if i < len(turns) - 1:
+            pieces.append((EOS_FIELD, 1.0))  # the processor adds the last answer's EOS
+    return _fields(pieces)
+
+
+def _fields(pieces: list[tuple[Part, float]]) -> tuple[dict[str, Any], str]:
+    record: dict[str, Any] = {}
+    fields: list[FieldSpec] = []
+    texts: list[str] = []
+
+    def flush(weight: float) -> None:
+        text = " ".join(t.strip() for t in texts if t.strip())
+        texts.clear()
+        if text:
+            key = f"text_{len(fields)}"
+            record[key] = text
+            fields.append(FieldSpec(key, weight))
+
+    weight = 0.0
+    for part, part_weight in pieces:
+        if isinstance(part, str) and part != EOS_FIELD:
+            if part_weight != weight:
+                flush(weight)
+            texts.append(part)
+            weight = part_weight
+            continue
+        flush(weight)
+        if isinstance(part, str):
+            fields.append(FieldSpec(EOS_FIELD, part_weight))
+        else:
+            key = f"vision_{len(fields)}"
+            record[key] = np.asarray(part).reshape(-1)
+            fields.append(FieldSpec(key, part_weight))
+    flush(weight)
+    return record, format_field_spec(fields)
+
+
+def conversation_turns(conversations: Any, codes: np.ndarray) -> list[Turn]:
+    """LLaVA turns `[{"from": "human", "value": ...}, {"from": "gpt", ...}, ...]` with the vision block
+    where the `<image>`/`<video>` placeholder stands (the start of the first turn when there is none)."""
+    if not isinstance(conversations, list) or not conversations or len(conversations) % 2:
+        raise Rejection("bad_conversation", "expected a non-empty list of human/gpt turn pairs")
+    turns: list[Turn] = []
+    placed = False
+    for human, gpt in zip(conversations[::2], conversations[1::2]):
+        if not (isinstance(human, dict) and isinstance(gpt, dict)) or not all(
+            isinstance(t.get("value"), str) for t in (human, gpt)
+        ):
+            raise Rejection("bad_conversation", "every turn needs a text 'value'")
+        if human.get("from") not in HUMAN or gpt.get("from") not in ASSISTANT:
+            raise Rejection("bad_conversation", "turns must alternate human, gpt")
+        pieces = PLACEHOLDER.split(human["value"])
+        if len(pieces) > 2 or (len(pieces) == 2 and placed):
+            raise Rejection("bad_conversation", "more than one <image>/<video> placeholder")
+        if len(pieces) == 2:
+            question: list[Part] = [pieces[0], codes, pieces[1]]
+            placed = True
+        else:
+            question = [pieces[0]]
+        turns.append((question, [gpt["value"]]))
+    if not placed:
+        turns[0] = ([codes, *turns[0][0]], turns[0][1])
+    return turns
+
+
+def vision_examples(item: CodedItem, processor: LwmProcessor, settings: SequenceSettings) -> list[Example]:
+    """The examples of one coded item: a conversation, or its caption in each direction asked for."""
+    one_frame = len(item.codes) == 1
+    if item.conversations is not None:
+        kind = IMAGE_CHAT if one_frame else VIDEO_CHAT
+        records = [("chat", chat_record(conversation_turns(item.conversations, item.codes), settings.template))]
+    else:
+        kind = IMAGE_TEXT if one_frame else VIDEO_TEXT
+        records = [(d, caption_record(item, d, settings)) for d in settings.directions]
+    examples = []
+    for name, (record, spec) in records:
+        tokens, weights, vision = processor(record, spec)
+        meta = {**item.meta, "direction": name, "frames": len(item.codes), "frame_indices": item.frame_indices.tolist()}
+        if settings.one_vocabulary:
+            tokens = np.where(vision, tokens + processor.tokenizer.vocab_size, tokens).astype(np.int32)
+            vision = np.zeros_like(vision)
+            meta["vision_offset"] = processor.tokenizer.vocab_size
+        examples.append(Example(
+            example_id=f"{item.item_id}#{name}", kind=kind, source=item.source, tokens=tokens,
+            loss_weights=weights, vision_mask=vision, text=render_text(record, spec, processor), meta=meta,
+        ))
+    return examples
+
+
+def caption_record(item: CodedItem, direction: str, settings: SequenceSettings) -> tuple[dict[str, Any], str]:
+    if item.caption is None:  # vision only (the reader lets uncaptioned items through when asked to)
+        return _fields([(item.codes, 1.0)])
+    if direction == "understand":
+        return chat_record([([item.codes, settings.caption_question], [item.caption])], settings.template)
+    return chat_record([([item.caption], [item.codes])], settings.template)

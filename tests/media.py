@@ -1,0 +1,71 @@
+"""Test media made on the spot: PyAV encodes moving shapes to H.264 (or another codec), PIL writes images."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+
+def moving_square(index: int, width: int, height: int) -> np.ndarray:
+    """Frame `index` of a red square sliding right over a blue background with a frame-number stripe."""
+    frame = np.zeros((height, width, 3), np.uint8)
+    frame[..., 2] = 90
+    side = max(4, min(width, height) // 5)
+    x = (index * 7) % max(1, width - side)
+    frame[height // 3 : height // 3 + side, x : x + side] = (230, 40, 30)
+    frame[: max(2, height // 20), : (index * 11) % width] = 255
+    return frame
+
+
+def make_video(
+    path: Path, frames: int = 24, width: int = 320, height: int = 240, fps: int = 10, codec: str = "libx264",
+    pts: list[int] | None = None, faststart: bool = False,
+) -> Path:
+    """An H.264 MP4 (by default) of a moving square; `pts` (in 1/fps... ticks of 1/1000 s) makes it variable-rate."""
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if pts is not None:
+            stream.time_base = av.time_base_fraction(1, 1000) if hasattr(av, "time_base_fraction") else None
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(moving_square(i, width, height), format="rgb24")
+            if pts is not None:
+                from fractions import Fraction
+
+                frame.pts, frame.time_base = pts[i], Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def make_image(path: Path, width: int = 300, height: int = 200, mode: str = "RGB", exif_orientation: int | None = None) -> Path:
+    image = Image.fromarray(moving_square(3, width, height))
+    if mode == "P":
+        image = image.convert("P", palette=Image.Palette.ADAPTIVE)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    kwargs = {}
+    if exif_orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif
+    image.save(path, **kwargs)
+    return path
+
+
+def make_tar(path: Path, members: dict[str, bytes]) -> Path:
+    """A WebDataset shard: members in the order given."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
