@@ -179,6 +179,27 @@ def export_lwm(
         raise typer.Exit(1)
 
 
+@app.command("vision-decode")
+def vision_decode(
+    input: str = typer.Option(..., "--input", help="Output directory of vision-codes, video, image or vision-sequences."),
+    output: str = typer.Option(..., "--output", help="Directory for the PNG frames / MP4s."),
+    vqgan: Optional[str] = typer.Option(None, help="VQ-GAN weights (default: the one the input's manifest names)."),
+    vqgan_subfolder: str = typer.Option("", help="Subfolder of --vqgan holding the VQModel."),
+    limit: int = typer.Option(8, help="Items to decode (0: all)."),
+    mp4: bool = typer.Option(False, "--mp4", help="One MP4 per item instead of PNG frames."),
+    fps: float = typer.Option(4.0, help="Frame rate of the MP4s."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Stored VQ-GAN codes -> PNG frames or MP4s, to look at what a dataset holds."""
+    from lwm_data import outputs
+    from lwm_data.vision import preview
+
+    with user_errors():
+        model = preview.vqgan_of(outputs.read_manifest(input), vqgan, vqgan_subfolder, device)
+        written = preview.write_pictures(input, output, model, limit, mp4, fps)
+    console.print(f"{len(written)} files written to {output}")
+
+
 @app.command("needle-score")
 def needle_score(
     needles: str = typer.Option(..., "--needles", help="Output directory of `lwm-data needle`."),

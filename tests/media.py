@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -24,21 +25,20 @@ def moving_square(index: int, width: int, height: int) -> np.ndarray:
 
 def make_video(
     path: Path, frames: int = 24, width: int = 320, height: int = 240, fps: int = 10, codec: str = "libx264",
-    pts: list[int] | None = None, faststart: bool = False,
+    times_ms: list[int] | None = None, faststart: bool = False,
 ) -> Path:
-    """An H.264 MP4 (by default) of a moving square; `pts` (in 1/fps... ticks of 1/1000 s) makes it variable-rate."""
+    """An H.264 MP4 (by default) of a moving square; `times_ms` (each frame's presentation time) makes
+    its frame rate variable."""
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), "w", options=options) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if pts is not None:
-            stream.time_base = av.time_base_fraction(1, 1000) if hasattr(av, "time_base_fraction") else None
+        if times_ms is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
         for i in range(frames):
             frame = av.VideoFrame.from_ndarray(moving_square(i, width, height), format="rgb24")
-            if pts is not None:
-                from fractions import Fraction
-
-                frame.pts, frame.time_base = pts[i], Fraction(1, 1000)
+            if times_ms is not None:
+                frame.pts, frame.time_base = times_ms[i], Fraction(1, 1000)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():

@@ -78,8 +78,10 @@ def sample_indices(timestamps: np.ndarray, max_frames: int = 0, fps: float | Non
     remain, `linspace(0, n - 1, max_frames)` of them, truncated to int, as LWM samples."""
     indices = np.arange(len(timestamps))
     if fps and len(timestamps):
-        ticks = np.arange(timestamps[0], timestamps[-1] + 1e-9, 1.0 / fps)
-        indices = np.unique(np.clip(np.searchsorted(timestamps, ticks + 1e-9, side="right") - 1, 0, None))
+        timestamps = np.asarray(timestamps, np.float64)
+        slack = 1e-3  # containers keep times to about a millisecond
+        ticks = np.arange(timestamps[0], timestamps[-1] + slack, 1.0 / fps)
+        indices = np.unique(np.clip(np.searchsorted(timestamps, ticks + slack, side="right") - 1, 0, None))
     if 0 < max_frames < len(indices):
         indices = indices[np.linspace(0, len(indices) - 1, max_frames).astype(int)]
     return indices
