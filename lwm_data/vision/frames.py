@@ -223,8 +223,9 @@ def _decord_frames(source, width, height, max_frames, fps, batch_size) -> VideoF
         out_width, out_height = fitted_size(width, height)
         reader = decord.VideoReader(source, width=out_width, height=out_height, num_threads=1)
         count = len(reader)
-        timestamps = reader.get_frame_timestamp(np.arange(count))[:, 0] if count else np.zeros(0)
         rate = float(reader.get_avg_fps())
+        # presentation times only matter for --fps; LWM's linspace needs just the count
+        timestamps = reader.get_frame_timestamp(np.arange(count))[:, 0] if fps and count else np.arange(count) / max(rate, 1e-9)
     except (decord.DECORDError, RuntimeError, ValueError) as error:
         raise _DecordFailed(str(error)) from None
     if not count:
