@@ -217,3 +217,39 @@ def test_media_on_a_beam_filesystem(tmp_path):
             out.write(data)
     manifest = run("video", input="memfs://bucket/media/m.jsonl", output=str(tmp_path / "out"))
     assert manifest["counts"]["out"] == 1
+
+
+def test_gpu_resource_hint_on_the_vqgan_step():
+    """On Dataflow, `--accelerator` puts only the VQ-GAN step on GPU workers (a Beam resource hint)."""
+    import apache_beam as beam
+
+    from lwm_data.pipelines.vision import EncodeMedia, FrameSampling
+    from lwm_data.tokenizers.vision import VQGANSettings
+
+    accelerator = "type:nvidia-l4;count:1;install-nvidia-driver"
+    pipeline = beam.Pipeline()
+    _ = pipeline | beam.Create([]) | EncodeMedia(FrameSampling(), VQGANSettings(accelerator=accelerator), "video")
+    proto = pipeline.to_runner_api()
+    hinted = {
+        t.unique_name for t in proto.components.transforms.values()
+        if any(accelerator.encode() in v for v in proto.components.environments[t.environment_id].resource_hints.values())
+        if t.environment_id
+    }
+    assert hinted and all("VQGAN" in name for name in hinted)
+
+
+def test_cli_runs_the_video_stage(tmp_path):
+    from typer.testing import CliRunner
+
+    from lwm_data.cli import app
+
+    make_video(tmp_path / "v.mp4", frames=3)
+    (tmp_path / "v.txt").write_text("a clip")
+    result = CliRunner().invoke(app, [
+        "video", "--input", str(tmp_path / "*.mp4"), "--output", str(tmp_path / "out"), "--random-config", "reduced",
+        "--max-frames", "2", "--direction", "generate", "--direct_num_workers", "1",
+    ])
+    assert result.exit_code == 0, result.output
+    assert outputs.read_manifest(str(tmp_path / "out"))["counts"]["out"] == 1
+    result = CliRunner().invoke(app, ["video", "--input", "x", "--output", "y", "--direction", "sideways"])
+    assert result.exit_code == 2 and "--direction" in result.output

@@ -74,27 +74,25 @@ class VisionCodesConfig:
 
 
 @dataclass(frozen=True)
-class VideoConfig:
+class MediaJobConfig:
+    """What the `video` and `image` stages share."""
+
     output: str = setting(help="Output directory (EXAMPLE_SCHEMA).")
     keep_codes: str | None = setting(None, "Also write the frame-level codes (CODES_SCHEMA) into this directory.")
     tokenizer: str | None = setting(None, "SentencePiece .model or tokenizer dir (default: embedded).")
     batch_tokens: int = setting(4_000_000, "Examples are written in tables of about this many tokens.")
     media: MediaSettings = nested(MediaSettings)
-    frames: FrameSampling = nested(FrameSampling)
     vqgan: VQGANSettings = nested(VQGANSettings)
     sequences: SequenceSettings = nested(SequenceSettings)
 
 
 @dataclass(frozen=True)
-class ImageConfig:
-    output: str = setting(help="Output directory (EXAMPLE_SCHEMA).")
-    keep_codes: str | None = setting(None, "Also write the codes (CODES_SCHEMA) into this directory.")
-    tokenizer: str | None = setting(None, "SentencePiece .model or tokenizer dir (default: embedded).")
-    batch_tokens: int = setting(4_000_000, "Examples are written in tables of about this many tokens.")
-    media: MediaSettings = nested(MediaSettings)
-    vqgan: VQGANSettings = nested(VQGANSettings)
-    sequences: SequenceSettings = nested(SequenceSettings)
+class VideoConfig(MediaJobConfig):
+    frames: FrameSampling = nested(FrameSampling)
 
+
+@dataclass(frozen=True)
+class ImageConfig(MediaJobConfig):
     @property
     def frames(self) -> FrameSampling:
         return FrameSampling(max_frames=1)
@@ -340,7 +338,7 @@ def _vqgan_section(entry: dict):
     return lambda manifest: {"vqgan": entry}
 
 
-def run_media(stage: str, config: VideoConfig | ImageConfig, beam_args: list[str] | None = None) -> dict:
+def run_media(stage: str, config: MediaJobConfig, beam_args: list[str] | None = None) -> dict:
     """The `video` / `image` job: read | EncodeMedia | Sequences | write (and the codes, if kept)."""
     _check_launch(config.vqgan, beam_args)
     tokenizer = load_tokenizer(config.tokenizer).entry
