@@ -9,6 +9,9 @@ small pure functions over numpy arrays (no Beam, no per-token Python):
         2. cut_overflow  examples longer than the row: drop | truncate | split (plain text only)
         3. mix_order     interleave kinds by tokens (`--mix chat=0.84,text=0.16`), cut the excess
         4. best_fit_decreasing  streaming BFD over a buffer of pieces
+    With `partition_tokens`, examples are first hashed by id into independent partitions of about
+    that many tokens (`partition_of`), each planned alone (a worker each, in the Beam job), so no
+    worker holds every example's length: LWM's 1K stage packs hundreds of millions of pairs.
     build_rows(...)  -> PackedColumns                                the row arrays, vectorised
     packed_table(...) -> pyarrow Table in PACKED_SCHEMA
     pack_examples(examples, options) -> (table, plan)                all of it, in memory
@@ -42,7 +45,8 @@ Loss weighting:
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -68,6 +72,9 @@ class PackOptions:
     buffer_size: int = setting(10_000, "Examples sorted together by best-fit-decreasing.", flags=("--buffer",))
     max_open_rows: int = setting(64, "Rows kept open between buffers; beyond it the fullest are emitted.")
     seed: int = setting(0, "Seed of the example order.")
+    partition_tokens: int = setting(
+        0, "Plan in independent partitions of about this many tokens, each on its own worker (0: one plan)."
+    )
 
     def __post_init__(self):
         if self.seq_len < 1:
@@ -78,6 +85,8 @@ class PackOptions:
             raise ConfigError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if self.buffer_size < 1 or self.max_open_rows < 0:
             raise ConfigError("buffer_size must be >= 1 and max_open_rows >= 0")
+        if self.partition_tokens < 0:
+            raise ConfigError("partition_tokens must be >= 0")
         if self.mix is not None and (not self.mix or min(self.mix.values()) <= 0):
             raise ConfigError(f"mix shares must be positive, got {self.mix}")
 
@@ -254,6 +263,21 @@ def plan_packing(
     row, segment, num_rows = best_fit_decreasing(length, options.seq_len, options.buffer_size, options.max_open_rows)
     order = np.lexsort((segment, row))
     return PackPlan(example[order], start[order], length[order], row[order], segment[order], num_rows, counts)
+
+
+def num_partitions(total_tokens: int, partition_tokens: int) -> int:
+    """How many independent plans a packing of `total_tokens` is cut into."""
+    return max(1, -(-total_tokens // partition_tokens)) if partition_tokens else 1
+
+
+def partition_of(example_id: str, partitions: int) -> int:
+    """An example's plan, by a hash of its id that every worker and run computes alike."""
+    return zlib.crc32(example_id.encode()) % partitions
+
+
+def partition_options(options: PackOptions, partition: int) -> PackOptions:
+    """Each partition shuffles with a seed of its own (partition 0 keeps the single plan's)."""
+    return replace(options, seed=options.seed + partition * 1_000_003) if partition else options
 
 
 # ---------------------------------------------------------------------------------------------

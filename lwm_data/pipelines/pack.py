@@ -9,6 +9,7 @@ materialised).
     shard paths --ReadRefs--> ExampleRef per example (+ dead letters)          [parallel, per shard]
         reads example_id, kind, num_tokens and the small weight/mask columns: no tokens, no text
     all refs --ToList--> Plan (seeded shuffle, overflow, mix, best-fit-decreasing)   [one worker]
+        (or, with --partition-tokens, refs hashed into partitions --GroupByKey--> one Plan each)
         --> Segment per packed piece, keyed by row batch
         --> FragmentRequest per piece, keyed by shard
     requests --GroupByKey(shard)--> ReadFragments: each shard read once, slices cut
@@ -41,12 +42,15 @@ from lwm_data.arrays import flagged_per_list, flat_values, list_lengths
 from lwm_data.config import ConfigError, nested, setting
 from lwm_data.examples import SPLITTABLE_KINDS, tokens_by_kind
 from lwm_data.outputs import Rejection
-from lwm_data.packing import PackOptions, build_rows, packed_table, plan_packing
+from lwm_data.packing import (
+    PackOptions, build_rows, num_partitions, packed_table, partition_of, partition_options, plan_packing,
+)
 from lwm_data.pipelines.common import ERRORS, Counters, StageOutput, route, run_stage, upstream_tokenizer
 from lwm_data.schemas import EXAMPLE_SCHEMA, PACKED_SCHEMA
 
 STAGE = "pack"
 TOKENS_PER_BATCH = 1 << 22  # rows are assembled and written in batches of about this many tokens
+ROW_BITS = 40  # a row's id is partition << ROW_BITS | its row in the partition's plan
 REF_COLUMNS = ["example_id", "kind", "num_tokens", "loss_weights", "vision_mask"]
 TOKEN_COLUMNS = ["tokens", "loss_weights", "vision_mask"]
 
@@ -148,13 +152,16 @@ class Plan(beam.DoFn):
         self.options = config.packing
         self.rows_per_batch = config.rows_per_batch
 
-    def process(self, refs: list[ExampleRef]) -> Iterable:
-        # ToList's order depends on the runner; the plan must not: sort by example id (then place)
+    def process(self, partition_refs: tuple[int, Iterable[ExampleRef]]) -> Iterable:
+        partition, refs = partition_refs
+        # grouping order depends on the runner; the plan must not: sort by example id (then place)
         refs = sorted(refs, key=lambda r: (r.example_id, r.path, r.row))
         lengths = np.fromiter((r.num_tokens for r in refs), np.int64, len(refs))
         kinds = np.array([r.kind for r in refs], dtype=object)
         splittable = np.fromiter((r.splittable for r in refs), bool, len(refs))
-        plan = plan_packing(lengths, kinds, splittable, self.options)
+        plan = plan_packing(lengths, kinds, splittable, partition_options(self.options, partition))
+        first_row = partition << ROW_BITS  # rows of different partitions never meet
+        self.count("partitions")
         for name, value in plan.counts.items():
             self.count(name, value)
         self.count("out", plan.num_examples)
@@ -163,6 +170,7 @@ class Plan(beam.DoFn):
             plan.example.tolist(), plan.start.tolist(), plan.length.tolist(), plan.row.tolist(), plan.segment.tolist()
         ):
             ref = refs[example]
+            row += first_row
             yield row // self.rows_per_batch, Segment(row, segment, ref.example_id, ref.kind, start, length)
             request = FragmentRequest(ref.row, start, start + length, row, segment)
             yield beam.pvalue.TaggedOutput(self.REQUESTS, (ref.path, request))
@@ -241,8 +249,7 @@ class Pack(beam.PTransform):
         stage, config = self.stage, self.config
         refs = shard_paths | "SpreadShards" >> beam.Reshuffle() | "ReadRefs" >> route(stage, ReadRefs(stage))
         plan = (
-            refs.out
-            | "ToList" >> beam.combiners.ToList()
+            self._partitions(refs.out)
             | "Plan" >> beam.ParDo(Plan(stage, config)).with_outputs(Plan.REQUESTS, main="segments")
         )
         fragments = (
@@ -257,6 +264,22 @@ class Pack(beam.PTransform):
             | "AssembleRows" >> beam.ParDo(AssembleRows(stage, config.packing))
         )
         return StageOutput(tables, refs[ERRORS])
+
+    def _partitions(self, refs: beam.PCollection) -> beam.PCollection:
+        """(partition, its refs): one group, or groups of about `partition_tokens` tokens."""
+        partition_tokens = self.config.packing.partition_tokens
+        if not partition_tokens:
+            return refs | "ToList" >> beam.combiners.ToList() | "OnePartition" >> beam.Map(lambda all_refs: (0, all_refs))
+        total = refs | "Lengths" >> beam.Map(lambda r: r.num_tokens) | "TotalTokens" >> beam.CombineGlobally(sum)
+
+        def keyed(ref: ExampleRef, total_tokens: int) -> tuple[int, ExampleRef]:
+            return partition_of(ref.example_id, num_partitions(total_tokens, partition_tokens)), ref
+
+        return (
+            refs
+            | "Partition" >> beam.Map(keyed, total_tokens=beam.pvalue.AsSingleton(total))
+            | "GroupByPartition" >> beam.GroupByKey()
+        )
 
 
 def packing_summary(manifest: dict, seq_len: int) -> dict:
