@@ -25,7 +25,7 @@ app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pret
 console = Console()
 BEAM_OPTIONS = {"allow_extra_args": True, "ignore_unknown_options": True}
 _STANDARD_SECTIONS = {"stage", "lwm_data_version", "created", "seconds", "run", "config", "tokenizer", "counts",
-                      "stats", "files"}
+                      "stats", "files", "pipeline"}
 
 
 def print_manifest(manifest: dict) -> None:
@@ -45,6 +45,19 @@ def print_manifest(manifest: dict) -> None:
                 table.add_row(f"{section}: {name}", _number(value))
     if "seconds" in manifest:
         table.add_row("seconds", str(manifest["seconds"]))
+    console.print(table)
+    if "pipeline" in manifest:
+        print_pipeline(manifest["pipeline"])
+
+
+def print_pipeline(pipeline: dict) -> None:
+    """A whole-pipeline job's counts, stage by stage."""
+    table = Table(title=f"run {pipeline['name']}: every stage")
+    for column in ("stage", "in", "out", "filtered", "dead-lettered", "balanced"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for stage, counts in pipeline["stages"].items():
+        table.add_row(stage, *(_number(counts[k]) for k in ("in", "out", "filtered_total", "dead_lettered")),
+                      "yes" if counts["balanced"] else "[red]no[/red]")
     console.print(table)
 
 
@@ -119,6 +132,25 @@ for _stage in STAGES.values():
     app.command(_stage.name, help=_stage.help, context_settings=BEAM_OPTIONS if _stage.takes_beam_options else None)(
         stage_command(_stage)
     )
+
+
+# ---- whole pipelines ----
+
+
+@app.command("run", context_settings=BEAM_OPTIONS)
+def run_pipeline(
+    ctx: typer.Context,
+    pipeline: str = typer.Argument(..., help="books (chunk -> qa -> chat + text -> pack) or video (video -> pack)."),
+    config: str = typer.Option(..., "--config", help="TOML: one table per stage, keys as the stage's options."),
+    keep_intermediate: bool = typer.Option(False, "--keep-intermediate", help="Also keep every upstream stage's output."),
+) -> None:
+    """A whole pipeline as ONE Beam job; `--<stage>.<option> VALUE` overrides the TOML, the rest goes to Beam."""
+    from lwm_data.pipelines import run
+
+    with user_errors():
+        manifests = run.run(pipeline, config, list(ctx.args), keep_intermediate)
+    for manifest in manifests:
+        print_manifest(manifest)
 
 
 # ---- tools ----

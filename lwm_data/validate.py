@@ -51,8 +51,19 @@ def _check_manifest(output_dir: str, manifest: dict, violations: Counter) -> Non
     actual = {f["path"]: f["rows"] for f in outputs.describe_files(output_dir, manifest.get("run"))}
     violations["files differ from the manifest's list"] += len(set(listed.items()) ^ set(actual.items()))
     errors = sum(rows for path, rows in listed.items() if path.endswith(outputs.ERRORS_SUFFIX))
-    if errors != counts.get("dead_lettered", 0):
+    if errors != counts.get("dead_lettered", 0) + _upstream_dead_letters(manifest):
         violations["dead letters in errors/ != counts.dead_lettered"] += 1
     for letter in outputs.read_dead_letters(output_dir):
         if not {"stage", "reason", "source", "locator"} <= letter.keys():
             violations["dead letter without stage/reason/source/locator"] += 1
+
+
+def _upstream_dead_letters(manifest: dict) -> int:
+    """Dead letters of a whole-pipeline job's stages whose outputs were not kept: they are written
+    to the final output's errors/ (each names its stage)."""
+    pipeline = manifest.get("pipeline") or {}
+    return sum(
+        counts.get("dead_lettered", 0) for stage, counts in pipeline.get("stages", {}).items()
+        if stage not in pipeline.get("kept", {}) and stage != manifest.get("stage")
+    )
+

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import apache_beam as beam
-
 from lwm_data.pipelines import chat, chunk, pack, qa, text
 from lwm_data.pipelines.common import Job, StageOutput, merge_errors
-from lwm_data.schemas import CHUNK_SCHEMA, EXAMPLE_SCHEMA, PACKED_SCHEMA, QA_SCHEMA
+from lwm_data.schemas import CHUNK_SCHEMA, EXAMPLE_SCHEMA, QA_SCHEMA
 from lwm_data.tokenizers import load_tokenizer
 
 
@@ -47,22 +45,24 @@ def books_configs(
     )
 
 
-def books_job(configs: BooksConfigs, beam_args: list[str] | None = None) -> Job:
-    """The whole text pipeline as one job; `.run()` it for the five stages' manifests."""
+def books_job(configs: BooksConfigs, beam_args: list[str] | None = None, keep_intermediate: bool = True) -> Job:
+    """The whole text pipeline as one job; `.run()` it for the stages' manifests (pack's last).
+
+    Without `keep_intermediate` only pack's output is written: chat's and text's shards go to a
+    scratch directory deleted when the job ends, every stage's dead letters go to pack's `errors/`,
+    and pack's manifest holds every stage's counts (`pipeline`)."""
     tokenizer = load_tokenizer(configs.chunk.tokenizer).entry
     job = Job(beam_args)
     books = job.pipeline | "ReadBooks" >> chunk.read_book_files(configs.chunk.input, configs.chunk.max_record_bytes)
     chunks = books.records | "Chunk" >> chunk.Chunk(configs.chunk, tokenizer)
-    job.write(chunk.STAGE, configs.chunk, StageOutput(chunks.rows, merge_errors(books.errors, chunks.errors)),
-              CHUNK_SCHEMA, tokenizer)
     pairs = chunks.rows | "QA" >> qa.QA(configs.qa)
-    job.write(qa.STAGE, configs.qa, pairs, QA_SCHEMA, tokenizer)
     chats = {"chunks": chunks.rows, "qa": pairs.rows} | "Chat" >> chat.Chat(configs.chat, tokenizer)
     texts = chunks.rows | "Text" >> text.Text(tokenizer)
-    written = [
-        job.write(chat.STAGE, configs.chat, chats, EXAMPLE_SCHEMA, tokenizer),
-        job.write(text.STAGE, configs.text, texts, EXAMPLE_SCHEMA, tokenizer),
+    upstream = [
+        pack.Upstream(chunk.STAGE, configs.chunk, StageOutput(chunks.rows, merge_errors(books.errors, chunks.errors)), CHUNK_SCHEMA),
+        pack.Upstream(qa.STAGE, configs.qa, pairs, QA_SCHEMA),
+        pack.Upstream(chat.STAGE, configs.chat, chats, EXAMPLE_SCHEMA),
+        pack.Upstream(text.STAGE, configs.text, texts, EXAMPLE_SCHEMA),
     ]
-    packed = tuple(written) | "ExampleShards" >> beam.Flatten() | "Pack" >> pack.Pack(configs.pack)
-    job.write(pack.STAGE, configs.pack, packed, PACKED_SCHEMA, tokenizer, summary=pack.packing_section(configs.pack))
-    return job
+    examples = {chat.STAGE, text.STAGE}  # what pack reads, by path
+    return pack.finish_with_pack(job, "books", upstream, examples, configs.pack, tokenizer, keep_intermediate)

@@ -212,7 +212,22 @@ class Job:
     def __init__(self, beam_args: list[str] | None = None):
         self.pipeline = make_pipeline(beam_args)
         self.started = now()
+        self.result = None  # the finished pipeline's result, once `run` has it
         self._writes: list[tuple[str, Any, OutputRun, dict | None, Callable[[dict], dict] | None]] = []
+        self._scratch: list[OutputRun] = []
+
+    def write_scratch(self, stage: str, directory: str, rows: beam.PCollection, schema: pa.Schema) -> beam.PCollection:
+        """Shards a later step of the job reads back by path (pack's input) but nobody keeps: written
+        under `directory`, deleted when the job ends, never committed. Returns the shard paths."""
+        run = OutputRun(directory)
+        self._scratch.append(run)
+        return rows | f"Scratch[{stage}]" >> beam.io.WriteToParquetBatched(
+            run.shard_prefix, schema=schema, codec="zstd", file_name_suffix=outputs.SHARD_SUFFIX,
+        )
+
+    def counts(self, stage: str) -> dict[str, Any]:
+        """A stage's balanced counts in the finished job (its output kept or not)."""
+        return outputs.Counts.from_counters(stage_counters(self.result, stage)).to_dict()
 
     def write(
         self,
@@ -243,6 +258,10 @@ class Job:
             for _, _, run, _, _ in self._writes:
                 run.abort()
             raise
+        finally:
+            for run in self._scratch:
+                run.abort()
+        self.result = result
         manifests = []
         for stage, config, run, tokenizer, summary in self._writes:
             manifest = stage_manifest(stage, config, tokenizer, stage_counters(result, stage), self.started)

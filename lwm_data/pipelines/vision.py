@@ -398,3 +398,20 @@ def run_sequences(config: SequencesConfig, beam_args: list[str] | None = None) -
     (manifest,) = job.run()
     return manifest
 
+
+def video_job(video: VideoConfig, pack_config, beam_args: list[str] | None = None, keep_intermediate: bool = True) -> Job:
+    """Media to packed rows in ONE Beam pipeline: read | EncodeMedia | Sequences | Pack; `.run()` it
+    for the manifests (pack's last, with every stage's counts)."""
+    from lwm_data.pipelines import pack
+
+    _check_launch(video.vqgan, beam_args)
+    tokenizer = load_tokenizer(video.tokenizer).entry
+    vqgan = describe(video.vqgan)
+    job = Job(beam_args)
+    items = job.pipeline | "ReadMedia" >> read_media(video.media, VIDEO)
+    coded, decode_errors = items.records | "Encode" >> EncodeMedia(video.frames, video.vqgan, VIDEO)
+    examples = coded | "Sequences" >> Sequences(video.sequences, tokenizer, video.batch_tokens, VIDEO)
+    errors = merge_errors(items.errors, decode_errors, examples.errors)
+    upstream = [pack.Upstream(VIDEO, video, StageOutput(examples.rows, errors), EXAMPLE_SCHEMA, _vqgan_section(vqgan))]
+    return pack.finish_with_pack(job, "video", upstream, {VIDEO}, pack_config, tokenizer, keep_intermediate)
+
