@@ -4,7 +4,7 @@
 
 Lengths like image-text pairs (257-600 tokens, uniform), ids hashed into partitions of about
 `--partition-tokens` tokens exactly as the pack job does (`lwm_data.packing.partition_of`); each plan
-is `plan_packing` (seeded shuffle, best-fit-decreasing), what one worker runs. Figures: fill, planning
+is `plan_packing` (seeded shuffle, `fill_rows`), what one worker runs. Figures: fill, planning
 tokens/s (all partitions in series on one core), and peak memory of one plan (tracemalloc: numpy
 arrays included; the largest partition's), which is what bounds a worker. Goals: fill >= 99.5%, partitioned fill within 0.1
 point of the single plan.

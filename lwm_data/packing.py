@@ -8,7 +8,7 @@ small pure functions over numpy arrays (no Beam, no per-token Python):
         1. shuffle       examples in a seeded order
         2. cut_overflow  examples longer than the row: drop | truncate | split (plain text only)
         3. mix_order     interleave kinds by tokens (`--mix chat=0.84,text=0.16`), cut the excess
-        4. best_fit_decreasing  streaming BFD over a buffer of pieces
+        4. fill_rows     rows built one by one from a streaming pool of pieces, largest fit first
     With `partition_tokens`, examples are first hashed by id into independent partitions of about
     that many tokens (`partition_of`), each planned alone (a worker each, in the Beam job), so no
     worker holds every example's length: LWM's 1K stage packs hundreds of millions of pairs.
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import bisect
 import zlib
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -69,8 +70,8 @@ class PackOptions:
     overflow: str = setting("drop", "Examples longer than a row: drop, truncate, or split (plain text only).")
     loss_weighting: str = setting("token", "token: weights as they are; example: every example counts equally.")
     mix: dict[str, float] | None = setting(None, "Shares of tokens by kind, e.g. chat=0.84,text=0.16.")
-    buffer_size: int = setting(10_000, "Examples sorted together by best-fit-decreasing.", flags=("--buffer",))
-    max_open_rows: int = setting(64, "Rows kept open between buffers; beyond it the fullest are emitted.")
+    buffer_size: int = setting(10_000, "Examples added to the packer's pool at a time.", flags=("--buffer",))
+    carry_rows: int = setting(64, "Rows' worth of examples kept in the pool between buffers (sizes to close rows with).")
     seed: int = setting(0, "Seed of the example order.")
     partition_tokens: int = setting(
         0, "Plan in independent partitions of about this many tokens, each on its own worker (0: one plan)."
@@ -83,8 +84,8 @@ class PackOptions:
             raise ConfigError(f"overflow must be one of {OVERFLOW_MODES}, got {self.overflow!r}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
-        if self.buffer_size < 1 or self.max_open_rows < 0:
-            raise ConfigError("buffer_size must be >= 1 and max_open_rows >= 0")
+        if self.buffer_size < 1 or self.carry_rows < 0:
+            raise ConfigError("buffer_size must be >= 1 and carry_rows >= 0")
         if self.partition_tokens < 0:
             raise ConfigError("partition_tokens must be >= 0")
         if self.mix is not None and (not self.mix or min(self.mix.values()) <= 0):
@@ -146,57 +147,60 @@ def mix_order(kind_ids: np.ndarray, lengths: np.ndarray, shares: np.ndarray) -> 
     return order[keep][merged]
 
 
-def best_fit_decreasing(
-    lengths: np.ndarray, seq_len: int, buffer_size: int = 10_000, max_open_rows: int = 64
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Streaming best-fit-decreasing: (row, segment index in row, number of rows) per item.
+def fill_rows(lengths: np.ndarray, seq_len: int, buffer_size: int = 10_000, carry_rows: int = 64) -> tuple[np.ndarray, np.ndarray, int]:
+    """Row by row from a pool of items: (row, segment index in row, number of rows) per item.
 
-    Items arrive in buffers of `buffer_size`; each buffer is placed longest first, every item into
-    the open row with the least room that still fits it (ties: the older row), else a new row.
-    Rows stay open across buffers, so a later buffer's short items fill earlier gaps; a row is
-    emitted when full, or, when more than `max_open_rows` stay open after a buffer, fullest first.
-    Rows are numbered in emission order; segments in placement order. Deterministic.
+    Items join the pool a buffer at a time. A row takes the largest pooled item that fits its room,
+    again and again, except that an item that does not fill the room exactly must leave room for
+    the smallest pooled item: so the row's last item is chosen to close it, instead of leaving a gap
+    nothing can fill (best-fit-decreasing over items of 257-600 tokens leaves about 0.9% of an 8K
+    row empty; this, 0.25%). Rows are built while the pool holds more than `carry_rows` rows' worth
+    of tokens, so every buffer's rows are chosen from a pool that still has sizes to choose from; the
+    rest of the pool is packed at the end. Rows are numbered and segments placed in the order they
+    are built; items of one size leave the pool in arrival order. Deterministic.
     """
     lengths = np.asarray(lengths, np.int64)
     if len(lengths) and (lengths.min() < 1 or lengths.max() > seq_len):
         raise ValueError(f"item lengths must be in [1, {seq_len}]")
-    row_serial = np.empty(len(lengths), np.int64)
-    placement = np.empty(len(lengths), np.int64)
-    open_rows: list[tuple[int, int]] = []  # (room, serial), sorted
-    emitted: list[int] = []
-    num_serials = 0
-    placed = 0
-    for start in range(0, len(lengths), buffer_size):
-        block = lengths[start : start + buffer_size]
-        order = np.argsort(-block, kind="stable") + start
-        placement[placed : placed + len(order)] = order
-        placed += len(order)
-        for item, length in zip(order.tolist(), lengths[order].tolist()):
-            # the first row with room for the item; -1 sorts before every serial, so among rows
-            # with the same room the oldest (lowest serial) wins
-            i = bisect.bisect_left(open_rows, (length, -1))
-            if i < len(open_rows):
-                room, serial = open_rows.pop(i)
-            else:
-                room, serial = seq_len, num_serials
-                num_serials += 1
-            row_serial[item] = serial
-            room -= length
-            if room:
-                bisect.insort(open_rows, (room, serial))
-            else:
-                emitted.append(serial)
-        excess = len(open_rows) - max_open_rows
-        if excess > 0:
-            emitted.extend(serial for _, serial in open_rows[:excess])
-            del open_rows[:excess]
-    emitted.extend(sorted(serial for _, serial in open_rows))
-    rank = np.empty(num_serials, np.int64)
-    rank[np.asarray(emitted, np.int64)] = np.arange(num_serials)
-    rows = rank[row_serial]
+    rows = np.empty(len(lengths), np.int64)
     segments = np.empty(len(lengths), np.int64)
-    segments[placement] = _rank_within_groups(rows[placement])
-    return rows, segments, num_serials
+    pool: dict[int, deque[int]] = {}  # size -> items of that size, in arrival order
+    sizes: list[int] = []  # pooled sizes, ascending
+    pool_tokens = num_rows = 0
+
+    def build_rows_while(more_than: int) -> None:
+        nonlocal pool_tokens, num_rows
+        while sizes and pool_tokens > more_than:
+            room = seq_len
+            segment = 0
+            while sizes and sizes[0] <= room:
+                i = bisect.bisect_right(sizes, room) - 1  # the largest item that fits
+                if sizes[i] != room:  # short of an exact fit: the largest that leaves room for the smallest
+                    leaves_room = bisect.bisect_right(sizes, room - sizes[0]) - 1
+                    if leaves_room >= 0:
+                        i = leaves_room
+                size = sizes[i]
+                items = pool[size]
+                item = items.popleft()
+                if not items:
+                    del sizes[i], pool[size]
+                rows[item], segments[item] = num_rows, segment
+                segment += 1
+                room -= size
+                pool_tokens -= size
+            num_rows += 1
+
+    for start in range(0, len(lengths), buffer_size):
+        for item, size in enumerate(lengths[start : start + buffer_size].tolist(), start):
+            items = pool.get(size)
+            if items is None:
+                items = pool[size] = deque()
+                bisect.insort(sizes, size)
+            items.append(item)
+            pool_tokens += size
+        build_rows_while(carry_rows * seq_len)
+    build_rows_while(0)
+    return rows, segments, num_rows
 
 
 def _rank_within_groups(groups: np.ndarray) -> np.ndarray:
@@ -260,7 +264,7 @@ def plan_packing(
     example = np.repeat(stream, cut.num_pieces[stream])
     start = _rank_within_groups(np.repeat(np.arange(len(stream)), cut.num_pieces[stream])) * options.seq_len
     length = np.minimum(cut.kept_length[example] - start, options.seq_len)
-    row, segment, num_rows = best_fit_decreasing(length, options.seq_len, options.buffer_size, options.max_open_rows)
+    row, segment, num_rows = fill_rows(length, options.seq_len, options.buffer_size, options.carry_rows)
     order = np.lexsort((segment, row))
     return PackPlan(example[order], start[order], length[order], row[order], segment[order], num_rows, counts)
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from lwm_data.checks import check_packed_rows
 from lwm_data.config import parse_mapping as parse_mix
 from lwm_data.examples import Examples
-from lwm_data.packing import PackOptions, best_fit_decreasing, cut_overflow, mix_order, pack_examples, unpack_rows
+from lwm_data.packing import PackOptions, cut_overflow, fill_rows, mix_order, pack_examples, unpack_rows
 
 SETTINGS = settings(max_examples=100, deadline=None)
 
@@ -37,7 +37,7 @@ def packing_cases(draw):
         overflow=draw(st.sampled_from(["drop", "truncate", "split"])),
         loss_weighting=draw(st.sampled_from(["token", "example"])),
         buffer_size=draw(st.integers(1, 30)),
-        max_open_rows=draw(st.integers(0, 6)),
+        carry_rows=draw(st.integers(0, 6)),
         seed=seed,
     )
     return examples, options
@@ -146,24 +146,33 @@ def test_a_different_seed_packs_differently():
     assert a["example_ids"].to_pylist() != b["example_ids"].to_pylist()
 
 
-def test_best_fit_puts_each_item_in_the_tightest_open_row():
-    # 6 opens row 0 (room 4), 5 opens row 1 (room 5); 4 fits both, goes to the tighter row 0.
-    rows, segments, num_rows = best_fit_decreasing(np.array([4, 6, 5]), seq_len=10)
+def test_a_row_takes_the_largest_item_that_fits_and_closes_with_an_exact_fit():
+    # row 0: 6 (room 4), then 4 fits exactly; row 1: the 5 left
+    rows, segments, num_rows = fill_rows(np.array([4, 6, 5]), seq_len=10)
     assert num_rows == 2
-    assert rows.tolist() == [0, 0, 1]  # the full row is emitted first, the open one at the end
+    assert rows.tolist() == [0, 0, 1]
     assert segments.tolist() == [1, 0, 0]
 
 
-def test_best_fit_fills_rows_that_greedy_in_order_leaves_half_empty():
+def test_a_row_keeps_room_for_the_smallest_item_rather_than_leave_a_dead_gap():
+    # largest-first would take 6 then 3 (gap 1 that nothing fills); keeping room for a 2 closes it
+    rows, _, num_rows = fill_rows(np.array([6, 3, 2, 2]), seq_len=10)
+    assert rows.tolist() == [0, 1, 0, 0] and num_rows == 2
+
+
+def test_rows_are_nearly_full_for_short_and_for_image_text_like_lengths():
     rng = np.random.default_rng(0)
-    lengths = np.clip(np.exp(rng.normal(np.log(300), 0.8, 3000)), 8, 2048).astype(np.int64)
-    _, _, num_rows = best_fit_decreasing(lengths, 2048, buffer_size=1000)
-    assert lengths.sum() / (num_rows * 2048) > 0.99
+    short = np.clip(np.exp(rng.normal(np.log(300), 0.8, 3000)), 8, 2048).astype(np.int64)
+    _, _, num_rows = fill_rows(short, 2048, buffer_size=1000)
+    assert short.sum() / (num_rows * 2048) > 0.99
+    pairs = rng.integers(257, 601, 40_000)  # image-text pairs: no short item to fill a gap with
+    _, _, num_rows = fill_rows(pairs, 8192)
+    assert pairs.sum() / (num_rows * 8192) > 0.995
 
 
-def test_best_fit_rejects_items_longer_than_a_row():
+def test_fill_rows_rejects_items_longer_than_a_row():
     with pytest.raises(ValueError):
-        best_fit_decreasing(np.array([5, 11]), seq_len=10)
+        fill_rows(np.array([5, 11]), seq_len=10)
 
 
 def test_cut_overflow_modes():

@@ -8,7 +8,7 @@ materialised).
 
     shard paths --ReadRefs--> ExampleRef per example (+ dead letters)          [parallel, per shard]
         reads example_id, kind, num_tokens and the small weight/mask columns: no tokens, no text
-    all refs --ToList--> Plan (seeded shuffle, overflow, mix, best-fit-decreasing)   [one worker]
+    all refs --ToList--> Plan (seeded shuffle, overflow, mix, fill_rows)   [one worker]
         (or, with --partition-tokens, refs hashed into partitions --GroupByKey--> one Plan each)
         --> Segment per packed piece, keyed by row batch
         --> FragmentRequest per piece, keyed by shard
