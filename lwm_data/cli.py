@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lwm_data import config as settings
+from lwm_data import progress
 from lwm_data.config import ConfigError, Option
 from lwm_data.outputs import NotAStageOutput
 from lwm_data.stages import STAGES, Stage
@@ -107,8 +108,10 @@ def stage_command(stage: Stage) -> Callable[..., None]:
         given = {o.name: values[o.name] for o in options if values[o.name] is not None}
         with user_errors():
             config = settings.build(stage.config, given)
-            manifest = stage.run(config, list(ctx.args) if stage.takes_beam_options else None)
+            with progress.live():
+                manifest = stage.run(config, list(ctx.args) if stage.takes_beam_options else None)
         print_manifest(manifest)
+        console.print(f"written to {config.output}")
 
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     parameters = [context] + [_cli_parameter(o) for o in options]
@@ -147,10 +150,11 @@ def run_pipeline(
     """A whole pipeline as ONE Beam job; `--<stage>.<option> VALUE` overrides the TOML, the rest goes to Beam."""
     from lwm_data.pipelines import run
 
-    with user_errors():
+    with user_errors(), progress.live():
         manifests = run.run(pipeline, config, list(ctx.args), keep_intermediate)
     for manifest in manifests:
         print_manifest(manifest)
+    console.print("written to " + ", ".join(m["config"]["output"] for m in manifests))
 
 
 # ---- tools ----

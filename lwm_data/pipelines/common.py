@@ -45,6 +45,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from lwm_data import outputs
 from lwm_data.config import ConfigError
 from lwm_data.outputs import OutputRun, Rejection, now, stage_manifest
+from lwm_data.progress import TALLY
 
 NAMESPACE_PREFIX = "lwm_data."
 ERRORS = "errors"  # tag of dead-letter outputs
@@ -77,6 +78,7 @@ class Counters:
             if counter is None:
                 counter = _counters[key] = Metrics.counter(namespace(stage), name)
             counter.inc(n)
+            TALLY.add(stage, name, n)
 
 
 class StageOutput(NamedTuple):
