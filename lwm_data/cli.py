@@ -20,6 +20,7 @@ from lwm_data import config as settings
 from lwm_data import progress
 from lwm_data.config import ConfigError, Option
 from lwm_data.outputs import NotAStageOutput
+from lwm_data.pipelines.common import check_beam_args
 from lwm_data.stages import STAGES, Stage
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -107,6 +108,8 @@ def stage_command(stage: Stage) -> Callable[..., None]:
     def command(ctx: typer.Context, **values: Any) -> None:
         given = {o.name: values[o.name] for o in options if values[o.name] is not None}
         with user_errors():
+            if stage.takes_beam_options:
+                check_beam_args(list(ctx.args), [flag for o in options for flag in o.cli_flags])
             config = settings.build(stage.config, given)
             with progress.live():
                 manifest = stage.run(config, list(ctx.args) if stage.takes_beam_options else None)

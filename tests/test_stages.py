@@ -134,3 +134,12 @@ def test_a_local_run_prints_no_beam_noise(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "apitools" not in result.stderr and "Resource module" not in result.stderr
     assert "RANDOM weights" in result.stderr  # the warning that does matter stays
+
+
+def test_a_mistyped_option_is_refused_not_passed_to_beam(tmp_path):
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["chunk", "--input", "x", "--output", "y", "--chunk-tokenz", "5"])
+    assert result.exit_code == 2 and "did you mean --chunk-tokens?" in result.output
+    result = CliRunner().invoke(app, ["run", "books", "--config", "c.toml", "--nonsense"])
+    assert result.exit_code == 2 and "unknown option --nonsense" in result.output

@@ -32,6 +32,7 @@ are passed through untouched.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable, Iterable, NamedTuple
 
 import apache_beam as beam
@@ -181,6 +182,20 @@ class WriteStage(beam.PTransform):
             self.run.shard_prefix, schema=self.schema, codec="zstd", file_name_suffix=outputs.SHARD_SUFFIX,
             num_shards=self.num_shards,
         )
+
+
+def check_beam_args(args: list[str], own_options: list[str]) -> None:
+    """Refuse what is neither a Beam option nor one of the command's own: a typo (`--chunk-tokenz`)
+    would otherwise pass through to Beam and be ignored."""
+    known = PipelineOptions([]).get_all_options()
+    for arg in args:
+        if not arg.startswith("--"):
+            continue
+        name = arg[2:].split("=", 1)[0]
+        if name.replace("-", "_") not in known:
+            close = difflib.get_close_matches(arg.split("=", 1)[0], own_options, n=1)
+            hint = f"; did you mean {close[0]}?" if close else " (and no Beam option by that name)"
+            raise ConfigError(f"unknown option {arg.split('=', 1)[0]}{hint}")
 
 
 def make_pipeline(beam_args: list[str] | None) -> beam.Pipeline:

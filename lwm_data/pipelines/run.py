@@ -30,7 +30,7 @@ from typing import Any, Callable
 from lwm_data import config as settings
 from lwm_data.config import ConfigError
 from lwm_data.pipelines import books, vision
-from lwm_data.pipelines.common import Job
+from lwm_data.pipelines.common import Job, check_beam_args
 from lwm_data.stages import STAGES
 
 Values = dict[str, dict[str, Any]]  # stage -> option name -> value
@@ -149,6 +149,7 @@ def run(name: str, config_path: str, args: list[str], keep_intermediate: bool) -
         raise ConfigError(f"no pipeline {name!r}; known: {', '.join(PIPELINES)}")
     pipeline = PIPELINES[name]
     overrides, beam_args = split_overrides(args, pipeline)
+    check_beam_args(beam_args, [f"--{stage}.<option>" for stage in pipeline.stages])
     configs = stage_configs(pipeline, load(config_path), overrides)
     return pipeline.job(configs, beam_args, keep_intermediate).run()
 
