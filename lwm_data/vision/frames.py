@@ -295,20 +295,24 @@ def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     stop = threading.Event()
     done = object()
 
+    def offer(entry: tuple) -> bool:
+        """Put unless the consumer has gone; False when it has."""
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer((item, None)):
                     return
-            buffer.put((done, None))
+            offer((done, None))
         except BaseException as error:  # handed to the consumer
-            buffer.put((done, error))
+            offer((done, error))
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
