@@ -19,9 +19,10 @@ def write_output(directory: Path | str, stage: str, table: pa.Table, tokenizer: 
 
 
 def write_packed_rows(directory: Path | str, rows: int, seq_len: int, seed: int = 0, vision: bool = False,
-                      shards: int = 2, row_group_size: int = 4) -> str:
-    """A committed packed output of `rows` rows of `seq_len` tokens from random examples; with
-    `vision`, every third example is an image_text one (256 vision codes and <eov> in its middle)."""
+                      shards: int = 2, row_group_size: int = 4, vocab: int = 200) -> str:
+    """A committed packed output of `rows` rows of `seq_len` tokens from random examples over the
+    first `vocab` text ids (so a model can learn something quickly); with `vision`, every third
+    example is an image_text one (a run of vision codes ending in <eov> in its middle)."""
     import os
 
     import numpy as np
@@ -34,10 +35,11 @@ def write_packed_rows(directory: Path | str, rows: int, seq_len: int, seed: int 
     ids, kinds, tokens, weights, masks = [], [], [], [], []
     while sum(len(t) for t in tokens) < rows * seq_len:
         n = int(rng.integers(8, seq_len // 2))
-        t = rng.integers(3, 32000, n).astype(np.int32)
+        t = rng.integers(3, vocab, n).astype(np.int32)
         m = np.zeros(n, bool)
-        if vision and len(ids) % 3 == 0 and n > 300:
-            t[20:276], t[276], m[20:277] = rng.integers(0, 8192, 256), 8193, True
+        if vision and len(ids) % 3 == 0:
+            codes = min(256, n // 3)
+            t[4 : 4 + codes], t[4 + codes], m[4 : 5 + codes] = rng.integers(0, vocab, codes), 8193, True
         ids.append(f"e{len(ids):05d}"), kinds.append("image_text" if m.any() else "chat")
         tokens.append(t), weights.append(np.ones(n, np.float32)), masks.append(m)
     table, _ = pack_examples(Examples.from_arrays(ids, kinds, tokens, weights, masks), PackOptions(seq_len=seq_len))

@@ -43,14 +43,18 @@ def command(config: Optional[str] = None, **values: Any) -> None:
 
 _config = inspect.Parameter(
     "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-    default=typer.Option(None, "--config", help="TOML job config (keys: the flags' names; [[stages]] tables)."),
+    default=typer.Option(None, "--config", help="TOML job config: keys are the flags' names, plus the stages tables."),
 )  # fmt: skip
 command.__signature__ = inspect.Signature([_config] + [_flag(o) for o in options()])
 
 
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app.command(context_settings={"help_option_names": ["-h", "--help"]})(command)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
-    typer.run(command)
+    app()
 
 
 if __name__ == "__main__":
