@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -50,18 +51,24 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(nproc: int, data: str, out: Path, *flags: str) -> subprocess.CompletedProcess:
     """`torchrun -m lwm_data.train --config configs/tiny_cpu.toml` with 128-token rows."""
     config = out / "job.toml"
     config.write_text(Path(TINY_CPU).read_text().replace("seq_len = 1024", f"seq_len = {SEQ_LEN}"))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
         "-m", "lwm_data.train", "--config", str(config), "--data", data, "--steps", str(STEPS),
         "--checkpoint-dir", str(out / "ckpt"), "--metrics", str(out / "metrics.jsonl"), "--checkpoint-every", "4",
         "--no-progress", "--lr", "3e-3", "--warmup-steps", "2", *flags,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 

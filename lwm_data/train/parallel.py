@@ -116,7 +116,8 @@ def parallelize(model: Transformer, parallel: Parallel, dtype: torch.dtype, acti
         for block in model.layers:
             attention = block.attention if hasattr(block, "attention") else block._checkpoint_wrapped_module.attention
             attention.attend = ring_attend(ring_group, model.config.attention_backend)
-    hsdp_mesh = parallel.mesh["ring", "dp"]  # replicate over the ring, shard over data-parallel ranks
+    # HSDP wants (replicate, shard) = ("ring", "dp"): the same ranks, dimensions swapped (a slice can't reorder).
+    hsdp_mesh = DeviceMesh(parallel.device.type, parallel.mesh.mesh.T, mesh_dim_names=("ring", "dp"))
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, mesh=hsdp_mesh, mp_policy=policy)
