@@ -40,10 +40,11 @@ GOAL = 0.9
 WARMUP_STEPS = 2
 
 
-def write_packed(directory: str, rows: int, seq_len: int, seed: int = 0) -> str:
-    """Packed rows of chat-like documents (256 to seq_len tokens), as the pack stage writes them."""
+def write_packed(directory: str, rows: int, seq_len: int, seed: int = 0, doc_tokens: tuple[int, int] | None = None) -> str:
+    """Packed rows of chat-like documents (default 256 to seq_len tokens), as the pack stage writes them."""
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(256, seq_len + 1, rows * 3)
+    low, high = doc_tokens or (min(256, seq_len), seq_len)
+    lengths = rng.integers(low, high + 1, rows * 3 * max(1, seq_len // high))
     examples = Examples.from_arrays(
         [f"e{i}" for i in range(len(lengths))], ["chat"] * len(lengths),
         [rng.integers(3, 32000, n).astype(np.int32) for n in lengths], [np.ones(n, np.float32) for n in lengths],

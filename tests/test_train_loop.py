@@ -74,10 +74,15 @@ def torchrun(nproc: int, data: str, out: Path, *flags: str) -> subprocess.Comple
 
 
 @pytest.fixture(scope="module")
-def world_one(packed, tmp_path_factory) -> list[dict]:
+def world_one_run(packed, tmp_path_factory) -> tuple[list[dict], Path]:
     """World 1: one process, ring of 1, the whole global batch per step, two DataLoader workers."""
     out = tmp_path_factory.mktemp("world1")
-    return train(job(packed, out, ring_size=1, batch_size=GLOBAL_BATCH, export=str(out / "hf")))
+    return train(job(packed, out, ring_size=1, batch_size=GLOBAL_BATCH, export=str(out / "hf"))), out
+
+
+@pytest.fixture(scope="module")
+def world_one(world_one_run) -> list[dict]:
+    return world_one_run[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -92,12 +97,12 @@ def test_loss_decreases_and_metrics_are_written(world_one, packed, tmp_path):
     assert record["mfu"] is None  # no --peak-tflops
 
 
-def test_resume_continues_bit_exactly(world_one, packed, tmp_path):
+def test_resume_continues_bit_exactly(world_one_run, packed, tmp_path):
     """Stopped after step 4 (its checkpoint kept, the later one removed), resumed in a fresh model."""
-    out = tmp_path / "run"
-    uninterrupted = train(job(packed, out, ring_size=1, batch_size=GLOBAL_BATCH))
-    shutil.rmtree(checkpoint.step_path(str(out / "ckpt"), STEPS))
-    resumed = train(job(packed, out, ring_size=1, batch_size=GLOBAL_BATCH, resume=True))
+    uninterrupted, first_run = world_one_run
+    shutil.copytree(first_run / "ckpt", tmp_path / "ckpt")
+    shutil.rmtree(checkpoint.step_path(str(tmp_path / "ckpt"), STEPS))
+    resumed = train(job(packed, tmp_path, ring_size=1, batch_size=GLOBAL_BATCH, resume=True))
     assert [r["step"] for r in resumed] == list(range(5, STEPS + 1))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in uninterrupted[4:]]
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in uninterrupted[4:]]
@@ -114,13 +119,13 @@ def test_progressive_stages_run_in_order_from_the_previous_weights(packed, tmp_p
     assert records[3]["loss"] < records[0]["loss"]  # stage 2 starts from stage 1's weights
 
 
-def test_export_loads_in_transformers_with_the_same_logits(world_one, packed, tmp_path_factory):
+def test_export_loads_in_transformers_with_the_same_logits(world_one_run):
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
     from lwm_data.train.model import Transformer, preset
 
-    hf_dir = Path(tmp_path_factory.getbasetemp()) / "world10" / "hf"
+    hf_dir = world_one_run[1] / "hf"
     hf = transformers.LlamaForCausalLM.from_pretrained(str(hf_dir)).eval()
     ours = Transformer(preset("tiny", attention_backend="torch"))
     state = {name: tensor for name, tensor in load_file(hf_dir / "vision.safetensors").items()}
