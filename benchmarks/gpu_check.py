@@ -25,7 +25,6 @@ import statistics
 import sys
 import tempfile
 import traceback
-from dataclasses import replace
 
 import torch
 
