@@ -175,4 +175,4 @@ def test_model_inputs_follow_the_row_contract_with_vision():
     assert torch.equal(inputs.vision_mask, vision)
     # position i carries the weight of token i + 1; nothing is predicted across segments or into padding
     assert inputs.weights.tolist() == [[0, 1, 1, 1, 1, 0, 0, 0], [1, 1, 0, 1, 1, 1, 1, 0]]
-    assert torch.equal(inputs.positions, pos) and torch.equal(inputs.segment_ids, segments)
+    assert torch.equal(inputs.positions, pos.long()) and torch.equal(inputs.segment_ids, segments.long())

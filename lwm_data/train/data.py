@@ -289,8 +289,8 @@ class ModelInputs:
 
     tokens: Tensor  # int64
     vision_mask: Tensor  # bool
-    positions: Tensor  # int32
-    segment_ids: Tensor  # int32
+    positions: Tensor  # int64, as the kernels are tested with
+    segment_ids: Tensor  # int64
     targets: Tensor  # int64
     target_vision: Tensor  # bool
     weights: Tensor  # float32
@@ -313,13 +313,13 @@ def model_inputs(batch: dict[str, Tensor]) -> ModelInputs:
     the last position predicts nothing. A target in another segment than its input (a segment's first
     token, or padding) gets weight 0 even if the row says otherwise.
     """
-    segment_ids = batch["segment_ids"].int()
+    segment_ids = batch["segment_ids"].long()
     next_segment = _next_token(segment_ids)
     same_segment = (next_segment == segment_ids) & (segment_ids != 0)
     return ModelInputs(
         tokens=batch["tokens"].long(),
         vision_mask=batch["vision_mask"].bool(),
-        positions=batch["positions"].int(),
+        positions=batch["positions"].long(),
         segment_ids=segment_ids,
         targets=_next_token(batch["tokens"].long()),
         target_vision=_next_token(batch["vision_mask"].bool(), False),
