@@ -143,6 +143,35 @@ def test_export_loads_in_transformers_with_the_same_logits(world_one_run):
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_gradient_accumulation_matches_one_big_batch(packed, tmp_path):
+    """2 micro-batches of 2 rows are the same optimizer step as 1 batch of 4 (global loss denominators)."""
+    records = train(job(packed, tmp_path, ring_size=1, batch_size=GLOBAL_BATCH // 2, grad_accum=2, steps=3,
+                        checkpoint_dir="", metrics=""))  # fmt: skip
+    expected = train(job(packed, tmp_path, ring_size=1, batch_size=GLOBAL_BATCH, steps=3, checkpoint_dir="", metrics=""))
+    assert [r["tokens"] for r in records] == [GLOBAL_BATCH * SEQ_LEN] * 3
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in expected], rel=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from lwm_data.train.model import Transformer, preset
+    from lwm_data.train.parallel import parallelize
+
+    config = preset("tiny", attention_backend="torch")
+    tokens = torch.randint(3, 200, (2, 32))
+    inputs = model_inputs({"tokens": tokens, "vision_mask": tokens < 50, "loss_weights": torch.ones(2, 32),
+                           "segment_ids": torch.ones_like(tokens), "positions": torch.arange(32).expand(2, -1)})  # fmt: skip
+    grads = []
+    for checkpointing in (False, True):
+        model = Transformer(config)
+        model.init_weights(0)
+        model = parallelize(model, Parallel(torch.device("cpu"), None), torch.float32, checkpointing)
+        sum(model(inputs)).backward()
+        grads.append({name.replace("_checkpoint_wrapped_module.", ""): p.grad for name, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-6, atol=1e-7)
+
+
 def test_learning_rate_warms_up_then_follows_the_schedule(packed, tmp_path):
     config = job(packed, tmp_path, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
     assert learning_rate(0, 100, 1.0, config) == pytest.approx(0.1)

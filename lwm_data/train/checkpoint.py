@@ -3,8 +3,9 @@
 CHECKPOINT_DIR/step-00000042/ holds one DCP checkpoint: model, optimizer, the position in the
 schedule (stage, step), the data position and the RNG state. Each rank writes its own shards; DCP
 writes `.metadata` last, so a directory without it is an interrupted save and is never resumed from.
-The checkpoint is resharded on load, so a run may resume on another number of data-parallel ranks
-(its data position then follows the new split; exact resumption needs the same world).
+Exact resumption (tested) is on the same world layout. DCP reshards on load, so another number of
+ranks should load too (not tested); the data position, a global stream index, then continues under
+the new split.
 
 `export_safetensors` writes the text model in Hugging Face's LLaMA layout (model.safetensors +
 config.json, loadable by `transformers.LlamaForCausalLM`), and LWM's vision embedding and head beside
