@@ -1,0 +1,61 @@
+"""`torchrun --nproc-per-node N -m lwm_data.train --config CONFIG.toml [flags]`, also `lwm-train`.
+
+Every TrainConfig setting is a flag (`--ring-size 2`, `--resume`, ...) that overrides the TOML.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from lwm_data.config import ConfigError, Option
+from lwm_data.outputs import NotAStageOutput
+from lwm_data.train.config import load_config, options
+
+console = Console(stderr=True)
+
+
+def _flag(option: Option) -> inspect.Parameter:
+    """A flag whose absence leaves the TOML's value (default None)."""
+    dashed = option.name.replace("_", "-")
+    decls = [f"--{dashed}/--no-{dashed}"] if option.base_type is bool else option.cli_flags
+    annotation = Optional[bool] if option.base_type is bool else Optional[option.base_type]
+    return inspect.Parameter(
+        option.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+        default=typer.Option(None, *decls, help=f"{option.help} [config default: {option.default}]"),
+    )  # fmt: skip
+
+
+def command(config: Optional[str] = None, **values: Any) -> None:
+    """Train LLaMA (with LWM's vision heads) on packed shards: data x ring parallel, progressive context."""
+    from lwm_data.train.train import train
+
+    try:
+        train(load_config(config, values))
+    except (ConfigError, NotAStageOutput) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+
+
+_config = inspect.Parameter(
+    "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+    default=typer.Option(None, "--config", help="TOML job config: keys are the flags' names, plus the stages tables."),
+)  # fmt: skip
+command.__signature__ = inspect.Signature([_config] + [_flag(o) for o in options()])
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app.command(context_settings={"help_option_names": ["-h", "--help"]})(command)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    app()
+
+
+if __name__ == "__main__":
+    main()

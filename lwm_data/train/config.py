@@ -1,0 +1,136 @@
+"""The trainer's one job config: TOML keys and `lwm-train` flags are the field names of TrainConfig
+(lwm_data.config derives both); `[[stages]]` tables are the progressive-context stages.
+
+    model = "tiny"
+    ring_size = 2
+    [[stages]]
+    seq_len = 1024
+    steps = 100
+    rope_theta = 1e6
+
+`--data` and `--steps` on the command line apply to every stage (a one-stage config is the usual case).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, replace
+from typing import Any
+
+from lwm_data import config as settings
+from lwm_data.config import ConfigError, setting
+from lwm_data.train.model import PRESETS, ModelConfig, preset
+
+SCHEDULES = ("constant", "cosine")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One context-length stage; it starts from the previous stage's weights with a fresh optimizer."""
+
+    seq_len: int = setting(help="Tokens per row (the packed shards' length).")
+    steps: int = setting(help="Optimizer steps in this stage.")
+    rope_theta: float = setting(10_000.0, "RoPE base for this stage (LWM: 1e6 at 32K ... 5e7 at 1M).")
+    lr: float | None = setting(None, "Peak learning rate for this stage (default: the job's lr).")
+    data: str = setting("", "Packed directory of this stage (default: the job's data).")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model
+    model: str = setting("tiny", f"Model preset: {', '.join(PRESETS)}.")
+    vision: bool = setting(True, "LWM's vision embedding and head (vision vocab 8448); off for a text-only model.")
+    attention_backend: str = setting("auto", "block/ring attention backend: auto, torch or triton.")
+    # parallelism
+    ring_size: int = setting(1, "Ranks per ring (sequence parallel); data-parallel ranks = world size / ring_size.")
+    activation_checkpointing: bool = setting(False, "Recompute each block in the backward pass.")
+    dtype: str = setting("auto", "float32, bfloat16, or auto (bfloat16 on GPU, float32 on CPU).")
+    # batch and optimizer
+    batch_size: int = setting(1, "Rows per data-parallel rank per micro-batch.")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.")
+    lr: float = setting(3e-4, "Peak learning rate.")
+    schedule: str = setting("cosine", "After warmup: constant, or cosine down to min_lr_ratio * lr at the stage's end.")
+    warmup_steps: int = setting(0, "Linear warmup steps at the start of every stage.")
+    min_lr_ratio: float = setting(0.1, "Cosine schedule's final learning rate, as a fraction of lr.")
+    weight_decay: float = setting(0.1, "AdamW weight decay (matrices and embeddings; not norms).")
+    beta1: float = setting(0.9, "AdamW beta1.")
+    beta2: float = setting(0.95, "AdamW beta2.")
+    grad_clip: float = setting(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    seed: int = setting(0, "Seed of the initialisation and of the data order.")
+    # data
+    data: str = setting("", "Packed directory for every stage (overrides the stages' own).")
+    steps: int | None = setting(None, "Steps of every stage (overrides the stages' own).")
+    num_workers: int = setting(2, "DataLoader worker processes per rank.")
+    # outputs
+    checkpoint_dir: str = setting("", "Directory of DCP checkpoints (step-N/); empty: no checkpoints.")
+    checkpoint_every: int = setting(0, "Checkpoint every N steps as well as at each stage's end (0: ends only).")
+    resume: bool = setting(False, "Continue from the latest checkpoint in checkpoint_dir.")
+    metrics: str = setting("", "JSONL file: one line per optimizer step (step, loss, tokens_per_s, mfu, ...).")
+    peak_tflops: float | None = setting(None, "Peak TFLOP/s of one device, for MFU (e.g. 989 for H100/H200 bf16).")
+    export: str = setting("", "Directory for the final weights as safetensors (Hugging Face LLaMA layout).")
+    progress: bool = setting(True, "Progress bar on rank 0.")
+    stages: tuple[StageConfig, ...] = ()
+
+    def model_config(self) -> ModelConfig:
+        return preset(self.model, vision_vocab_size=PRESETS[self.model].vision_vocab_size if self.vision else 0,
+                      attention_backend=self.attention_backend)
+
+    def stage_lr(self, stage: StageConfig) -> float:
+        return stage.lr if stage.lr is not None else self.lr
+
+    def resolved_stages(self) -> tuple[StageConfig, ...]:
+        """Stages with the job-wide data and steps applied."""
+        stages = []
+        for i, stage in enumerate(self.stages, start=1):
+            stage = replace(stage, data=self.data or stage.data, steps=self.steps if self.steps is not None else stage.steps)
+            if not stage.data:
+                raise ConfigError(f"stage {i} (seq_len {stage.seq_len}) names no data: set its `data` or pass --data DIR")
+            stages.append(stage)
+        return tuple(stages)
+
+    def validate(self) -> None:
+        if self.model not in PRESETS:
+            raise ConfigError(f"model must be one of {sorted(PRESETS)}, got {self.model!r}")
+        if self.schedule not in SCHEDULES or self.dtype not in DTYPES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES} and dtype one of {DTYPES}")
+        if min(self.ring_size, self.batch_size, self.grad_accum) < 1 or self.num_workers < 0:
+            raise ConfigError("ring_size, batch_size and grad_accum must be >= 1 and num_workers >= 0")
+        if not self.stages:
+            raise ConfigError("the config lists no [[stages]]")
+        for i, stage in enumerate(self.resolved_stages(), start=1):
+            if stage.seq_len % (2 * self.ring_size):
+                raise ConfigError(
+                    f"stage {i}: seq_len {stage.seq_len} is not divisible by 2 x ring_size = {2 * self.ring_size} "
+                    "(the zigzag layout gives each rank two equal chunks)"
+                )
+            if stage.steps < 1:
+                raise ConfigError(f"stage {i}: steps must be >= 1, got {stage.steps}")
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("--resume needs a checkpoint_dir")
+
+
+def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A TrainConfig from a TOML file (or none) with command-line values on top; validated."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: {error}") from None
+    stage_tables = values.pop("stages", [])
+    if not isinstance(stage_tables, list) or not all(isinstance(t, dict) for t in stage_tables):
+        raise ConfigError("`stages` must be an array of tables: [[stages]]")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    stages = tuple(settings.build(StageConfig, table) for table in stage_tables)
+    config = replace(settings.build(TrainConfig, values), stages=stages)
+    config.validate()
+    return config
+
+
+def options() -> list[settings.Option]:
+    """TrainConfig's settings, as TOML keys and flags (stages are TOML only)."""
+    return [o for o in settings.options(TrainConfig) if o.name != "stages"]
