@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from lwm_data import config as settings  # noqa: E402
 from lwm_data import outputs  # noqa: E402
-from lwm_data.llm import VLLMServer  # noqa: E402
+from lwm_data.llm import VLLMServer, api_key  # noqa: E402
 from lwm_data.pipelines import chunk  # noqa: E402
 from lwm_data.pipelines import qa as qa_stage  # noqa: E402
 from lwm_data.qa import reply_schema, response_format  # noqa: E402
@@ -61,7 +61,7 @@ async def flood(config: qa_stage.QAConfig, texts: list[str]) -> tuple[float, int
     template = qa_stage.load_prompt(config)
     sampling = config.sampling.to_dict()
     fmt = response_format(reply_schema(config.pairs_per_chunk, config.limits))
-    client = openai.AsyncOpenAI(base_url=config.endpoint, api_key="EMPTY", timeout=config.client.timeout)
+    client = openai.AsyncOpenAI(base_url=config.endpoint, api_key=api_key(config.client.api_key_env), timeout=config.client.timeout)
     slots = asyncio.Semaphore(config.client.concurrency)
 
     async def one(text: str) -> int:
