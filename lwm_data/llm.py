@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import Future
@@ -47,8 +48,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOOPBACK = "127.0.0.1"
-# Without this, JSON-schema decoding may emit whitespace until max_tokens (a known vLLM behaviour).
-VLLM_STRUCTURED_OUTPUTS = '{"backend":"xgrammar","disable_any_whitespace":true}'
+# guidance: it honours a pattern beside length bounds, which xgrammar does not (see lwm_data.qa).
+# Without disable_any_whitespace, JSON-schema decoding may emit whitespace until max_tokens (a known
+# vLLM behaviour).
+VLLM_STRUCTURED_OUTPUTS = '{"backend":"guidance","disable_any_whitespace":true}'
 VLLM_PYTHON_ENV = "LWM_VLLM_PYTHON"
 
 
@@ -152,10 +155,13 @@ class Server(Protocol):
         """Block until the server answers (starting or restarting it if this side owns it); its URL."""
 
 
-def http_ok(url: str, timeout_s: float = 5.0) -> bool:
+def http_ok(url: str, timeout_s: float = 5.0, also: tuple[int, ...] = ()) -> bool:
+    """Whether `url` answers a GET with 200 (or a status in `also`)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return response.status == 200
+            return response.status == 200 or response.status in also
+    except urllib.error.HTTPError as e:
+        return e.code in also
     except (OSError, http.client.HTTPException):  # URLError is an OSError; a garbled reply is neither
         return False
 
@@ -171,7 +177,8 @@ class Endpoint:
     def ensure_ready(self) -> str:
         deadline = time.monotonic() + self.wait_s
         probe = f"{self.base_url.rstrip('/')}/models"
-        while not http_ok(probe):
+        # The probe sends no key: a server that wants one answers 401/403, and is up.
+        while not http_ok(probe, also=(401, 403)):
             if time.monotonic() > deadline:
                 raise ServerUnavailable(f"{probe} did not answer within {self.wait_s:.0f} s")
             time.sleep(self.poll_s)

@@ -94,32 +94,38 @@ class PairLimits:
     min_pairs: int = setting(1, "Fewer valid pairs than this make the whole reply invalid (re-asked).")
 
 
-# How much of the validator's rules the reply's structured output carries. vLLM 0.32's backends:
-# xgrammar and guidance both honour minItems/maxItems, minLength/maxLength and an anchored pattern,
-# but vLLM refuses (400) a string with both a pattern and a length bound under xgrammar, and xgrammar
-# itself ignores the bounds then; so the question's bounds go into its pattern as a repetition.
-# xgrammar 0.2.8 fails to compile (HTTP 500, not a refusal) a repetition bound above 128, so a longer
-# bound is left to the validator. Patterns are matched whole in both (anchors are spelled out anyway).
-# A server that refuses a level gets the next one (see `refuses_constraints`).
-CONSTRAINTS = ("full", "lengths", "json", "none")
+# How much of the validator's rules the reply's structured output carries. What vLLM 0.32's
+# backends honour (checked with its xgrammar 0.2.8 and llguidance 1.7, with a real tokenizer):
+# - guidance: minItems/maxItems, minLength/maxLength, pattern, and a pattern beside length bounds;
+#   an unanchored pattern is searched for, as JSON Schema says.
+# - xgrammar: minItems/maxItems, minLength/maxLength, pattern (always matched whole), but not a
+#   pattern beside length bounds: vLLM refuses that with a 400 ("features not supported by
+#   xgrammar"), and xgrammar alone would ignore the bounds. The bounds can go into the pattern as a
+#   repetition instead, but one above 128 fails to compile (HTTP 500, no refusal), so past that the
+#   upper bound is left to the validator.
+# So `full` suits guidance (the vllm backend's server uses it), `folded` is full within xgrammar's
+# means, and a server that refuses a level gets the next (see `refuses_constraints`).
+CONSTRAINTS = ("full", "folded", "lengths", "json", "none")
 MAX_PATTERN_REPEAT = 128
+# One "?", at the end: a weak model running on past its question ("What did he do? 2. He ran...")
+# is stopped there.
+QUESTION_PATTERN = r"^[^?]*\?$"
 
 
-def question_pattern(min_chars: int, max_chars: int) -> str:
-    """A regex for a question of min..max characters with one "?", at its end (a weak model that
-    runs on past its question mark, "What did he do? 2. He ran...", is stopped there), bounds
-    within MAX_PATTERN_REPEAT."""
+def folded_question_pattern(min_chars: int, max_chars: int) -> str:
+    """QUESTION_PATTERN with the length bounds as a repetition, as far as xgrammar compiles one."""
     shortest, longest = max(1, min_chars) - 1, max(1, max_chars) - 1
     if shortest > MAX_PATTERN_REPEAT:
-        return r"^[^?]*\?$"
+        return QUESTION_PATTERN
     return f"^[^?]{{{shortest},{longest if longest <= MAX_PATTERN_REPEAT else ''}}}\\?$"
 
 
 def reply_schema(num_pairs: int, limits: PairLimits, constraints: str = "full") -> dict[str, Any] | None:
     """JSON schema of a reply, {"pairs": [{"question", "answer"}, ...]}, as strict as `constraints`:
 
-    full     exactly num_pairs pairs; questions ending in their only "?", of the allowed length (a
-             pattern: see `question_pattern`); answer length bounds
+    full     exactly num_pairs pairs; questions with one "?", at the end (QUESTION_PATTERN), and
+             length bounds; answer length bounds
+    folded   the same, the question's bounds in its pattern (`folded_question_pattern`), for xgrammar
     lengths  1..num_pairs pairs, question and answer length bounds
     json     none: any JSON object (see `response_format`)
     none     none: no structured output at all
@@ -134,10 +140,13 @@ def reply_schema(num_pairs: int, limits: PairLimits, constraints: str = "full") 
 
     question = text(limits.min_question_chars, limits.max_question_chars)
     min_items = 1
-    if constraints == "full":
+    if constraints in ("full", "folded"):
         min_items = num_pairs
-        if limits.require_question_mark:
-            question = {"type": "string", "pattern": question_pattern(limits.min_question_chars, limits.max_question_chars)}
+        if limits.require_question_mark and constraints == "full":
+            question = {**question, "pattern": QUESTION_PATTERN}
+        elif limits.require_question_mark:
+            question = {"type": "string",
+                        "pattern": folded_question_pattern(limits.min_question_chars, limits.max_question_chars)}
     pair = {
         "type": "object",
         "properties": {"question": question, "answer": text(limits.min_answer_chars, limits.max_answer_chars)},

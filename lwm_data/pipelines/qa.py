@@ -19,7 +19,8 @@ Counts: `in` = chunks read, `out` = chunks with pairs; filtered: ungrounded (no 
 min_grounding); dead-lettered: empty_chunk, no_cloze_sentence, and per chunk the last failure
 (truncated, unparsable, bad_shape, empty_reply, no_valid_pairs, http_<status>, unreachable,
 bad_response). Stats: pairs, pairs_ungrounded, requests, retries, recoveries, reasks, cache_hits,
-constraint_fallbacks, prompt_tokens, completion_tokens.
+constraint_fallbacks, invalid_<reason> (replies judged invalid, by reason), prompt_tokens,
+completion_tokens.
 """
 
 from __future__ import annotations
@@ -216,6 +217,7 @@ class ServerBackend:
             verdict = judge_reply(completion.content, completion.finish_reason, self.config.limits)
             if not isinstance(verdict, Rejection):
                 return verdict
+            self.client.usage[f"invalid_{verdict.reason}"] += 1
         return Rejection(verdict.reason, f"{self.config.max_asks} asks; last: {verdict.detail}")
 
     async def ask(self, chunk: ChunkRequest, messages: list[dict], sampling: SamplingParams, ask: int):
