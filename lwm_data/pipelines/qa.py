@@ -103,8 +103,8 @@ class QAConfig:
     prompt_file: str | None = setting(None, 'JSON prompt template {"version", "system", "user"}; overrides --prompt-version.')
     max_asks: int = setting(3, "Requests per chunk, re-asks of invalid replies included.")
     constraints: str = setting(
-        "full", "Structured output: full (pair count, questions ending in '?', lengths), lengths, json "
-        "(any JSON object) or none. A server refusing one gets the next.")
+        "full", "Structured output: full (pair count, one '?' ending each question, lengths; for guidance), "
+        "folded (the same for xgrammar), lengths, json (any JSON object) or none. A server refusing one gets the next.")
     min_grounding: float = setting(
         0.0, "Drop pairs whose grounding (share of the answer's content words found in the chunk) is "
         "lower; a chunk left without pairs is filtered as ungrounded.")
