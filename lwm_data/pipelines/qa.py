@@ -42,6 +42,7 @@ from lwm_data.config import ConfigError, nested, setting
 from lwm_data.llm import (
     ChatClient,
     ClientConfig,
+    Completion,
     Endpoint,
     EventLoopThread,
     ResponseCache,
@@ -220,7 +221,7 @@ class ServerBackend:
             self.client.usage[f"invalid_{verdict.reason}"] += 1
         return Rejection(verdict.reason, f"{self.config.max_asks} asks; last: {verdict.detail}")
 
-    async def ask(self, chunk: ChunkRequest, messages: list[dict], sampling: SamplingParams, ask: int):
+    async def ask(self, chunk: ChunkRequest, messages: list[dict], sampling: SamplingParams, ask: int) -> Completion:
         """One ask, under the strongest constraints the server takes."""
         while True:
             constraints = self.levels[0]
