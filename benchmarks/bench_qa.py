@@ -36,7 +36,7 @@ from lwm_data import outputs  # noqa: E402
 from lwm_data.llm import VLLMServer, api_key  # noqa: E402
 from lwm_data.pipelines import chunk  # noqa: E402
 from lwm_data.pipelines import qa as qa_stage  # noqa: E402
-from lwm_data.qa import CONSTRAINTS, reply_schema, response_format  # noqa: E402
+from lwm_data.qa import CONSTRAINTS  # noqa: E402
 from lwm_data.synthetic import generate_books, write_books_jsonl  # noqa: E402
 
 ANSWERED_GOAL, REASKS_GOAL, FLOOD_GOAL = 0.95, 0.2, 0.9
@@ -66,6 +66,7 @@ def job_figures(config: qa_stage.QAConfig) -> dict[str, float]:
         "dead_letter_rate": counts["dead_lettered"] / chunks,
         "grounding_median": statistics.median(groundings) if groundings else 0.0,
         "tokens_per_s": stats["completion_tokens"] / manifest["seconds"],
+        **{k: v / chunks for k, v in stats.items() if k.startswith("invalid_")},  # invalid replies per chunk, by reason
     }
 
 
@@ -75,7 +76,7 @@ async def flood(config: qa_stage.QAConfig, texts: list[str]) -> float:
 
     template = qa_stage.load_prompt(config)
     sampling = config.sampling.to_dict()
-    fmt = response_format(reply_schema(config.pairs_per_chunk, config.limits, config.constraints), config.constraints)
+    fmt = qa_stage.reply_format(config, config.constraints)
     extra = {"response_format": fmt} if fmt else {}
     client = openai.AsyncOpenAI(base_url=config.endpoint, api_key=api_key(config.client.api_key_env),
                                 timeout=config.client.timeout)
@@ -141,7 +142,7 @@ def main() -> None:
     print(f"{'constraints':14}{'answered':>10}{'pairs/req':>11}{'reasks/chunk':>14}{'dead letters':>14}"
           f"{'grounding':>11}{'job tok/s':>11}{'flood tok/s':>13}{'job/flood':>11}")
     for level, runs in results.items():
-        m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        m = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in set().union(*runs)}
         ratio = m["tokens_per_s"] / m["flood_tokens_per_s"]
         print(f"{level:14}{m['answered']:>10.1%}{m['pairs_per_request']:>11.2f}{m['reasks_per_chunk']:>14.2f}"
               f"{m['dead_letter_rate']:>14.1%}{m['grounding_median']:>11.2f}{m['tokens_per_s']:>11.1f}"
@@ -151,6 +152,8 @@ def main() -> None:
                  ("job/flood", ratio / FLOOD_GOAL, ratio >= FLOOD_GOAL, f">= {FLOOD_GOAL}")]
         print("    " + "; ".join(f"{name} {value:.2f}x of goal {goal}: {'met' if met else 'NOT met'}"
                                  for name, value, met, goal in goals))
+        invalid = {k.removeprefix("invalid_"): round(v, 3) for k, v in sorted(m.items()) if k.startswith("invalid_")}
+        print(f"    invalid replies per chunk, by reason: {invalid}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import hashlib
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from lwm_data.chunking import CLOSING_QUOTES, SENTENCE_END_MARKS
@@ -120,11 +120,31 @@ def folded_question_pattern(min_chars: int, max_chars: int) -> str:
     return f"^[^?]{{{shortest},{longest if longest <= MAX_PATTERN_REPEAT else ''}}}\\?$"
 
 
-def reply_schema(num_pairs: int, limits: PairLimits, constraints: str = "full") -> dict[str, Any] | None:
+# A reply cut off by max_tokens is invalid, so `full` and `folded` shrink the length bounds until the
+# longest reply the grammar allows fits: at CHARS_PER_TOKEN characters a token (English BPE averages
+# about 4; 3 leaves room for names and numbers), with JSON_PAIR_CHARS of syntax per pair.
+CHARS_PER_TOKEN = 3
+JSON_PAIR_CHARS, JSON_REPLY_CHARS = len('{"question":"","answer":""},'), len('{"pairs":[]}')
+
+
+def fitted_limits(num_pairs: int, limits: PairLimits, max_tokens: int) -> PairLimits:
+    """`limits` with the question and answer upper bounds scaled down (never below the lower bounds)
+    so that num_pairs pairs at those bounds fit in max_tokens."""
+    text_budget = max_tokens * CHARS_PER_TOKEN - JSON_REPLY_CHARS - num_pairs * JSON_PAIR_CHARS
+    longest = num_pairs * (limits.max_question_chars + limits.max_answer_chars)
+    if longest <= text_budget:
+        return limits
+    scale = max(0, text_budget) / longest
+    return replace(limits, max_question_chars=max(limits.min_question_chars, int(limits.max_question_chars * scale)),
+                   max_answer_chars=max(limits.min_answer_chars, int(limits.max_answer_chars * scale)))
+
+
+def reply_schema(num_pairs: int, limits: PairLimits, constraints: str = "full",
+                 max_tokens: int | None = None) -> dict[str, Any] | None:
     """JSON schema of a reply, {"pairs": [{"question", "answer"}, ...]}, as strict as `constraints`:
 
     full     exactly num_pairs pairs; questions with one "?", at the end (QUESTION_PATTERN), and
-             length bounds; answer length bounds
+             length bounds; answer length bounds; bounds fitted to max_tokens (`fitted_limits`)
     folded   the same, the question's bounds in its pattern (`folded_question_pattern`), for xgrammar
     lengths  1..num_pairs pairs, question and answer length bounds
     json     none: any JSON object (see `response_format`)
@@ -134,6 +154,8 @@ def reply_schema(num_pairs: int, limits: PairLimits, constraints: str = "full") 
         raise ValueError(f"constraints must be one of {CONSTRAINTS}, not {constraints!r}")
     if constraints in ("json", "none"):
         return None
+    if constraints in ("full", "folded") and max_tokens is not None:
+        limits = fitted_limits(num_pairs, limits, max_tokens)
 
     def text(min_chars: int, max_chars: int) -> dict[str, Any]:
         return {"type": "string", "minLength": max(1, min_chars), "maxLength": max_chars}

@@ -31,6 +31,9 @@ from lwm_data.llm import (
 from lwm_data.outputs import Rejection
 from lwm_data.qa import (
     BLANK,
+    CHARS_PER_TOKEN,
+    JSON_PAIR_CHARS,
+    JSON_REPLY_CHARS,
     MAX_PATTERN_REPEAT,
     PROMPTS,
     PairLimits,
@@ -42,6 +45,7 @@ from lwm_data.qa import (
     judge_reply,
     pair_problem,
     prompt_from_json,
+    fitted_limits,
     folded_question_pattern,
     refuses_constraints,
     reply_schema,
@@ -89,6 +93,19 @@ def test_full_constraints_carry_the_count_the_question_mark_and_the_lengths():
     folded = reply_schema(3, limits, "folded")
     assert folded["properties"]["pairs"]["items"]["properties"]["question"] == {"type": "string", "pattern": r"^[^?]{4,79}\?$"}
     assert folded["properties"]["pairs"]["minItems"] == 3
+
+
+def test_full_constraints_fit_the_longest_reply_into_max_tokens():
+    roomy = reply_schema(3, STRICT, "full", max_tokens=4096)
+    assert roomy == reply_schema(3, STRICT, "full")
+    tight = reply_schema(3, STRICT, "full", max_tokens=512)["properties"]["pairs"]["items"]["properties"]
+    longest = 3 * (tight["question"]["maxLength"] + tight["answer"]["maxLength"] + JSON_PAIR_CHARS) + JSON_REPLY_CHARS
+    assert tight["question"]["maxLength"] < 300 and longest <= 512 * CHARS_PER_TOKEN
+    assert tight["question"]["maxLength"] == tight["answer"]["maxLength"]  # scaled alike
+    floor = fitted_limits(3, PairLimits(min_question_chars=20, min_answer_chars=5), max_tokens=10)
+    assert (floor.max_question_chars, floor.max_answer_chars) == (20, 5)  # never below the lower bounds
+    lengths = reply_schema(3, STRICT, "lengths", max_tokens=512)  # what the stage sent before: unfitted
+    assert lengths["properties"]["pairs"]["items"]["properties"]["question"]["maxLength"] == 300
 
 
 def test_weaker_constraints():

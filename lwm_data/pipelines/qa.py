@@ -176,6 +176,12 @@ class ClozeBackend:
         )
 
 
+def reply_format(config: QAConfig, constraints: str) -> dict | None:
+    """The `response_format` of every request under `constraints`."""
+    schema = reply_schema(config.pairs_per_chunk, config.limits, constraints, config.sampling.max_tokens)
+    return response_format(schema, constraints)
+
+
 class ServerBackend:
     """Asks an OpenAI-compatible server for pairs, re-asking invalid replies, a batch at a time.
 
@@ -198,8 +204,7 @@ class ServerBackend:
         return self.loop.run(batch())
 
     def reply_format(self, constraints: str) -> dict | None:
-        schema = reply_schema(self.config.pairs_per_chunk, self.config.limits, constraints)
-        return response_format(schema, constraints)
+        return reply_format(self.config, constraints)
 
     def request_key(self, chunk: ChunkRequest, sampling: SamplingParams, ask: int, reply_format: dict | None) -> str:
         params = {**sampling.to_dict(), "ask": ask, "pairs_per_chunk": self.config.pairs_per_chunk, "format": reply_format}
