@@ -3,14 +3,18 @@
 Everything here is pure and works on one chunk or one reply; talking to a model lives in
 `lwm_data.llm` and the Beam job in `lwm_data.pipelines.qa`.
 
+The reply's JSON schema (`reply_schema`) carries as many of the rules below as the server's grammar
+backend can say (`CONSTRAINTS`), so that validation is left with what a grammar cannot say.
 A reply is judged as a whole (`judge_reply`): cut off by max_tokens, unparsable, of the wrong shape,
 or with fewer than `min_pairs` valid pairs after validation makes it a `Rejection`, and the caller
 re-asks.
 Pair validation (`validate_pairs`) drops pairs that are empty, out of length bounds, not phrased as a
 question, whose answer copies the question, or that repeat an earlier question of the chunk.
 
+Each pair gets a lexical grounding score against its chunk (`grounding_score`).
+
 The `cloze` backend needs no model: from the chunk's own fact-like sentences it blanks one entity
-(a number, else a capitalised name) and asks for it. Deterministic, so the pipeline runs offline.
+(a number, else a name: see `_names`) and asks for it. Deterministic, so the pipeline runs offline.
 """
 
 from __future__ import annotations
