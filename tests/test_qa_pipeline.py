@@ -118,7 +118,9 @@ def test_a_model_the_server_does_not_serve_fails_the_job(vllm_server, small_chun
 @pytest.mark.vllm
 def test_vllm_backend_shares_the_running_server_and_strict_validation_reasks(vllm_server, small_chunks, tmp_path):
     pid = vllm_server.pid()
-    config = llm_config(small_chunks, tmp_path / "qa", **STRICT_SETTINGS, **vllm_backend(vllm_server))
+    # lengths: under full constraints the grammar itself would make gibberish pass the strict rules
+    config = llm_config(small_chunks, tmp_path / "qa", constraints="lengths", **STRICT_SETTINGS,
+                        **vllm_backend(vllm_server))
     manifest = qa_stage.run(config)
     rows, letters = assert_each_chunk_once(small_chunks, tmp_path / "qa")
     stats, counts = manifest["stats"], manifest["counts"]
