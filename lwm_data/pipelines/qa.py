@@ -10,15 +10,23 @@ re-asking a chunk whose reply is invalid up to `max_asks` requests in all. Beam'
 (`share_model_across_processes`) is not used for the vllm backend: `VLLMServer` also restarts a
 server that dies and lets later jobs on the machine reuse it.
 
-Counts: `in` = chunks read, `out` = chunks with pairs; dead-lettered: empty_chunk, no_cloze_sentence,
-and per chunk the last failure (truncated, unparsable, bad_shape, empty_reply, no_valid_pairs,
-http_<status>, unreachable, bad_response). Stats: pairs, requests, retries, recoveries, reasks,
-cache_hits, prompt_tokens, completion_tokens.
+The reply's structured output carries as many of the validator's rules as the grammar can say
+(`--constraints`, see `lwm_data.qa.reply_schema`); a server that refuses that schema (HTTP 400/422
+about it) is asked with the next weaker one for the rest of the run (stat constraint_fallbacks).
+Every pair is stored with its grounding score; pairs under `--min-grounding` are dropped.
+
+Counts: `in` = chunks read, `out` = chunks with pairs; filtered: ungrounded (no pair reached
+min_grounding); dead-lettered: empty_chunk, no_cloze_sentence, and per chunk the last failure
+(truncated, unparsable, bad_shape, empty_reply, no_valid_pairs, http_<status>, unreachable,
+bad_response). Stats: pairs, pairs_ungrounded, requests, retries, recoveries, reasks, cache_hits,
+constraint_fallbacks, invalid_<reason> (replies judged invalid, by reason), prompt_tokens,
+completion_tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import shlex
 from collections import Counter
 from dataclasses import dataclass
@@ -34,6 +42,7 @@ from lwm_data.config import ConfigError, nested, setting
 from lwm_data.llm import (
     ChatClient,
     ClientConfig,
+    Completion,
     Endpoint,
     EventLoopThread,
     ResponseCache,
@@ -54,6 +63,7 @@ from lwm_data.pipelines.common import (
 from lwm_data.qa import (
     CLOZE_MODEL,
     CLOZE_PROMPT_VERSION,
+    CONSTRAINTS,
     DEFAULT_PROMPT_VERSION,
     PROMPTS,
     PairLimits,
@@ -63,11 +73,14 @@ from lwm_data.qa import (
     cloze_pairs,
     judge_reply,
     prompt_from_json,
+    refuses_constraints,
     reply_schema,
     response_format,
+    scored,
 )
 from lwm_data.schemas import QA_SCHEMA
 
+log = logging.getLogger(__name__)
 STAGE = "qa"
 BACKENDS = ("cloze", "openai", "vllm")
 ROWS_PER_TABLE = 4096
@@ -90,6 +103,12 @@ class QAConfig:
     prompt_version: str = setting(DEFAULT_PROMPT_VERSION, f"Built-in prompt: {', '.join(PROMPTS)}.")
     prompt_file: str | None = setting(None, 'JSON prompt template {"version", "system", "user"}; overrides --prompt-version.')
     max_asks: int = setting(3, "Requests per chunk, re-asks of invalid replies included.")
+    constraints: str = setting(
+        "full", "Structured output: full (pair count, one '?' ending each question, lengths; for guidance), "
+        "folded (the same for xgrammar), lengths, json (any JSON object) or none. A server refusing one gets the next.")
+    min_grounding: float = setting(
+        0.0, "Drop pairs whose grounding (share of the answer's content words found in the chunk) is "
+        "lower; a chunk left without pairs is filtered as ungrounded.")
     server_wait: float = setting(600.0, "Seconds to wait for an --endpoint server that does not answer.")
     batch_tokens: int = setting(1_000_000, "RunInference batch size, in prompt + max_tokens tokens.")
     vllm_args: tuple[str, ...] = setting((), "Extra arguments for the vLLM server, one string (vllm backend).", parse=shell_words)
@@ -108,6 +127,10 @@ class QAConfig:
             raise ConfigError("the openai backend needs an --endpoint URL")
         if self.max_asks < 1 or self.client.concurrency < 1 or self.pairs_per_chunk < 1:
             raise ConfigError("max_asks, concurrency and pairs_per_chunk must be at least 1")
+        if self.constraints not in CONSTRAINTS:
+            raise ConfigError(f"constraints must be one of {CONSTRAINTS}, not {self.constraints!r}")
+        if not 0.0 <= self.min_grounding <= 1.0:
+            raise ConfigError(f"min_grounding must be in [0, 1], not {self.min_grounding}")
         if not self.prompt_file and self.prompt_version not in PROMPTS:
             raise ConfigError(f"unknown prompt version {self.prompt_version!r}; built in: {', '.join(PROMPTS)}")
 
@@ -153,14 +176,22 @@ class ClozeBackend:
         )
 
 
+def reply_format(config: QAConfig, constraints: str) -> dict | None:
+    """The `response_format` of every request under `constraints`."""
+    schema = reply_schema(config.pairs_per_chunk, config.limits, constraints, config.sampling.max_tokens)
+    return response_format(schema, constraints)
+
+
 class ServerBackend:
-    """Asks an OpenAI-compatible server for pairs, re-asking invalid replies, a batch at a time."""
+    """Asks an OpenAI-compatible server for pairs, re-asking invalid replies, a batch at a time.
+
+    `levels` are the structured-output constraints still to try, strongest first: a server that
+    refuses the current one (`refuses_constraints`) moves every later request to the next."""
 
     def __init__(self, config: QAConfig, server):
         self.config = config
         self.template = load_prompt(config)
-        self.schema = reply_schema(config.pairs_per_chunk, config.limits)
-        self.format = response_format(self.schema)
+        self.levels = list(CONSTRAINTS[CONSTRAINTS.index(config.constraints):])
         self.loop = EventLoopThread()
         cache = ResponseCache(config.cache) if config.cache else None
         self.client = ChatClient(config.model, config.client, server, cache)
@@ -172,8 +203,11 @@ class ServerBackend:
 
         return self.loop.run(batch())
 
-    def request_key(self, chunk: ChunkRequest, sampling: SamplingParams, ask: int) -> str:
-        params = {**sampling.to_dict(), "ask": ask, "pairs_per_chunk": self.config.pairs_per_chunk, "schema": self.schema}
+    def reply_format(self, constraints: str) -> dict | None:
+        return reply_format(self.config, constraints)
+
+    def request_key(self, chunk: ChunkRequest, sampling: SamplingParams, ask: int, reply_format: dict | None) -> str:
+        params = {**sampling.to_dict(), "ask": ask, "pairs_per_chunk": self.config.pairs_per_chunk, "format": reply_format}
         return cache_key(self.config.model, self.template.version, chunk.text, params)
 
     async def answer(self, chunk: ChunkRequest) -> Answer:
@@ -183,13 +217,31 @@ class ServerBackend:
                 self.client.usage["reasks"] += 1
             sampling = self.config.sampling.for_attempt(ask)
             try:
-                completion = await self.client.complete(messages, sampling, self.format, self.request_key(chunk, sampling, ask))
+                completion = await self.ask(chunk, messages, sampling, ask)
             except Rejection as failed:
                 return failed
             verdict = judge_reply(completion.content, completion.finish_reason, self.config.limits)
             if not isinstance(verdict, Rejection):
                 return verdict
+            self.client.usage[f"invalid_{verdict.reason}"] += 1
         return Rejection(verdict.reason, f"{self.config.max_asks} asks; last: {verdict.detail}")
+
+    async def ask(self, chunk: ChunkRequest, messages: list[dict], sampling: SamplingParams, ask: int) -> Completion:
+        """One ask, under the strongest constraints the server takes."""
+        while True:
+            constraints = self.levels[0]
+            reply_format = self.reply_format(constraints)
+            try:
+                return await self.client.complete(messages, sampling, reply_format,
+                                                  self.request_key(chunk, sampling, ask, reply_format))
+            except Rejection as failed:
+                if len(self.levels) == 1 or not refuses_constraints(failed):
+                    raise
+                if self.levels[0] == constraints:  # concurrent asks may all have been refused
+                    self.levels.pop(0)
+                    self.client.usage["constraint_fallbacks"] += 1
+                    log.warning("the server refuses %s constraints (%s); asking with %s from now on",
+                                constraints, failed.detail[:300], self.levels[0])
 
 
 def request_tokens(chunk: ChunkRequest, max_tokens: int) -> int:
@@ -243,20 +295,27 @@ class ChunkRequests:
 
 
 class AnswerRows:
-    """Step: a chunk's answer -> its QA_SCHEMA row, or its rejection."""
+    """Step: a chunk's answer -> its QA_SCHEMA row with grounding scores, or its rejection; pairs
+    under `min_grounding` are dropped, and a chunk left with none is filtered."""
 
-    def __init__(self, stage: str, identity: dict[str, str]):
+    def __init__(self, stage: str, identity: dict[str, str], min_grounding: float = 0.0):
         self.count = Counters(stage)
         self.identity = identity
+        self.min_grounding = min_grounding
 
     def __call__(self, result: PredictionResult) -> Iterable[dict | Rejection]:
         chunk, answer = result.example, result.inference
         if isinstance(answer, Rejection):
             yield answer.at(chunk.book_id, chunk.chunk_index, chunk.text)
             return
+        pairs = [p for p in scored(answer, chunk.text) if p.grounding >= self.min_grounding]
+        self.count("pairs_ungrounded", len(answer) - len(pairs))
+        if not pairs:
+            self.count("filtered.ungrounded")
+            return
         self.count("out")
-        self.count("pairs", len(answer))
-        yield {"book_id": chunk.book_id, "chunk_index": chunk.chunk_index, "pairs": [p.to_dict() for p in answer],
+        self.count("pairs", len(pairs))
+        yield {"book_id": chunk.book_id, "chunk_index": chunk.chunk_index, "pairs": [p.to_dict() for p in pairs],
                **self.identity}
 
 
@@ -277,7 +336,7 @@ class QA(beam.PTransform):
         answered = (
             requests.out
             | "AskForPairs" >> RunInference(QAModelHandler(self.config, self.stage))
-            | "ToRows" >> route(self.stage, AnswerRows(self.stage, output_identity(self.config)))
+            | "ToRows" >> route(self.stage, AnswerRows(self.stage, output_identity(self.config), self.config.min_grounding))
         )
         tables = (
             answered.out

