@@ -135,3 +135,49 @@ def test_rejects_bad_ids_and_backend():
         block_attention(q, k, v, **ids_kwargs((q_ids[0][:, :4], q_ids[1]), k_ids))
     with pytest.raises(ValueError, match="unknown attention backend"):
         block_attention(q, k, v, backend="cuda", **ids_kwargs(q_ids, k_ids))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seq=st.integers(1, 48),
+    groups=st.sampled_from([1, 2]),
+    causal=st.booleans(),
+    shuffled=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_cpu_path_matches_dense(seq, groups, causal, shuffled, dtype, seed):
+    """CPU float32/64 with no lse gradient runs ATen's flash kernel; shuffled positions make the mask
+    not index-causal, so the kernel must not skip the upper tiles."""
+    q, k, v, q_ids, k_ids = make_inputs(2, seq, seq, 2 * groups, 2, 8, seed, dtype=dtype)
+    if shuffled:
+        q_ids = k_ids = (q_ids[0][:, torch.randperm(seq, generator=torch.Generator().manual_seed(seed))], q_ids[1])
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    kwargs = ids_kwargs(q_ids, k_ids) | dict(causal=causal)
+    out, lse = block_attention(q, k, v, backend="torch", **kwargs)
+    ref_out, ref_lse = dense_attention(q, k, v, **kwargs)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    assert out.dtype == dtype and rel_err(out.double(), ref_out.double()) < tolerance
+    assert rel_err(lse.double(), ref_lse.double()) < 1e-5
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    ref = torch.autograd.grad((ref_out.to(dtype) * dout).sum(), (q, k, v))
+    for grad, ref_grad in zip(grads, ref):  # absolute below 1: a gradient that is 0 exactly comes out as rounding
+        assert (grad.double() - ref_grad.double()).abs().max() <= tolerance * max(1.0, ref_grad.abs().max().item())
+
+
+def test_fused_cpu_path_is_taken_without_lse_gradient(monkeypatch):
+    from lwm_data.kernels import torch_backend
+
+    def dense_refused(*args):
+        raise AssertionError("dense path taken")
+
+    q, k, v, q_ids, k_ids = make_inputs(1, 32, 32, 4, 2, 8, seed=5, dtype=torch.float32)
+    q.requires_grad_()
+    monkeypatch.setattr(torch_backend, "_masked_scores", dense_refused)
+    out, _ = block_attention(q, k, v, backend="torch", **ids_kwargs(q_ids, k_ids))
+    out.sum().backward()
+    assert q.grad.isfinite().all()
+    _, lse = block_attention(q, k, v, backend="torch", **ids_kwargs(q_ids, k_ids))
+    with pytest.raises(AssertionError, match="dense path"):  # an lse gradient needs the dense backward
+        lse[lse.isfinite()].sum().backward()

@@ -3,9 +3,10 @@
 A backend is a module with three functions computing in the accumulation dtype (float32, or float64
 for float64 inputs) and returning lse, delta and gradients in it:
     forward(q, k, v, q_ids, k_ids, causal, scale, out_dtype) -> (out, lse)
-    softmax_delta(out, dout) -> rowsum(out * dout), (B, Hq, Sq)
-    backward(dout, q, k, v, lse, delta, q_ids, k_ids, causal, scale) -> (dq, dk, dv)
-`torch_backend` runs anywhere; `triton_backend` is the fused GPU kernel. The ring calls them per block.
+    backward(dout, q, k, v, out, lse, q_ids, k_ids, causal, scale, dlse=None) -> (dq, dk, dv)
+`backward` is given the output and lse of the whole softmax and the gradient reaching lse directly
+(None when unused, which lets a backend use a kernel that knows no lse gradient). `torch_backend`
+runs anywhere (fused on CPU); `triton_backend` is the fused GPU kernel. The ring calls them per block.
 """
 
 from __future__ import annotations
@@ -63,16 +64,15 @@ class _BlockAttention(torch.autograd.Function):
         out, lse = backend.forward(q, k, v, q_ids, k_ids, causal, scale, q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, q_seg, k_pos, k_seg)
         ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+        ctx.set_materialize_grads(False)  # an unused lse gets dlse None, not zeros
         return out, lse.float()
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, q_pos, q_seg, k_pos, k_seg = ctx.saved_tensors
-        backend = ctx.backend
-        # d lse_i / d s_ij = p_ij, so an lse gradient just shifts delta: ds = p * (dp - (delta - dlse)).
-        delta = backend.softmax_delta(out, dout) - dlse
-        dq, dk, dv = backend.backward(
-            dout, q, k, v, lse, delta, TokenIds(q_pos, q_seg), TokenIds(k_pos, k_seg), ctx.causal, ctx.scale
+        dout = torch.zeros_like(out) if dout is None else dout
+        dq, dk, dv = ctx.backend.backward(
+            dout, q, k, v, out, lse, TokenIds(q_pos, q_seg), TokenIds(k_pos, k_seg), ctx.causal, ctx.scale, dlse
         )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 

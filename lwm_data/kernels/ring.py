@@ -185,7 +185,7 @@ def _no_keys_lse(q: Tensor, dtype: torch.dtype) -> Tensor:
     return q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=dtype)
 
 
-def _ring_backward(ring, backend, queries, ids, keys, douts, lses, deltas, active, causal, scale):
+def _ring_backward(ring, backend, queries, ids, keys, douts, outs, lses, active, causal, scale):
     """Per local shard: dq, and (dk, dv) for its own keys, in the accumulation dtype."""
     acc = accumulation_dtype(queries[0].dtype)
     dqs = [q.new_zeros(q.shape, dtype=acc) for q in queries]
@@ -195,7 +195,7 @@ def _ring_backward(ring, backend, queries, ids, keys, douts, lses, deltas, activ
         transfer = ring.shift(keys) if step + 1 < ring.size else None
         block_grads = {
             i: backend.backward(
-                douts[i], queries[i], k, v, lses[i], deltas[i], ids[i], TokenIds(*k_ids), causal, scale
+                douts[i], queries[i], k, v, outs[i], lses[i], ids[i], TokenIds(*k_ids), causal, scale
             )
             for i, (k, v, *k_ids) in enumerate(keys)
             if active[i][step]
@@ -232,10 +232,9 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, positions, segment_ids, out, lse = ctx.saved_tensors
         n = len(ctx.ring.ranks)
         ids, keys = _local_shards(n, k, v, positions, segment_ids)
-        douts, lses = dout.chunk(n, 1), lse.chunk(n, -1)
-        deltas = [ctx.backend.softmax_delta(*o_do) for o_do in zip(out.chunk(n, 1), douts)]
+        douts, outs, lses = dout.chunk(n, 1), out.chunk(n, 1), lse.chunk(n, -1)
         dqs, grads = _ring_backward(
-            ctx.ring, ctx.backend, q.chunk(n, 1), ids, keys, douts, lses, deltas, ctx.active, ctx.causal, ctx.scale
+            ctx.ring, ctx.backend, q.chunk(n, 1), ids, keys, douts, outs, lses, ctx.active, ctx.causal, ctx.scale
         )
         dq = torch.cat(dqs, 1).to(q.dtype)
         dk = torch.cat([dk for dk, _ in grads], 1).to(k.dtype)

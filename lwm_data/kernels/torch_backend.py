@@ -1,11 +1,15 @@
-"""Reference attention backend in plain torch: exact, any device, any float dtype including float64.
+"""Attention backend in plain torch: exact, any device, any float dtype including float64.
 
-It materialises the (Sq, Sk) scores of one block pair per KV head, so it suits the block sizes the
-ring hands it (and CPU training and tests), not whole million-token sequences. The backward recomputes
-the scores (flash style) from the saved lse, so the ring can call it per block with the global lse.
+Two paths compute the same thing. On CPU, float32 and float64 blocks go to ATen's fused flash kernel
+(the one SDPA uses on CPU), with our mask as an additive bias: it never materialises the scores, runs
+on every core, and skips the tiles above the diagonal when the mask allows it. Everything else (bf16,
+GPUs without Triton, an lse gradient) takes the dense path, which materialises the (Sq, Sk) scores of
+one block pair per KV head: fine for the block sizes the ring hands it, not for whole million-token
+sequences. Both backwards recompute the probabilities (flash style) from the given lse, so the ring
+can call them per block with the merged lse and output.
 
-GQA: query head h uses KV head h // (Hq // Hkv). Queries of one group are stacked along the row axis,
-so one matmul per KV head serves the whole group and K/V are never repeated.
+GQA: query head h uses KV head h // (Hq // Hkv). The dense path stacks the queries of one group along
+the row axis, so one matmul per KV head serves the whole group and K/V are never repeated.
 """
 
 from __future__ import annotations
@@ -14,6 +18,104 @@ import torch
 from torch import Tensor
 
 from .common import TokenIds, accumulation_dtype, attention_mask
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_ids: TokenIds,
+    k_ids: TokenIds,
+    causal: bool,
+    scale: float,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """out (B, Sq, Hq, D) in `out_dtype` and lse (B, Hq, Sq) in the accumulation dtype."""
+    if _fused(q, out_dtype):
+        return _fused_forward(q, k, v, q_ids, k_ids, causal, scale)
+    return _dense_forward(q, k, v, q_ids, k_ids, causal, scale, out_dtype)
+
+
+def backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    q_ids: TokenIds,
+    k_ids: TokenIds,
+    causal: bool,
+    scale: float,
+    dlse: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv in the accumulation dtype for one block pair.
+
+    `out` and `lse` are those of the whole softmax the block belongs to (the ring passes the merged
+    ones), so the probabilities recomputed here are the block's share of the full attention; `dlse`
+    is the gradient reaching lse directly, None when nothing used it.
+    """
+    if dlse is None and _fused(q, out.dtype):
+        return _fused_backward(dout, q, k, v, out, lse, q_ids, k_ids, causal, scale)
+    # d lse_i / d s_ij = p_ij, so an lse gradient just shifts delta: ds = p * (dp - (delta - dlse)).
+    delta = _softmax_delta(out, dout) if dlse is None else _softmax_delta(out, dout) - dlse
+    return _dense_backward(dout, q, k, v, lse, delta, q_ids, k_ids, causal, scale)
+
+
+def _softmax_delta(out: Tensor, dout: Tensor) -> Tensor:
+    """(B, Hq, Sq) row sums of out * dout, the softmax backward's correction term."""
+    acc = accumulation_dtype(out.dtype)
+    return (out.to(acc) * dout.to(acc)).sum(-1).transpose(1, 2)
+
+
+# Fused path: ATen's CPU flash kernel, in (B, H, S, D) layout.
+
+
+def _fused(q: Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether the fused kernel serves this block: CPU, float32/64, output kept in q's dtype (the ring
+    asks for accumulation-dtype outputs, which are q's own for these dtypes)."""
+    return q.device.type == "cpu" and q.dtype in _FUSED_DTYPES and out_dtype == q.dtype
+
+
+def _additive_mask(q_ids: TokenIds, k_ids: TokenIds, causal: bool, dtype: torch.dtype) -> tuple[Tensor, bool, Tensor]:
+    """The mask as a (B, 1, Sq, Sk) bias of 0 / -inf; whether it is also index-causal; (B, Sq) rows with a key.
+
+    Index-causal (no allowed pair above the diagonal) holds for a row's own block whenever positions
+    increase within each document, as packing writes them; the kernel then skips the upper tiles.
+    """
+    allowed = attention_mask(q_ids, k_ids, causal)
+    index_causal = causal and allowed.shape[1] == allowed.shape[2] and not allowed.triu(1).any()
+    bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    return bias[:, None], index_causal, allowed.any(-1)
+
+
+def _heads_major(*xs: Tensor) -> list[Tensor]:
+    """(B, S, H, D) <-> (B, H, S, D), as views."""
+    return [x.transpose(1, 2) for x in xs]
+
+
+def _fused_forward(q, k, v, q_ids, k_ids, causal, scale) -> tuple[Tensor, Tensor]:
+    bias, index_causal, has_key = _additive_mask(q_ids, k_ids, causal, q.dtype)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        *_heads_major(q, k, v), is_causal=index_causal, attn_mask=bias, scale=scale
+    )
+    # The kernel gives rows without a key out 0 and lse 0; the contract says lse -inf.
+    return out.transpose(1, 2), lse.masked_fill(~has_key[:, None], float("-inf"))
+
+
+def _fused_backward(dout, q, k, v, out, lse, q_ids, k_ids, causal, scale) -> tuple[Tensor, Tensor, Tensor]:
+    bias, index_causal, _ = _additive_mask(q_ids, k_ids, causal, q.dtype)
+    # Rows without a key: any finite lse gives p = exp(-inf - lse) = 0, as the kernel's forward assumed.
+    finite_lse = lse.masked_fill(lse == float("-inf"), 0.0)
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        *_heads_major(dout, q, k, v, out), finite_lse, 0.0, index_causal, attn_mask=bias, scale=scale
+    )
+    return tuple(_heads_major(*grads))
+
+
+# Dense path: scores materialised per block pair, queries of a GQA group stacked along the rows.
 
 
 def _grouped(x: Tensor, kv_heads: int) -> Tensor:
@@ -48,17 +150,7 @@ def _probabilities(scores: Tensor, lse: Tensor) -> Tensor:
     return torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
 
 
-def forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    q_ids: TokenIds,
-    k_ids: TokenIds,
-    causal: bool,
-    scale: float,
-    out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    """out (B, Sq, Hq, D) in `out_dtype` and lse (B, Hq, Sq) in the accumulation dtype."""
+def _dense_forward(q, k, v, q_ids, k_ids, causal, scale, out_dtype) -> tuple[Tensor, Tensor]:
     b, sq, hq, _ = q.shape
     scores = _masked_scores(q, k, q_ids, k_ids, causal, scale)
     lse = torch.logsumexp(scores, dim=-1)
@@ -66,29 +158,7 @@ def forward(
     return _ungrouped(out, sq).to(out_dtype), lse.view(b, hq, sq)
 
 
-def softmax_delta(out: Tensor, dout: Tensor) -> Tensor:
-    """(B, Hq, Sq) row sums of out * dout, the softmax backward's correction term."""
-    acc = accumulation_dtype(out.dtype)
-    return (out.to(acc) * dout.to(acc)).sum(-1).transpose(1, 2)
-
-
-def backward(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lse: Tensor,
-    delta: Tensor,
-    q_ids: TokenIds,
-    k_ids: TokenIds,
-    causal: bool,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv in the accumulation dtype for one block pair.
-
-    `lse` and `delta` are those of the whole softmax the block belongs to (the ring passes the merged
-    ones), so the probabilities recomputed here are the block's share of the full attention.
-    """
+def _dense_backward(dout, q, k, v, lse, delta, q_ids, k_ids, causal, scale) -> tuple[Tensor, Tensor, Tensor]:
     b, sq, _, _ = q.shape
     kv_heads = k.shape[2]
     scores = _masked_scores(q, k, q_ids, k_ids, causal, scale)

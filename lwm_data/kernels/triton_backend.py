@@ -269,7 +269,7 @@ def _delta_kernel(
     tl.store(Delta + bh.to(tl.int64) * seq + offs, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs < seq)
 
 
-def softmax_delta(out: Tensor, dout: Tensor) -> Tensor:
+def _softmax_delta(out: Tensor, dout: Tensor) -> Tensor:
     """(B, Hq, Sq) float32 row sums of out * dout."""
     out, dout = _unit_stride(out), _unit_stride(dout)
     b, s, h, d = out.shape
@@ -410,16 +410,21 @@ def backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    out: Tensor,
     lse: Tensor,
-    delta: Tensor,
     q_ids: TokenIds,
     k_ids: TokenIds,
     causal: bool,
     scale: float,
+    dlse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv float32 for one block pair, given the lse and delta of the softmax it belongs to."""
+    """dq, dk, dv float32 for one block pair, given the output and lse of the softmax it belongs to
+    and the gradient reaching lse directly (None: unused)."""
     q, k, v, dout = (_unit_stride(x) for x in (q, k, v, dout))
-    lse, delta = lse.float().contiguous(), delta.float().contiguous()
+    delta = _softmax_delta(out, dout)
+    # d lse_i / d s_ij = p_ij, so an lse gradient just shifts delta: ds = p * (dp - (delta - dlse)).
+    delta = delta if dlse is None else delta - dlse.float()
+    lse, delta = lse.float().contiguous(), delta.contiguous()
     (b, sq, hq, d), (sk, hkv) = q.shape, k.shape[1:3]
     ids = _contiguous(*q_ids, *k_ids)
     dq, dk, dv = (x.new_empty(x.shape, dtype=torch.float32) for x in (q, k, v))
