@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -293,19 +292,32 @@ def serve_llm(
 
 @app.command()
 def demo(
-    workdir: Optional[Path] = typer.Option(None, help="Where to write inputs and outputs (default: a temp dir)."),
-    books: int = typer.Option(12, help="Synthetic books to generate."),
+    output: Path = typer.Option(Path("lwm-data-demo"), help="Directory for the synthetic inputs and every output."),
+    books: int = typer.Option(8, help="Synthetic books to generate."),
     words: int = typer.Option(30000, help="Mean words per book."),
+    videos: int = typer.Option(6, help="Synthetic videos to generate."),
+    steps: int = typer.Option(20, help="Training steps."),
+    endpoint: Optional[str] = typer.Option(None, help="OpenAI-compatible server (vLLM) for QA; default: the offline cloze backend."),
+    model: Optional[str] = typer.Option(None, help="The served model's name, with --endpoint."),
     seed: int = typer.Option(0),
 ) -> None:
-    """Run every text stage on synthetic books, offline, and print a summary of each."""
-    from lwm_data.demo import run_demo
+    """Everything on synthetic data, offline: books -> 32K chat, videos -> VQ-GAN tokens, packing, training."""
+    from lwm_data.demo import DemoOptions, run_demo, summary_rows
 
-    root = workdir or Path(tempfile.mkdtemp(prefix="lwm-data-demo-"))
-    console.print(f"working in {root}")
-    for manifest in run_demo(root, books, words, seed):
-        print_manifest(manifest)
-        console.print(f"[green]valid[/green] {manifest['directory']}")
+    options = DemoOptions(output.resolve(), books, words, videos, steps, endpoint, model, seed)
+    with user_errors(), progress.live():
+        result = run_demo(options, report=lambda step: console.print(f"[bold]{step}[/bold]"))
+    table = Table(title="lwm-data demo")
+    for column in ("stage", "in", "out", "filtered", "dead", "rows", "tokens", "fill"):
+        table.add_column(column, justify="left" if column == "stage" else "right", no_wrap=True)
+    for row in summary_rows(result):
+        table.add_row(*row)
+    losses = result.losses
+    console.print(table)
+    console.print(f"train: {len(losses)} steps of the tiny model over a ring of 2, loss {losses[0]:.2f} -> {losses[-1]:.2f}")
+    for name, directory in result.directories.items():
+        console.print(f"{name:<11} {directory}")
+    console.print(f"{'stats plot':<11} {result.plot}")
 
 
 def main() -> None:

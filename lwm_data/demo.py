@@ -1,42 +1,187 @@
-"""`lwm-data demo`: the whole text pipeline on synthetic books, offline, with embedded defaults.
+"""`lwm-data demo`: the whole toolkit on synthetic data, offline, in minutes on two CPU cores.
 
-    synthetic books -> chunk -> qa (cloze backend) -> chat (32K) -> text -> pack (32K, chat + 16% text)
+    synthetic books  -> run books: chunk -> qa (cloze) -> chat (32K) -> text -> pack (32K)   books/
+    synthetic videos -> run video: decode -> VQ-GAN (RANDOM reduced weights) -> pack (1K)     video/
+    text examples + video examples -> pack (1K rows, text split)                              train-pack/
+    -> 20 steps of the tiny model, ring attention over 2 CPU processes (torchrun, gloo)      train/
 
-Each stage's output is validated as it is made; the stages' manifests are returned in order.
+Every output is validated as it is made. The configs are the same TOML tables `lwm-data run` reads, so
+each step here is one command a user could type; `endpoint` swaps the cloze QA for a real model.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 from lwm_data import config as settings
 from lwm_data.packing import LWM_TEXT_SHARE
+from lwm_data.pipelines import run
 from lwm_data.stages import STAGES
 from lwm_data.synthetic import generate_books, write_books_jsonl
 from lwm_data.validate import validate
+from lwm_data.vision.synthetic import make_video
 
 CONTEXT = 32768
+TRAIN_SEQ_LEN = 1024
+
+# configs/tiny_cpu.toml's trainer, embedded so an installed package runs the demo without the repo.
+TRAIN_TOML = f"""\
+model = "tiny"
+vision = true
+attention_backend = "torch"
+ring_size = 2
+dtype = "float32"
+batch_size = 2
+lr = 3e-3
+warmup_steps = 4
+schedule = "cosine"
+weight_decay = 0.1
+grad_clip = 1.0
+seed = 0
+num_workers = 1
+
+[[stages]]
+seq_len = {TRAIN_SEQ_LEN}
+steps = 20
+rope_theta = 1e6
+"""
 
 
-def run_demo(root: Path, num_books: int = 12, num_words: int = 30000, seed: int = 0) -> Iterator[dict]:
-    """Run every stage under `root`, yielding each stage's manifest as it finishes."""
-    books = write_books_jsonl(root / "books" / "books.jsonl", generate_books(num_books, num_words, seed))
-    out = {name: str(root / name) for name in ("chunks", "qa", "chat", "text", "packed")}
-    mix = {"chat": 1 - LWM_TEXT_SHARE, "text": LWM_TEXT_SHARE}
-    runs = [
-        ("chunk", "chunks", {"input": str(books)}),
-        ("qa", "qa", {"input": out["chunks"]}),
-        ("chat", "chat", {"chunks": out["chunks"], "qa": out["qa"], "context_lengths": (CONTEXT,), "seed": seed}),
-        ("text", "text", {"input": out["chunks"]}),
-        ("pack", "packed", {"input": (out["chat"], out["text"]), "seq_len": CONTEXT, "mix": mix,
-                            "overflow": "split", "loss_weighting": "example", "seed": seed}),
-    ]
-    for stage_name, directory, values in runs:
-        stage = STAGES[stage_name]
-        manifest = stage.run(settings.build(stage.config, {**values, "output": out[directory]}), None)
-        violations = validate(out[directory])
-        if violations:
-            raise RuntimeError(f"{directory} output is invalid: {dict(violations)}")
-        manifest["directory"] = out[directory]
-        yield manifest
+@dataclass(frozen=True)
+class DemoOptions:
+    output: Path
+    books: int = 8
+    words: int = 30000
+    videos: int = 6
+    train_steps: int = 20
+    endpoint: str | None = None  # an OpenAI-compatible server (vLLM) for QA instead of the cloze backend
+    model: str | None = None  # its served model name
+    seed: int = 0
+
+
+@dataclass
+class DemoResult:
+    manifests: dict[str, dict]  # step name -> the manifest of its final output
+    directories: dict[str, str]  # step name -> output directory
+    losses: list[float]  # the training run's loss per step
+    plot: Path | None
+
+
+def run_demo(options: DemoOptions, report: Callable[[str], None] = print) -> DemoResult:
+    """Run every step under `options.output`; `report` hears what is starting."""
+    root = options.output
+    books_in = write_books_jsonl(root / "inputs" / "books.jsonl", generate_books(options.books, options.words, options.seed))
+    videos_in = write_videos(root / "inputs" / "videos", options.videos)
+    directories = {"books": str(root / "books"), "video": str(root / "video"), "train-pack": str(root / "train-pack")}
+    manifests = {}
+
+    report("run books: chunk -> qa -> chat -> text -> pack (one Beam job)")
+    manifests["books"] = _checked(run.run_document("books", books_document(options, books_in), [], True), directories["books"])
+    report("run video: decode -> VQ-GAN with RANDOM reduced weights (codes mean nothing) -> pack (one Beam job)")
+    manifests["video"] = _checked(run.run_document("video", video_document(options, videos_in), [], True), directories["video"])
+    report(f"pack: text and video examples into {TRAIN_SEQ_LEN}-token training rows")
+    manifests["train-pack"] = _pack_for_training(directories)
+
+    report(f"train: {options.train_steps} steps, tiny model, ring attention over 2 CPU processes (torchrun)")
+    losses = train(root / "train", directories["train-pack"], options.train_steps)
+    directories["train"] = str(root / "train")
+    return DemoResult(manifests, directories, losses, _plot(directories["books"] + "/pack", root / "stats.png"))
+
+
+def write_videos(directory: Path, count: int) -> Path:
+    """Short synthetic clips with sidecar captions, as a folder the video stage reads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        make_video(directory / f"clip{i:02d}.mp4", frames=12 + 4 * i, width=320, height=240)
+        (directory / f"clip{i:02d}.txt").write_text(f"A red square moves across the frame, clip {i}.")
+    return directory
+
+
+def books_document(options: DemoOptions, books: Path) -> dict:
+    qa = {"backend": "openai", "endpoint": options.endpoint, "model": options.model} if options.endpoint else {}
+    return {
+        "output": str(options.output / "books"),
+        "chunk": {"input": str(books)},
+        "qa": {k: v for k, v in qa.items() if v is not None},
+        "chat": {"context_lengths": [CONTEXT], "seed": options.seed},
+        "text": {},
+        "pack": {"seq_len": CONTEXT, "mix": {"chat": 1 - LWM_TEXT_SHARE, "text": LWM_TEXT_SHARE},
+                 "overflow": "split", "loss_weighting": "example", "seed": options.seed},
+    }  # fmt: skip
+
+
+def video_document(options: DemoOptions, videos: Path) -> dict:
+    return {
+        "output": str(options.output / "video"),
+        "video": {"input": str(videos), "random_config": "reduced", "max_frames": 3, "direction": "both"},
+        "pack": {"seq_len": TRAIN_SEQ_LEN, "loss_weighting": "example", "seed": options.seed},
+    }
+
+
+def _pack_for_training(directories: dict[str, str]) -> dict:
+    pack = STAGES["pack"]
+    values = {"input": (directories["books"] + "/text", directories["video"] + "/video"),
+              "output": directories["train-pack"], "seq_len": TRAIN_SEQ_LEN, "overflow": "split"}  # fmt: skip
+    manifest = pack.run(settings.build(pack.config, values), None)
+    _check(directories["train-pack"])
+    return manifest
+
+
+def _checked(manifests: list[dict], root: str) -> dict:
+    """Validate every output of a whole-pipeline run under `root`; returns its final (pack's) manifest."""
+    for manifest in manifests:
+        _check(f"{root}/{manifest['stage']}")
+    return manifests[-1]
+
+
+def _check(directory: str) -> None:
+    violations = validate(directory)
+    if violations:
+        raise RuntimeError(f"{directory} is invalid: {dict(violations)}")
+
+
+def train(directory: Path, data: str, steps: int) -> list[float]:
+    """`torchrun --nproc-per-node 2 -m lwm_data.train` on `data`; the losses from its metrics file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config, metrics = directory / "train.toml", directory / "metrics.jsonl"
+    config.write_text(TRAIN_TOML)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "lwm_data.train", "--config", str(config), "--data", data, "--steps", str(steps),
+        "--metrics", str(metrics), "--checkpoint-dir", str(directory / "checkpoints"),
+    ]  # fmt: skip
+    # One torch thread per process: two processes share the two cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, env=env)
+    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def _plot(directory: str, path: Path) -> Path:
+    from lwm_data.stats import collect_stats, plot_stats
+
+    plot_stats(collect_stats(directory), str(path))
+    return path
+
+
+def summary_rows(result: DemoResult) -> list[tuple[str, ...]]:
+    """(stage, in, out, filtered, dead-lettered, rows, tokens, fill) per stage, for the closing table."""
+    rows = []
+    for name, manifest in result.manifests.items():
+        upstream = manifest.get("pipeline", {}).get("stages", {})
+        for stage, counts in upstream.items():
+            rows.append((f"{name}/{stage}", *_counts(counts), "", "", ""))
+        packing = manifest["packing"]
+        tokens = sum(packing["tokens_by_kind"].values())
+        label = f"{name}/pack" if upstream else name
+        rows.append((label, *_counts(manifest["counts"]), f"{packing['rows']:,}", f"{tokens:,}", f"{packing['fill_efficiency']:.2%}"))
+    return rows
+
+
+def _counts(counts: dict) -> tuple[str, str, str, str]:
+    return tuple(f"{counts[key]:,}" for key in ("in", "out", "filtered_total", "dead_lettered"))

@@ -1,3 +1,8 @@
+"""`lwm-data demo`: synthetic books and videos through both whole pipelines, a training pack and a few
+torchrun steps, offline; every output valid and balanced, the summary names them."""
+
+import json
+
 from typer.testing import CliRunner
 
 from lwm_data import outputs
@@ -5,15 +10,24 @@ from lwm_data.cli import app
 from lwm_data.validate import validate
 
 
-def test_demo_runs_every_text_stage_into_valid_outputs(tmp_path):
-    result = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path), "--books", "4", "--words", "30000"])
+def test_demo_runs_everything_into_valid_outputs_and_trains(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--output", str(out), "--books", "3", "--words", "30000", "--videos", "2", "--steps", "3"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    for stage, directory in (("chunk", "chunks"), ("qa", "qa"), ("chat", "chat"), ("text", "text"), ("pack", "packed")):
-        manifest = outputs.read_manifest(str(tmp_path / directory))
-        assert manifest["stage"] == stage and manifest["counts"]["balanced"]
-        assert manifest["counts"]["out"] > 0 and not validate(str(tmp_path / directory))
-    tokenizers = [outputs.read_manifest(str(tmp_path / d))["tokenizer"] for d in ("chunks", "qa", "chat", "text", "packed")]
-    assert all(t == tokenizers[0] for t in tokenizers) and tokenizers[0]["name"] == "default"  # by content, end to end
-    rows = outputs.read_table(str(tmp_path / "packed"), ["tokens", "kinds"])
-    assert {kind for kinds in rows["kinds"].to_pylist() for kind in kinds} == {"chat", "text"}
-    assert len({len(tokens) for tokens in rows["tokens"].to_pylist()}) == 1
+    for directory in ("books/chunk", "books/qa", "books/chat", "books/text", "books/pack", "video/video", "video/pack", "train-pack"):
+        manifest = outputs.read_manifest(str(out / directory))
+        assert manifest["counts"]["balanced"] and manifest["counts"]["out"] > 0, directory
+        assert not validate(str(out / directory)), directory
+    assert outputs.read_manifest(str(out / "video/video"))["vqgan"]["random_weights"]  # said, and recorded
+
+    rows = outputs.read_table(str(out / "train-pack"), ["tokens", "kinds"])
+    assert {len(tokens) for tokens in rows["tokens"].to_pylist()} == {1024}
+    kinds = {kind for row in rows["kinds"].to_pylist() for kind in row}
+    assert "text" in kinds and kinds & {"video_text", "text_video"}
+
+    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["loss"] > 0 for m in metrics)
+    assert (out / "stats.png").stat().st_size > 0
+    for name in ("books/pack", "video/pack", "train-pack", "loss", str(out / "train")):
+        assert name in result.output
