@@ -48,14 +48,24 @@ def upload(local_path: str, remote: str) -> str:
     return remote
 
 
-def test_books_job_for_dataflow():
+def gpu_steps(proto) -> set[str]:
+    return {
+        t.unique_name for t in proto.components.transforms.values()
+        if t.environment_id and GPU.encode() in b"".join(proto.components.environments[t.environment_id].resource_hints.values())
+    }  # fmt: skip
+
+
+def test_books_job_for_dataflow_puts_qa_on_gpu_workers():
     tokenizer = upload(default_tokenizer_path(), "memfs://models/tokenizer.model")
     proto = translated("books", {
         "output": "gs://bucket/out", "chunk": {"input": "gs://bucket/books/*.jsonl.zst", "tokenizer": tokenizer},
+        "qa": {"backend": "vllm", "model": "/opt/models/qa", "accelerator": GPU},
         "chat": {"tokenizer": tokenizer}, "text": {"tokenizer": tokenizer}, "pack": {"seq_len": 32768},
     }, "lwm-books")
     top = {t.unique_name for t in proto.components.transforms.values() if "/" not in t.unique_name}
     assert {"ReadBooks", "Chunk", "QA", "Chat", "Text", "Pack", "Write[pack]", "Scratch[chat]", "Scratch[text]"} <= top
+    hinted = gpu_steps(proto)
+    assert hinted and all(name.startswith("QA/AskForPairs") for name in hinted)  # only the model step asks for a GPU
     assert_no_local_path(proto)
 
 
@@ -69,9 +79,6 @@ def test_video_job_for_dataflow_puts_the_vqgan_on_gpu_workers(tmp_path):
                   "device": "cuda", "accelerator": GPU, "batch_size": 64},
         "pack": {"seq_len": 8192},
     }, "lwm-video")
-    hinted = {
-        t.unique_name for t in proto.components.transforms.values()
-        if t.environment_id and GPU.encode() in b"".join(proto.components.environments[t.environment_id].resource_hints.values())
-    }
+    hinted = gpu_steps(proto)
     assert hinted and all("VQGAN" in name for name in hinted)  # only the VQ-GAN step asks for a GPU
     assert_no_local_path(proto)

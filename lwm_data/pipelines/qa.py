@@ -111,6 +111,9 @@ class QAConfig:
         "lower; a chunk left without pairs is filtered as ungrounded.")
     server_wait: float = setting(600.0, "Seconds to wait for an --endpoint server that does not answer.")
     batch_tokens: int = setting(1_000_000, "RunInference batch size, in prompt + max_tokens tokens.")
+    accelerator: str | None = setting(
+        None, "Beam resource hint for the QA step (its vllm server), e.g. 'type:nvidia-l4;count:1;install-nvidia-driver'."
+    )
     vllm_args: tuple[str, ...] = setting((), "Extra arguments for the vLLM server, one string (vllm backend).", parse=shell_words)
     vllm_python: str | None = setting(None, "Python with vLLM installed (default: $LWM_VLLM_PYTHON or this one).")
     vllm_state_dir: str | None = setting(None, "Where machine-wide vLLM server state lives (default: the temp dir).")
@@ -333,9 +336,12 @@ class QA(beam.PTransform):
 
     def expand(self, chunks: beam.PCollection) -> StageOutput:
         requests = chunks | "ToRequests" >> route(self.stage, ChunkRequests(self.stage))
+        ask = RunInference(QAModelHandler(self.config, self.stage))
+        if self.config.accelerator:
+            ask = ask.with_resource_hints(accelerator=self.config.accelerator)
         answered = (
             requests.out
-            | "AskForPairs" >> RunInference(QAModelHandler(self.config, self.stage))
+            | "AskForPairs" >> ask
             | "ToRows" >> route(self.stage, AnswerRows(self.stage, output_identity(self.config), self.config.min_grounding))
         )
         tables = (
