@@ -37,7 +37,7 @@ import urllib.request
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Coroutine, Protocol, TypeVar
+from typing import Any, Callable, Coroutine, Protocol, TypeVar
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -213,10 +213,15 @@ def backoff_s(attempt: int, base_s: float = 0.5, cap_s: float = 8.0) -> float:
 class ChatClient:
     """Chat completions against one server, `concurrency` at a time. Use from one event loop."""
 
-    def __init__(self, model: str, config: ClientConfig, server: Server, cache: ResponseCache | None = None):
+    def __init__(
+        self, model: str, config: ClientConfig, server: Server, cache: ResponseCache | None = None,
+        in_flight: Callable[[int], None] | None = None,
+    ):  # fmt: skip
+        """`in_flight(+1 / -1)` hears each request as it goes out and comes back (a live gauge)."""
         import openai
 
         self.model = model
+        self._in_flight = in_flight or (lambda n: None)
         self.config = config
         self.server = server
         self.cache = cache
@@ -256,9 +261,13 @@ class ChatClient:
         for recovery in range(self.config.max_recoveries + 1):
             try:
                 async with self._slots:
-                    response = await self._openai.chat.completions.create(
-                        model=self.model, messages=messages, **sampling.to_dict(), **extra
-                    )
+                    self._in_flight(1)
+                    try:
+                        response = await self._openai.chat.completions.create(
+                            model=self.model, messages=messages, **sampling.to_dict(), **extra
+                        )
+                    finally:
+                        self._in_flight(-1)
                 return _completion(response)
             except openai.APIStatusError as e:
                 if e.status_code in _CONFIGURATION_ERRORS:

@@ -22,6 +22,7 @@ from rich.live import Live
 from rich.table import Table
 
 RATES = ("tokens", "frames", "requests", "chunks", "examples", "pairs")  # shown per second when a stage has them
+IN_FLIGHT = "in_flight"  # a gauge, not a total: requests sent and not yet answered (QA)
 
 
 class Tally:
@@ -61,6 +62,8 @@ def table(snapshot: dict[str, dict[str, int]], seconds: float) -> Table:
     for stage, counts in snapshot.items():
         dead = sum(v for k, v in counts.items() if k.startswith("dead_lettered."))
         stats = [f"{name} {counts[name]:,} ({counts[name] / max(seconds, 1e-9):,.0f}/s)" for name in RATES if name in counts]
+        if IN_FLIGHT in counts:
+            stats.append(f"in flight {counts[IN_FLIGHT]:,}")
         view.add_row(stage, f"{counts.get('in', 0):,}", f"{counts.get('out', 0):,}", f"{dead:,}", "  ".join(stats))
     return view
 

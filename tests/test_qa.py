@@ -501,6 +501,27 @@ def test_a_server_that_refuses_the_schema_is_asked_with_weaker_constraints(tmp_p
     assert usage["requests"] == len(formats) and usage.get("reasks", 0) == 0
 
 
+def test_requests_in_flight_show_in_the_live_tally_and_drain_to_zero():
+    from lwm_data import config as stage_config
+    from lwm_data.pipelines.qa import ChunkRequest, QAConfig, ServerBackend
+    from lwm_data.progress import IN_FLIGHT, TALLY
+
+    TALLY.clear()
+    seen = []
+
+    def reply(headers, body):
+        seen.append(TALLY.snapshot().get("qa", {}).get(IN_FLIGHT, 0))
+        return 200, chat_reply(json.dumps({"pairs": [{"question": "Where was Mara born?", "answer": "Velmont"}]}))
+
+    with StubServer(reply) as stub:
+        config = stage_config.build(QAConfig, dict(input="-", output="-", backend="openai", model="m", endpoint=stub.url,
+                                                   pairs_per_chunk=1, max_retries=0, concurrency=3))  # fmt: skip
+        backend = ServerBackend(config, Endpoint(stub.url, wait_s=5), "qa")
+        backend.answer_batch([ChunkRequest("b", i, f"Mara was born in Velmont ({i}).", 10) for i in range(6)])
+    assert len(seen) == 6 and all(1 <= n <= 3 for n in seen)  # the asking request counts; never above concurrency
+    assert TALLY.snapshot()["qa"][IN_FLIGHT] == 0
+
+
 def test_grounding_is_the_share_of_the_answers_content_words_in_the_chunk():
     chunk = content_words("Mara Quill kept 812 maps in the cellar of the house at Velmont.")
     assert grounding_score("812 maps", chunk) == 1.0

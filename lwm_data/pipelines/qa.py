@@ -50,6 +50,7 @@ from lwm_data.llm import (
     VLLMServer,
 )
 from lwm_data.outputs import Rejection
+from lwm_data.progress import IN_FLIGHT, TALLY
 from lwm_data.pipelines.common import (
     ERRORS,
     Counters,
@@ -191,13 +192,14 @@ class ServerBackend:
     `levels` are the structured-output constraints still to try, strongest first: a server that
     refuses the current one (`refuses_constraints`) moves every later request to the next."""
 
-    def __init__(self, config: QAConfig, server):
+    def __init__(self, config: QAConfig, server, stage: str = STAGE):
         self.config = config
         self.template = load_prompt(config)
         self.levels = list(CONSTRAINTS[CONSTRAINTS.index(config.constraints):])
         self.loop = EventLoopThread()
         cache = ResponseCache(config.cache) if config.cache else None
-        self.client = ChatClient(config.model, config.client, server, cache)
+        # The event loop's thread has no Beam metrics context: the gauge goes to the live view only.
+        self.client = ChatClient(config.model, config.client, server, cache, partial(TALLY.add, stage, IN_FLIGHT))
 
     def answer_batch(self, chunks: Sequence[ChunkRequest]) -> tuple[list[Answer], Counter]:
         async def batch() -> tuple[list[Answer], Counter]:
@@ -259,6 +261,7 @@ class QAModelHandler(ModelHandler[ChunkRequest, Answer, Any]):
         weight = partial(request_tokens, max_tokens=config.sampling.max_tokens)
         super().__init__(min_batch_size=config.batch_tokens, max_batch_size=config.batch_tokens, element_size_fn=weight)
         self.config = config
+        self.stage = stage
         self.count = Counters(stage)
 
     def load_model(self) -> ClozeBackend | ServerBackend:
@@ -266,10 +269,10 @@ class QAModelHandler(ModelHandler[ChunkRequest, Answer, Any]):
         if config.backend == "cloze":
             return ClozeBackend(config)
         if config.backend == "openai":
-            return ServerBackend(config, Endpoint(config.endpoint, wait_s=config.server_wait))
+            return ServerBackend(config, Endpoint(config.endpoint, wait_s=config.server_wait), self.stage)
         server = VLLMServer(config.model, config.vllm_args, config.vllm_python, config.vllm_state_dir)
         server.acquire()
-        return ServerBackend(config, server)
+        return ServerBackend(config, server, self.stage)
 
     def run_inference(self, batch: Sequence[ChunkRequest], model, inference_args: dict | None = None) -> Iterable[PredictionResult]:
         answers, usage = model.answer_batch(batch)
