@@ -142,16 +142,23 @@ def test_rejects_bad_ids_and_backend():
     seq=st.integers(1, 48),
     groups=st.sampled_from([1, 2]),
     causal=st.booleans(),
-    shuffled=st.booleans(),
+    layout=st.sampled_from(["random", "shuffled", "documents"]),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**16),
 )
-def test_fused_cpu_path_matches_dense(seq, groups, causal, shuffled, dtype, seed):
-    """CPU float32/64 with no lse gradient runs ATen's flash kernel; shuffled positions make the mask
-    not index-causal, so the kernel must not skip the upper tiles."""
+def test_fused_cpu_path_matches_dense(seq, groups, causal, layout, dtype, seed):
+    """CPU float32/64 with no lse gradient runs ATen's flash kernel: per document for a row laid out as
+    packing writes it, else with the mask as a bias; shuffled positions make the mask not index-causal,
+    so the kernel must not skip the upper tiles."""
+    from lwm_data.kernels.torch_backend import _documents
+
     q, k, v, q_ids, k_ids = make_inputs(2, seq, seq, 2 * groups, 2, 8, seed, dtype=dtype)
-    if shuffled:
+    if layout == "shuffled":
         q_ids = k_ids = (q_ids[0][:, torch.randperm(seq, generator=torch.Generator().manual_seed(seed))], q_ids[1])
+    if layout == "documents":  # documents of 5 tokens, a padding tail
+        tokens = torch.arange(seq).expand(2, seq)
+        q_ids = k_ids = (tokens % 5, (tokens // 5 + 1).masked_fill(tokens >= seq - 2, 0))
+        assert _documents(TokenIds(*q_ids), TokenIds(*k_ids)) is not None
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     kwargs = ids_kwargs(q_ids, k_ids) | dict(causal=causal)
     out, lse = block_attention(q, k, v, backend="torch", **kwargs)

@@ -258,4 +258,6 @@ def test_ring_over_gloo_matches_dense(ring_runs, world_size):
 def test_ring_peak_memory_per_rank_shrinks(ring_runs):
     single = ring_runs[1][0]["peak_bytes"]
     per_rank = max(result["peak_bytes"] for result in ring_runs[4])
-    assert single > 0 and per_rank <= 0.35 * single, (per_rank, single)
+    # The CPU backend's fused kernel keeps even one process linear in the sequence (no scores held),
+    # so a quarter of the tokens per rank plus the K/V in transit and the dK/dV accumulators: ~0.55.
+    assert single > 0 and per_rank <= 0.6 * single, (per_rank, single)

@@ -1,8 +1,10 @@
 """Attention backend in plain torch: exact, any device, any float dtype including float64.
 
 Two paths compute the same thing. On CPU, float32 and float64 blocks go to ATen's fused flash kernel
-(the one SDPA uses on CPU), with our mask as an additive bias: it never materialises the scores, runs
-on every core, and skips the tiles above the diagonal when the mask allows it. Everything else (bf16,
+(the one SDPA uses on CPU), which never materialises the scores and runs on every core: a row's own
+block laid out as packing writes it (each document one run of increasing positions) is one plain
+causal call per document, so masked-out pairs cost nothing; any other block passes the mask as an
+additive bias, the kernel skipping the tiles above the diagonal when the mask allows it. Everything else (bf16,
 GPUs without Triton, an lse gradient) takes the dense path, which materialises the (Sq, Sk) scores of
 one block pair per KV head: fine for the block sizes the ring hands it, not for whole million-token
 sequences. Both backwards recompute the probabilities (flash style) from the given lse, so the ring
@@ -20,6 +22,8 @@ from torch import Tensor
 from .common import TokenIds, accumulation_dtype, attention_mask
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def forward(
@@ -96,23 +100,72 @@ def _heads_major(*xs: Tensor) -> list[Tensor]:
     return [x.transpose(1, 2) for x in xs]
 
 
+def _documents(q_ids: TokenIds, k_ids: TokenIds) -> list[list[tuple[int, int]]] | None:
+    """Per batch row, each document's token range (start, end), when queries and keys are the same
+    tokens laid out as packing writes them (each segment one run, positions increasing within it);
+    None otherwise. Then the mask is causal attention within each run, and each run is one plain call."""
+    if q_ids.segment_ids.shape != k_ids.segment_ids.shape or not (
+        torch.equal(q_ids.segment_ids, k_ids.segment_ids) and torch.equal(q_ids.positions, k_ids.positions)
+    ):
+        return None
+    seg, pos = q_ids.segment_ids, q_ids.positions
+    same = seg[:, 1:] == seg[:, :-1]
+    if (same & (seg[:, 1:] != 0) & (pos[:, 1:] <= pos[:, :-1])).any():
+        return None
+    documents = []
+    for row in seg:
+        bounds = [0, *(torch.nonzero(row[1:] != row[:-1]).flatten() + 1).tolist(), len(row)]
+        ids = row[bounds[:-1]].tolist()
+        runs = [(start, end) for start, end, segment in zip(bounds, bounds[1:], ids) if segment != 0]
+        if len(runs) != len({segment for segment in ids if segment != 0}):
+            return None  # a segment in two runs: its tokens may attend across the gap
+        documents.append(runs)
+    return documents
+
+
 def _fused_forward(q, k, v, q_ids, k_ids, causal, scale) -> tuple[Tensor, Tensor]:
+    documents = _documents(q_ids, k_ids)
+    if documents is not None:
+        return _forward_by_document(q, k, v, documents, causal, scale)
     bias, index_causal, has_key = _additive_mask(q_ids, k_ids, causal, q.dtype)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        *_heads_major(q, k, v), is_causal=index_causal, attn_mask=bias, scale=scale
-    )
+    out, lse = _FLASH(*_heads_major(q, k, v), is_causal=index_causal, attn_mask=bias, scale=scale)
     # The kernel gives rows without a key out 0 and lse 0; the contract says lse -inf.
     return out.transpose(1, 2), lse.masked_fill(~has_key[:, None], float("-inf"))
 
 
+def _forward_by_document(q, k, v, documents, causal, scale) -> tuple[Tensor, Tensor]:
+    """Padding gets out 0, lse -inf; each document attends within itself, unmasked."""
+    out = torch.zeros_like(q)
+    lse = q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"))
+    for row, runs in enumerate(documents):
+        for start, end in runs:
+            doc = slice(start, end)
+            o, l = _FLASH(*_heads_major(*(x[row : row + 1, doc] for x in (q, k, v))), is_causal=causal, scale=scale)
+            out[row, doc], lse[row, :, doc] = o[0].transpose(0, 1), l[0]
+    return out, lse
+
+
 def _fused_backward(dout, q, k, v, out, lse, q_ids, k_ids, causal, scale) -> tuple[Tensor, Tensor, Tensor]:
+    documents = _documents(q_ids, k_ids)
+    if documents is not None:
+        return _backward_by_document(dout, q, k, v, out, lse, documents, causal, scale)
     bias, index_causal, _ = _additive_mask(q_ids, k_ids, causal, q.dtype)
     # Rows without a key: any finite lse gives p = exp(-inf - lse) = 0, as the kernel's forward assumed.
     finite_lse = lse.masked_fill(lse == float("-inf"), 0.0)
-    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        *_heads_major(dout, q, k, v, out), finite_lse, 0.0, index_causal, attn_mask=bias, scale=scale
-    )
+    grads = _FLASH_BACKWARD(*_heads_major(dout, q, k, v, out), finite_lse, 0.0, index_causal, attn_mask=bias, scale=scale)
     return tuple(_heads_major(*grads))
+
+
+def _backward_by_document(dout, q, k, v, out, lse, documents, causal, scale) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
+    for row, runs in enumerate(documents):
+        for start, end in runs:
+            doc = slice(start, end)
+            pieces = _heads_major(*(x[row : row + 1, doc] for x in (dout, q, k, v, out)))
+            grads = _FLASH_BACKWARD(*pieces, lse[row : row + 1, :, doc], 0.0, causal, scale=scale)
+            for grad, piece in zip((dq, dk, dv), grads):
+                grad[row, doc] = piece[0].transpose(0, 1)
+    return dq, dk, dv
 
 
 # Dense path: scores materialised per block pair, queries of a GQA group stacked along the rows.
