@@ -145,16 +145,22 @@ def load(path: str) -> dict[str, Any]:
 
 def run(name: str, config_path: str, args: list[str], keep_intermediate: bool) -> list[dict]:
     """Build and run a whole pipeline; returns the manifests of what it wrote (pack's last)."""
-    return run_document(name, load(config_path) if name in PIPELINES else {}, args, keep_intermediate)
+    pipeline, overrides, beam_args = _checked_arguments(name, args)  # before reading: a typo fails first
+    configs = stage_configs(pipeline, load(config_path), overrides)
+    return pipeline.job(configs, beam_args, keep_intermediate).run()
 
 
 def run_document(name: str, document: dict[str, Any], args: list[str], keep_intermediate: bool) -> list[dict]:
     """`run` for a config already parsed (the TOML's tables as dicts)."""
+    pipeline, overrides, beam_args = _checked_arguments(name, args)
+    configs = stage_configs(pipeline, document, overrides)
+    return pipeline.job(configs, beam_args, keep_intermediate).run()
+
+
+def _checked_arguments(name: str, args: list[str]) -> tuple[WholePipeline, Values, list[str]]:
     if name not in PIPELINES:
         raise ConfigError(f"no pipeline {name!r}; known: {', '.join(PIPELINES)}")
     pipeline = PIPELINES[name]
     overrides, beam_args = split_overrides(args, pipeline)
     check_beam_args(beam_args, [f"--{stage}.<option>" for stage in pipeline.stages])
-    configs = stage_configs(pipeline, document, overrides)
-    return pipeline.job(configs, beam_args, keep_intermediate).run()
-
+    return pipeline, overrides, beam_args
