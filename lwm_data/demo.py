@@ -82,9 +82,9 @@ def run_demo(options: DemoOptions, report: Callable[[str], None] = print) -> Dem
     manifests = {}
 
     report("run books: chunk -> qa -> chat -> text -> pack (one Beam job)")
-    manifests["books"] = _checked(run.run_document("books", books_document(options, books_in), [], True), directories["books"])
+    manifests["books"] = _checked(run.run("books", books_document(options, books_in), [], True), directories["books"])
     report("run video: decode -> VQ-GAN with RANDOM reduced weights (codes mean nothing) -> pack (one Beam job)")
-    manifests["video"] = _checked(run.run_document("video", video_document(options, videos_in), [], True), directories["video"])
+    manifests["video"] = _checked(run.run("video", video_document(options, videos_in), [], True), directories["video"])
     report(f"pack: text and video examples into {TRAIN_SEQ_LEN}-token training rows")
     manifests["train-pack"] = _pack_for_training(directories)
 

@@ -143,16 +143,11 @@ def load(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read the config {path}: {error}") from None
 
 
-def run(name: str, config_path: str, args: list[str], keep_intermediate: bool) -> list[dict]:
-    """Build and run a whole pipeline; returns the manifests of what it wrote (pack's last)."""
+def run(name: str, config: str | dict[str, Any], args: list[str], keep_intermediate: bool) -> list[dict]:
+    """Build and run a whole pipeline from a TOML path or an already parsed document (its tables as
+    dicts); returns the manifests of what it wrote (pack's last)."""
     pipeline, overrides, beam_args = _checked_arguments(name, args)  # before reading: a typo fails first
-    configs = stage_configs(pipeline, load(config_path), overrides)
-    return pipeline.job(configs, beam_args, keep_intermediate).run()
-
-
-def run_document(name: str, document: dict[str, Any], args: list[str], keep_intermediate: bool) -> list[dict]:
-    """`run` for a config already parsed (the TOML's tables as dicts)."""
-    pipeline, overrides, beam_args = _checked_arguments(name, args)
+    document = load(config) if isinstance(config, str) else config
     configs = stage_configs(pipeline, document, overrides)
     return pipeline.job(configs, beam_args, keep_intermediate).run()
 
