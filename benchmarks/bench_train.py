@@ -34,7 +34,7 @@ from lwm_data.packing import PackOptions, pack_examples
 from lwm_data.train.config import StageConfig, TrainConfig
 from lwm_data.train.data import model_inputs
 from lwm_data.train.model import Transformer
-from lwm_data.train.train import clip_gradients, make_optimizer, train
+from lwm_data.train.trainer import clip_gradients, make_optimizer, train
 
 GOAL = 0.9
 WARMUP_STEPS = 2

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_vision.py [--configs reduced,amused] [--videos 8] [--frames 48] [--device cpu]
 
-Videos: synthetic H.264 (lwm_data.vision.synthetic), 640x360, made once in the workdir.
+Videos: synthetic H.264 (lwm_data.testing.media), 640x360, made once in the workdir.
 - bare decord: `VideoReader(path, width, height).get_batch(...)` over every frame, batches of 16, at
   the size lwm_data asks decord for (short side 256): the same decode + resize with nothing around it.
   (`decord native f/s`, decoding at the native size without resizing, is printed for reference.)
@@ -40,7 +40,7 @@ def median_rate(fn, frames: int, repeats: int) -> float:
 
 
 def make_videos(directory: Path, count: int, frames: int) -> list[Path]:
-    from lwm_data.vision.synthetic import make_video
+    from lwm_data.testing.media import make_video
 
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -86,7 +86,7 @@ def decoded_frames(paths: list[Path]) -> np.ndarray:
 
 def stage(directory: Path, output: Path, config: str, device: str, batch_size: int) -> None:
     from lwm_data import config as settings
-    from lwm_data.pipelines import vision
+    from lwm_data.pipelines import media as vision
 
     values = {"input": str(directory / "*.mp4"), "output": str(output), "max_frames": 0, "random_config": config,
               "device": device, "batch_size": batch_size}

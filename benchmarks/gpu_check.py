@@ -37,7 +37,7 @@ from bench_train import write_packed  # noqa: E402
 from lwm_data.kernels import block_attention  # noqa: E402
 from lwm_data.kernels.reference import random_packing  # noqa: E402
 from lwm_data.train.config import StageConfig, TrainConfig  # noqa: E402
-from lwm_data.train.train import train  # noqa: E402
+from lwm_data.train.trainer import train  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100/H200 dense bf16
 BOUNDS = {"out": 2e-2, "lse": 1e-3, "dq": 5e-2, "dk": 5e-2, "dv": 5e-2}

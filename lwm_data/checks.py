@@ -2,7 +2,7 @@
 
 A row check sees one shard at a time; a global check sees chosen columns of the whole output. Each
 counts violations by class ("tokens length != num_tokens", ...), so one message says what is wrong
-and how often. The registry (`lwm_data.stages`) says which checks hold for which stage.
+and how often. The registry (`lwm_data.pipelines.registry`) says which checks hold for which stage.
 """
 
 from __future__ import annotations

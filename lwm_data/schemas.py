@@ -1,7 +1,7 @@
 """Every table lwm-data writes, defined once.
 
 Each stage writes Parquet shards in exactly one of these schemas, plus `manifest.json` and
-`errors/*.jsonl` (see `lwm_data.outputs`); the registry (`lwm_data.stages`) says which, and
+`errors/*.jsonl` (see `lwm_data.outputs`); the registry (`lwm_data.pipelines.registry`) says which, and
 `lwm-data validate` checks shards against it.
 
 Token conventions (see docs/lwm-format.md): text ids and vision ids share one int32 sequence,
@@ -32,7 +32,7 @@ QA_PAIR_TYPE = pa.struct(
     [
         pa.field("question", pa.string(), nullable=False),
         pa.field("answer", pa.string(), nullable=False),
-        # share of the answer's content words found in the chunk (lwm_data.qa.grounding_score)
+        # share of the answer's content words found in the chunk (lwm_data.text.qa.grounding_score)
         pa.field("grounding", pa.float32()),
     ]
 )

@@ -2,7 +2,7 @@
 
 Counts come from the manifest; token totals and distributions from the shards, reading only small
 columns (num_tokens, kind, per-row and per-segment counts), never the token lists. Each stage's
-collector is named in the registry (lwm_data.stages):
+collector is named in the registry (lwm_data.pipelines.registry):
     chunk_stats    books, chunks, tokens; chunk lengths
     example_stats  examples and tokens by kind; example lengths    (chat, text, import-lwm)
     packed_stats   rows, tokens, padding, fill, segments per row, tokens by kind; segment lengths
@@ -46,7 +46,7 @@ def _strings(table: pa.Table, name: str, flatten: bool = False) -> np.ndarray:
 
 def collect_stats(directory: str) -> DatasetStats:
     """The stats of a stage's output, by the collector its stage registers."""
-    from lwm_data.stages import stage_of  # the registry names this module's collectors
+    from lwm_data.pipelines.registry import stage_of  # the registry names this module's collectors
 
     manifest = outputs.read_manifest(directory)
     stats = DatasetStats(manifest["stage"], manifest["counts"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lwm_data.synthetic import SyntheticBook, generate_books, write_books_jsonl
+from lwm_data.testing.books import SyntheticBook, generate_books, write_books_jsonl
 
 pytest_plugins = ["tests.fixtures_vllm"]
 

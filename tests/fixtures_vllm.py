@@ -2,7 +2,7 @@
 
 The model is built at test time with transformers (nothing is downloaded) and saved with the
 project's default SentencePiece tokenizer as a Hugging Face LlamaTokenizer with a chat template.
-The server is started through `lwm_data.llm.VLLMServer`, so the vllm backend in the tests finds and
+The server is started through `lwm_data.text.llm.VLLMServer`, so the vllm backend in the tests finds and
 shares it exactly as worker processes on one machine would.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lwm_data.llm import VLLMServer
+from lwm_data.text.llm import VLLMServer
 from lwm_data.tokenizers.text import default_tokenizer_path
 
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"

@@ -6,7 +6,7 @@ import io
 import tarfile
 from pathlib import Path
 
-from lwm_data.vision.synthetic import make_image, make_video, moving_square  # noqa: F401 - re-exported for tests
+from lwm_data.testing.media import make_image, make_video, moving_square  # noqa: F401 - re-exported for tests
 
 
 def make_tar(path: Path, members: dict[str, bytes]) -> Path:

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from lwm_data.books import Book, read_books
+from lwm_data.text.books import Book, read_books
 from lwm_data.outputs import Rejection
 from lwm_data.reading import iter_lines
 
@@ -128,7 +128,7 @@ def test_dead_letters_with_unicode_line_separators_read_back_one_per_line(tmp_pa
 def test_a_bug_in_a_parser_fails_instead_of_posing_as_an_unreadable_file(tmp_path, monkeypatch):
     import pytest
 
-    import lwm_data.books as books
+    import lwm_data.text.books as books
 
     path = tmp_path / "b.jsonl"
     path.write_text(json.dumps({"text": "One."}) + "\n" + json.dumps({"text": "Two."}) + "\n")

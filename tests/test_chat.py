@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from lwm_data.chat import BookTally, ChatConfig, ChatTemplate, book_examples, encode_turns, plan_windows
-from lwm_data.chunking import BookChunks, cut_chunks
-from lwm_data.lwm_format import LwmProcessor, example_from_line, to_lwm_record
-from lwm_data.synthetic import SyntheticBook, generate_book
+from lwm_data.text.chat import BookTally, ChatConfig, ChatTemplate, book_examples, encode_turns, plan_windows
+from lwm_data.text.chunking import BookChunks, cut_chunks
+from lwm_data.lwm_format.processor import LwmProcessor, example_from_line, to_lwm_record
+from lwm_data.testing.books import SyntheticBook, generate_book
 from lwm_data.tokenizers import load_tokenizer
 
 
@@ -154,7 +154,7 @@ def test_chat_exports_to_lwm_and_back(examples, tokenizer):
 def test_fit_context_never_exceeds_the_budget():
     """A one-chunk window whose chunk re-tokenizes longer than the budget keeps the chunk's own slice
     (which fits: windows only hold chunks that fit), so the example still fits its length."""
-    from lwm_data.chat import fit_context
+    from lwm_data.text.chat import fit_context
 
     class GrowingTokenizer:  # re-tokenizing adds two tokens
         def decode(self, ids):

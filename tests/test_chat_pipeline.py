@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 from lwm_data import config as settings
 from lwm_data import outputs
-from lwm_data.cli import app
+from lwm_data.cli.main import app
 from lwm_data.outputs import Rejection
 from lwm_data.pipelines import chat
 from lwm_data.schemas import QA_SCHEMA
-from lwm_data.validate import validate
+from lwm_data.cli.validate import validate
 from tests.helpers import write_output
 
 LENGTHS = (4096, 65536)  # the synthetic books (~4K-12K tokens) fill 4K windows, never a 64K one
@@ -117,7 +117,7 @@ def test_export_then_import_gives_the_same_examples(chat_run, tmp_path):
 
 
 def test_books_are_rebuilt_from_rows_in_any_order_and_bad_ones_refused(chunks_dir):
-    from lwm_data.chunking import book_chunks_from_table, split_by_book
+    from lwm_data.text.chunking import book_chunks_from_table, split_by_book
 
     table = outputs.read_table(str(chunks_dir), chat.CHUNK_COLUMNS)
     pieces = dict(split_by_book(table))

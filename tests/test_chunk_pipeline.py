@@ -9,13 +9,13 @@ import pytest
 from typer.testing import CliRunner
 
 from lwm_data import outputs
-from lwm_data.books import Book
-from lwm_data.cli import app
+from lwm_data.text.books import Book
+from lwm_data.cli.main import app
 from lwm_data.outputs import Rejection
 from lwm_data.pipelines import chunk
-from lwm_data.synthetic import write_books_jsonl
+from lwm_data.testing.books import write_books_jsonl
 from lwm_data.tokenizers import load_tokenizer
-from lwm_data.validate import validate
+from lwm_data.cli.validate import validate
 
 HUGE_LINE_BYTES = 300 * 1024 * 1024
 

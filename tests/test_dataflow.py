@@ -13,7 +13,7 @@ pytest.importorskip("apache_beam.runners.dataflow.internal.apiclient", reason="a
 from apache_beam.io.filesystems import FileSystems  # noqa: E402
 
 import tests.memfs  # noqa: E402,F401 - registers memfs://, standing in for gs:// where files must exist
-from lwm_data.pipelines import run  # noqa: E402
+from lwm_data.recipes import run  # noqa: E402
 from lwm_data.tokenizers import default_tokenizer_path  # noqa: E402
 from lwm_data.tokenizers.vision import VQGAN  # noqa: E402
 

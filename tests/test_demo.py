@@ -6,8 +6,8 @@ import json
 from typer.testing import CliRunner
 
 from lwm_data import outputs
-from lwm_data.cli import app
-from lwm_data.validate import validate
+from lwm_data.cli.main import app
+from lwm_data.cli.validate import validate
 
 
 def test_demo_runs_everything_into_valid_outputs_and_trains(tmp_path):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lwm_data.examples import Example, examples_from_table, examples_to_table
-from lwm_data.lwm_format import (
+from lwm_data.lwm_format.processor import (
     LwmProcessor,
     ProcessorConfig,
     choose_field_spec,
@@ -270,7 +270,7 @@ def test_examples_table_round_trip(default_processor):
 def test_import_job_dead_letters_bad_lines(tmp_path, default_processor):
     from lwm_data.outputs import read_dead_letters, read_table
     from lwm_data.pipelines import import_lwm
-    from lwm_data.validate import validate
+    from lwm_data.cli.validate import validate
 
     good = [
         {"fields": "[q],a", "q": "Why?", "a": "Because."},
@@ -313,7 +313,7 @@ def test_import_job_dead_letters_bad_lines(tmp_path, default_processor):
 def test_import_dead_letters_a_corrupt_compressed_file(tmp_path, suffix, junk):
     from lwm_data.outputs import read_dead_letters
     from lwm_data.pipelines import import_lwm
-    from lwm_data.validate import validate
+    from lwm_data.cli.validate import validate
 
     (tmp_path / f"corrupt{suffix}").write_bytes(junk)
     (tmp_path / "good.jsonl").write_text(json.dumps({"fields": "[q],a", "q": "Why?", "a": "Because."}) + "\n")

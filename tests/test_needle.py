@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from lwm_data import outputs
-from lwm_data.cli import app
-from lwm_data.needle import (
+from lwm_data.cli.main import app
+from lwm_data.text.needle import (
     CITIES,
     MULTI_TEMPLATE,
     SINGLE_TEMPLATE,
@@ -29,7 +29,7 @@ from lwm_data.needle import (
 )
 from lwm_data.schemas import NEEDLE_SCHEMA
 from lwm_data.tokenizers import load_tokenizer
-from lwm_data.validate import validate
+from lwm_data.cli.validate import validate
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 

@@ -16,9 +16,9 @@ import pytest
 import tests.memfs as memfs
 from lwm_data import outputs
 from lwm_data.pipelines import chunk
-from lwm_data.synthetic import generate_books, write_books_jsonl
+from lwm_data.testing.books import generate_books, write_books_jsonl
 from lwm_data.tokenizers import default_tokenizer_path
-from lwm_data.validate import validate
+from lwm_data.cli.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import io
 
 from rich.console import Console
 
-from lwm_data import progress
+from lwm_data.cli import progress
 from lwm_data.pipelines import chunk
 
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lwm_data.llm import (
+from lwm_data.text.llm import (
     ChatClient,
     ClientConfig,
     Completion,
@@ -29,7 +29,7 @@ from lwm_data.llm import (
     http_ok,
 )
 from lwm_data.outputs import Rejection
-from lwm_data.qa import (
+from lwm_data.text.qa import (
     BLANK,
     CHARS_PER_TOKEN,
     JSON_PAIR_CHARS,
@@ -53,7 +53,7 @@ from lwm_data.qa import (
     scored,
     validate_pairs,
 )
-from lwm_data.synthetic import generate_book
+from lwm_data.testing.books import generate_book
 
 STRICT = PairLimits()
 
@@ -244,7 +244,7 @@ def test_a_cache_read_error_is_a_miss_logged_once(tmp_path, caplog):
     cache = ResponseCache(str(tmp_path / "cache"))
     for key in ("ab" * 32, "cd" * 32):
         (tmp_path / "cache" / key[:2] / f"{key}.json").mkdir(parents=True)  # unreadable: a directory
-    with caplog.at_level("WARNING", logger="lwm_data.llm"):
+    with caplog.at_level("WARNING", logger="lwm_data.text.llm"):
         assert cache.get("ab" * 32) is None and cache.get("cd" * 32) is None
     warnings = [r for r in caplog.records if "response cache" in r.getMessage()]
     assert len(warnings) == 1 and "IsADirectoryError" in warnings[0].getMessage()
@@ -451,7 +451,7 @@ def chat_reply(content: str) -> dict:
 def test_the_key_comes_from_the_named_variable_and_a_refusal_names_it(monkeypatch):
     import asyncio
 
-    from lwm_data.llm import ServerRejected
+    from lwm_data.text.llm import ServerRejected
 
     def reply(headers, body):
         if headers.get("authorization") != "Bearer s3cret-key":
@@ -504,7 +504,7 @@ def test_a_server_that_refuses_the_schema_is_asked_with_weaker_constraints(tmp_p
 def test_requests_in_flight_show_in_the_live_tally_and_drain_to_zero():
     from lwm_data import config as stage_config
     from lwm_data.pipelines.qa import ChunkRequest, QAConfig, ServerBackend
-    from lwm_data.progress import IN_FLIGHT, TALLY
+    from lwm_data.cli.progress import IN_FLIGHT, TALLY
 
     TALLY.clear()
     seen = []
@@ -546,7 +546,7 @@ def test_cloze_blanks_names_not_words_that_open_a_sentence_or_a_quotation():
 
 
 def test_cloze_on_synthetic_books_blanks_no_function_word():
-    from lwm_data.qa import FUNCTION_WORDS
+    from lwm_data.text.qa import FUNCTION_WORDS
 
     for seed in range(4):
         text = generate_book(seed, 2000).text

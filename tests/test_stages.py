@@ -13,11 +13,12 @@ from typer.main import get_command
 
 from lwm_data import config as settings
 from lwm_data import outputs
-from lwm_data.cli import app
+from lwm_data.cli.main import app
 from lwm_data.config import ConfigError
-from lwm_data.pipelines import books, chat, chunk, pack, qa, text
-from lwm_data.stages import STAGES, markdown_table
-from lwm_data.validate import validate
+from lwm_data.pipelines import chat, chunk, pack, qa, text
+from lwm_data.recipes import books
+from lwm_data.pipelines.registry import STAGES, markdown_table
+from lwm_data.cli.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,7 +125,7 @@ def test_a_local_run_prints_no_beam_noise(tmp_path):
     import subprocess
     import sys
 
-    from lwm_data.vision.synthetic import make_video
+    from lwm_data.testing.media import make_video
 
     make_video(tmp_path / "v.mp4", frames=2)
     (tmp_path / "v.txt").write_text("a clip")

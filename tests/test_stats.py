@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lwm_data import outputs
-from lwm_data.cli import app
+from lwm_data.cli.main import app
 from lwm_data.examples import Examples
 from lwm_data.packing import PackOptions, pack_examples
 from lwm_data.stats import collect_stats, plot_stats

@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lwm_data.synthetic import generate_book
-from lwm_data.chunking import (
+from lwm_data.testing.books import generate_book
+from lwm_data.text.chunking import (
     PARAGRAPH,
     SENTENCE,
     WHITESPACE,

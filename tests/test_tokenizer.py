@@ -72,7 +72,7 @@ def test_missing_tokenizer_raises(tmp_path):
 def test_hf_byte_level_pieces_of_one_character_are_not_cut_between(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from lwm_data.chunking import cut_chunks
+    from lwm_data.text.chunking import cut_chunks
 
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -127,7 +127,7 @@ def test_a_changed_tokenizer_is_refused(tmp_path):
 def test_downstream_stages_refuse_chunks_from_another_tokenizer(chunks_dir, tmp_path, llama2_tokenizer_path):
     from typer.testing import CliRunner
 
-    from lwm_data.cli import app
+    from lwm_data.cli.main import app
 
     args = ["chat", "--chunks", str(chunks_dir), "--qa", str(chunks_dir), "--output", str(tmp_path / "chat"),
             "--tokenizer", str(llama2_tokenizer_path)]

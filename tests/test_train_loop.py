@@ -22,7 +22,7 @@ from lwm_data.train.__main__ import app
 from lwm_data.train.config import StageConfig, load_config
 from lwm_data.train.data import model_inputs
 from lwm_data.train.parallel import Parallel, setup
-from lwm_data.train.train import learning_rate, loss_coefficients, train
+from lwm_data.train.trainer import learning_rate, loss_coefficients, train
 from tests.helpers import write_packed_rows
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ import pytest
 from lwm_data import config as settings
 from lwm_data import outputs
 from lwm_data.examples import IMAGE_CHAT, IMAGE_TEXT, VIDEO_CHAT, VIDEO_TEXT, examples_from_table
-from lwm_data.stages import STAGES
-from lwm_data.validate import validate
+from lwm_data.pipelines.registry import STAGES
+from lwm_data.cli.validate import validate
 from tests.media import make_image, make_tar, make_video
 
 pytestmark = pytest.mark.slow
@@ -107,7 +107,7 @@ def test_kept_codes_reassemble_without_reencoding(video_run, tmp_path):
 def test_vision_decode_writes_pictures(video_run, tmp_path):
     from typer.testing import CliRunner
 
-    from lwm_data.cli import app
+    from lwm_data.cli.main import app
 
     _, examples_dir, codes_dir = video_run
     result = CliRunner().invoke(app, ["vision-decode", "--input", str(codes_dir), "--output", str(tmp_path / "png"), "--limit", "0"])
@@ -223,7 +223,7 @@ def test_gpu_resource_hint_on_the_vqgan_step():
     """On Dataflow, `--accelerator` puts only the VQ-GAN step on GPU workers (a Beam resource hint)."""
     import apache_beam as beam
 
-    from lwm_data.pipelines.vision import EncodeMedia, FrameSampling
+    from lwm_data.pipelines.media import EncodeMedia, FrameSampling
     from lwm_data.tokenizers.vision import VQGANSettings
 
     accelerator = "type:nvidia-l4;count:1;install-nvidia-driver"
@@ -241,7 +241,7 @@ def test_gpu_resource_hint_on_the_vqgan_step():
 def test_cli_runs_the_video_stage(tmp_path):
     from typer.testing import CliRunner
 
-    from lwm_data.cli import app
+    from lwm_data.cli.main import app
 
     make_video(tmp_path / "v.mp4", frames=3)
     (tmp_path / "v.txt").write_text("a clip")

@@ -4,7 +4,7 @@
                                                     +--CoGroupByKey--> AssembleChats --> EXAMPLE tables
     QA tables    --SplitByBook--> (book_id, rows) --+
 
-The layout of an example, the windows and the QA sampling are in lwm_data.chat.
+The layout of an example, the windows and the QA sampling are in lwm_data.text.chat.
 
 Counts are per (book, context length): `in` = books x lengths; `out` = those that gave at least one
 example; filtered: `shorter_than_<L>` (the book does not fill one window of L), `no_qa_<L>` (no window
@@ -31,8 +31,8 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lwm_data.chat import BookTally, ChatConfig, QATurn, book_examples, encode_turns, qa_pairs_from_table
-from lwm_data.chunking import BookChunks, book_chunks_from_table, split_by_book
+from lwm_data.text.chat import BookTally, ChatConfig, QATurn, book_examples, encode_turns, qa_pairs_from_table
+from lwm_data.text.chunking import BookChunks, book_chunks_from_table, split_by_book
 from lwm_data.config import nested, setting
 from lwm_data.examples import Example, examples_to_table
 from lwm_data.outputs import Rejection, read_manifest

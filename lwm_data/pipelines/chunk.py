@@ -5,7 +5,7 @@
           --BatchElements (by characters)--> TokenizeAndChunk --> CHUNK_SCHEMA tables       [Chunk]
 
 Counts: `in` = input records, `out` = books written; filtered: duplicate, too_short, too_long;
-dead-lettered: bad records (see lwm_data.books) and conflicting ids. Stats: chunks, tokens.
+dead-lettered: bad records (see lwm_data.text.books) and conflicting ids. Stats: chunks, tokens.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from lwm_data.books import Book, read_books
-from lwm_data.chunking import Chunk as ChunkSpan
-from lwm_data.chunking import cut_chunks
+from lwm_data.text.books import Book, read_books
+from lwm_data.text.chunking import Chunk as ChunkSpan
+from lwm_data.text.chunking import cut_chunks
 from lwm_data.config import ConfigError, setting
 from lwm_data.outputs import Rejection
 from lwm_data.pipelines.common import ERRORS, Counters, ReadFiles, StageOutput, merge_errors, route, run_stage

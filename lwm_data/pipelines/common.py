@@ -8,7 +8,7 @@ command is
     pipeline | Read... | Stage(config) | WriteStage(run)      then run_stage counts and commits
 
 and a fused pipeline (`Job`) chains the stage transforms in one Beam pipeline and writes each
-stage's output: books | Chunk | QA | Chat | ... (see `lwm_data.pipelines.books`).
+stage's output: books | Chunk | QA | Chat | ... (see `lwm_data.recipes.books`).
 
 Per-record work is a *step*: a plain object, called with one element, that yields outputs and
 `Rejection`s or raises one, with an optional `setup()` run once per worker (to load a tokenizer, a
@@ -46,7 +46,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from lwm_data import outputs
 from lwm_data.config import ConfigError
 from lwm_data.outputs import OutputRun, Rejection, now, stage_manifest
-from lwm_data.progress import TALLY
+from lwm_data.cli.progress import TALLY
 
 NAMESPACE_PREFIX = "lwm_data."
 ERRORS = "errors"  # tag of dead-letter outputs

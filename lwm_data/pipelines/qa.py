@@ -5,13 +5,13 @@
         --ToRows (+ dead letters)--> BatchRows --> QA_SCHEMA tables
 
 RunInference batches chunks by tokens (prompt + max_tokens), and `QAModelHandler` sends a batch's
-requests concurrently through `lwm_data.llm.ChatClient` (at most `concurrency` in flight per worker),
+requests concurrently through `lwm_data.text.llm.ChatClient` (at most `concurrency` in flight per worker),
 re-asking a chunk whose reply is invalid up to `max_asks` requests in all. Beam's own model sharing
 (`share_model_across_processes`) is not used for the vllm backend: `VLLMServer` also restarts a
 server that dies and lets later jobs on the machine reuse it.
 
 The reply's structured output carries as many of the validator's rules as the grammar can say
-(`--constraints`, see `lwm_data.qa.reply_schema`); a server that refuses that schema (HTTP 400/422
+(`--constraints`, see `lwm_data.text.qa.reply_schema`); a server that refuses that schema (HTTP 400/422
 about it) is asked with the next weaker one for the rest of the run (stat constraint_fallbacks).
 Every pair is stored with its grounding score; pairs under `--min-grounding` are dropped.
 
@@ -39,7 +39,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from lwm_data.config import ConfigError, nested, setting
-from lwm_data.llm import (
+from lwm_data.text.llm import (
     ChatClient,
     ClientConfig,
     Completion,
@@ -50,7 +50,7 @@ from lwm_data.llm import (
     VLLMServer,
 )
 from lwm_data.outputs import Rejection
-from lwm_data.progress import IN_FLIGHT, TALLY
+from lwm_data.cli.progress import IN_FLIGHT, TALLY
 from lwm_data.pipelines.common import (
     ERRORS,
     Counters,
@@ -61,7 +61,7 @@ from lwm_data.pipelines.common import (
     run_stage,
     upstream_tokenizer,
 )
-from lwm_data.qa import (
+from lwm_data.text.qa import (
     CLOZE_MODEL,
     CLOZE_PROMPT_VERSION,
     CONSTRAINTS,

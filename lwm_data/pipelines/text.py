@@ -16,7 +16,7 @@ from typing import Iterable
 import apache_beam as beam
 import pyarrow as pa
 
-from lwm_data.chunking import book_chunks_from_table, split_by_book, text_example
+from lwm_data.text.chunking import book_chunks_from_table, split_by_book, text_example
 from lwm_data.config import ConfigError, setting
 from lwm_data.examples import examples_to_table
 from lwm_data.outputs import read_manifest

@@ -32,7 +32,7 @@ def _flag(option: Option) -> inspect.Parameter:
 
 def command(config: Optional[str] = None, **values: Any) -> None:
     """Train LLaMA (with LWM's vision heads) on packed shards: data x ring parallel, progressive context."""
-    from lwm_data.train.train import train
+    from lwm_data.train.trainer import train
 
     try:
         train(load_config(config, values))

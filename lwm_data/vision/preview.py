@@ -18,7 +18,7 @@ import numpy as np
 
 from lwm_data import outputs
 from lwm_data.config import ConfigError
-from lwm_data.lwm_format import END_OF_FRAME, END_OF_VISION
+from lwm_data.lwm_format.processor import END_OF_FRAME, END_OF_VISION
 from lwm_data.tokenizers.vision import VQGAN
 from lwm_data.vision.sequences import TOKENS_PER_FRAME
 

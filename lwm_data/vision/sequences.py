@@ -6,7 +6,7 @@ the last frame, whose codes are followed by 8193 (end of vision), then `</vision
 an LWM record (text fields, vision fields, a field spec) and tokenized by `LwmProcessor`, the code
 import-lwm runs, so what this stage writes is what LWM's loaders make of its export, token for token.
 
-Every example is a conversation in LWM's chat form (lwm_data.chat.ChatTemplate; BOS, the system prompt
+Every example is a conversation in LWM's chat form (lwm_data.text.chat.ChatTemplate; BOS, the system prompt
 "You are a helpful assistant. USER:", each question then "ASSISTANT:", each answer then EOS; loss on
 the answers and their EOS only):
 
@@ -30,10 +30,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lwm_data.chat import ChatTemplate
+from lwm_data.text.chat import ChatTemplate
 from lwm_data.config import ConfigError, nested, setting
 from lwm_data.examples import IMAGE_CHAT, IMAGE_TEXT, VIDEO_CHAT, VIDEO_TEXT, Example
-from lwm_data.lwm_format import EOS_FIELD, FieldSpec, LwmProcessor, format_field_spec, render_text
+from lwm_data.lwm_format.processor import EOS_FIELD, FieldSpec, LwmProcessor, format_field_spec, render_text
 from lwm_data.outputs import Rejection
 from lwm_data.tokenizers.vision import CODES_SIDE
 
@@ -99,7 +99,7 @@ def chat_record(turns: Sequence[Turn], template: ChatTemplate) -> tuple[dict[str
     """An LWM record + field spec for a conversation whose questions and answers mix text and vision.
 
     Adjacent texts of one weight are joined by a space and tokenized as one field, so a text-only turn
-    tokenizes as lwm_data.chat's turns do; vision parts become vision fields of their turn's weight."""
+    tokenizes as lwm_data.text.chat's turns do; vision parts become vision fields of their turn's weight."""
     pieces: list[tuple[Part, float]] = []
     for i, (question, answer) in enumerate(turns):
         head, tail = (template.first_question if i == 0 else template.next_question).split("{question}")

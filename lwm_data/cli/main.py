@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from lwm_data import config as settings
-from lwm_data import progress
+from lwm_data.cli import progress
 from lwm_data.config import ConfigError, Option
 from lwm_data.outputs import NotAStageOutput
 from lwm_data.pipelines.common import check_beam_args
-from lwm_data.stages import STAGES, Stage
+from lwm_data.pipelines.registry import STAGES, Stage
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
@@ -150,7 +150,7 @@ def run_pipeline(
     keep_intermediate: bool = typer.Option(False, "--keep-intermediate", help="Also keep every upstream stage's output."),
 ) -> None:
     """A whole pipeline as ONE Beam job; `--<stage>.<option> VALUE` overrides the TOML, the rest goes to Beam."""
-    from lwm_data.pipelines import run
+    from lwm_data.recipes import run
 
     with user_errors(), progress.live():
         manifests = run.run(pipeline, config, list(ctx.args), keep_intermediate)
@@ -165,7 +165,7 @@ def run_pipeline(
 @app.command()
 def validate(directory: str = typer.Argument(..., help="Any stage's output directory.")) -> None:
     """Check a stage's output against its schema and invariants; exit 1 on any violation."""
-    from lwm_data.validate import validate as run_validate
+    from lwm_data.cli.validate import validate as run_validate
 
     violations = run_validate(directory)
     if violations:
@@ -248,7 +248,7 @@ def needle_score(
     from apache_beam.io.filesystems import FileSystems
 
     from lwm_data import outputs
-    from lwm_data.needle import accuracy_grid, plot_grid, read_responses, score_rows
+    from lwm_data.text.needle import accuracy_grid, plot_grid, read_responses, score_rows
 
     with FileSystems.open(responses) as f:
         answers, bad = read_responses(f.read().decode().splitlines())
@@ -283,7 +283,7 @@ def serve_llm(
     """Run vLLM's OpenAI server for `lwm-data qa --backend openai` (extra arguments go to vLLM)."""
     import os
 
-    from lwm_data.llm import vllm_command
+    from lwm_data.text.llm import vllm_command
 
     command = vllm_command(model, port, vllm_python, tuple(ctx.args))
     console.print(" ".join(command))
@@ -302,7 +302,7 @@ def demo(
     seed: int = typer.Option(0),
 ) -> None:
     """Everything on synthetic data, offline: books -> 32K chat, videos -> VQ-GAN tokens, packing, training."""
-    from lwm_data.demo import DemoOptions, run_demo, summary_rows
+    from lwm_data.cli.demo import DemoOptions, run_demo, summary_rows
 
     options = DemoOptions(output.resolve(), books, words, videos, steps, endpoint, model, seed)
     with user_errors(), progress.live():

@@ -22,8 +22,9 @@ import pyarrow as pa
 
 from lwm_data import checks, stats
 from lwm_data.checks import GlobalCheck, TableCheck
-from lwm_data.needle import NeedleStageConfig, make_needle_set
-from lwm_data.pipelines import chat, chunk, import_lwm, pack, qa, text, vision
+from lwm_data.text.needle import NeedleStageConfig, make_needle_set
+from lwm_data.pipelines import chat, chunk, import_lwm, pack, qa, text
+from lwm_data.pipelines import media as vision
 from lwm_data.schemas import CHUNK_SCHEMA, CODES_SCHEMA, EXAMPLE_SCHEMA, NEEDLE_SCHEMA, PACKED_SCHEMA, QA_SCHEMA
 
 

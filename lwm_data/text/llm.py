@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOOPBACK = "127.0.0.1"
-# guidance: it honours a pattern beside length bounds, which xgrammar does not (see lwm_data.qa).
+# guidance: it honours a pattern beside length bounds, which xgrammar does not (see lwm_data.text.qa).
 # Without disable_any_whitespace, JSON-schema decoding may emit whitespace until max_tokens (a known
 # vLLM behaviour).
 VLLM_STRUCTURED_OUTPUTS = '{"backend":"guidance","disable_any_whitespace":true}'

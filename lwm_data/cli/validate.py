@@ -1,6 +1,6 @@
 """`lwm-data validate DIR`: check a stage's output against its schema, its contracts and its manifest.
 
-The checks of each stage are named in the registry (lwm_data.stages) and written in lwm_data.checks.
+The checks of each stage are named in the registry (lwm_data.pipelines.registry) and written in lwm_data.checks.
 Violations are grouped in classes ("tokens length != num_tokens", ...), each counted over the whole
 output, so one message says what is wrong and how often.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 
 from lwm_data import outputs
-from lwm_data.stages import UnknownStage, stage_of
+from lwm_data.pipelines.registry import UnknownStage, stage_of
 
 
 def validate(output_dir: str) -> Counter:

@@ -1,7 +1,7 @@
 """Question-answer pairs about one chunk: prompts, the reply's JSON schema, validation, cloze QA.
 
 Everything here is pure and works on one chunk or one reply; talking to a model lives in
-`lwm_data.llm` and the Beam job in `lwm_data.pipelines.qa`.
+`lwm_data.text.llm` and the Beam job in `lwm_data.pipelines.qa`.
 
 The reply's JSON schema (`reply_schema`) carries as many of the rules below as the server's grammar
 backend can say (`CONSTRAINTS`), so that validation is left with what a grammar cannot say.
@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from lwm_data.chunking import CLOSING_QUOTES, SENTENCE_END_MARKS
+from lwm_data.text.chunking import CLOSING_QUOTES, SENTENCE_END_MARKS
 from lwm_data.config import setting
 from lwm_data.outputs import Rejection
 
@@ -333,7 +333,7 @@ def cache_key(model: str, prompt_version: str, chunk_text: str, params: Mapping[
 # --- cloze: extractive QA from the chunk's own sentences --------------------------------------
 
 _ENDS = re.escape(SENTENCE_END_MARKS)
-# A sentence starts the text, a paragraph, or follows a sentence end (`lwm_data.chunking`'s: a mark,
+# A sentence starts the text, a paragraph, or follows a sentence end (`lwm_data.text.chunking`'s: a mark,
 # maybe a closing quote, then whitespace); it opens with a capital, or an opening quote before one;
 # it may wrap across single line breaks (hard-wrapped prose), never across a blank line.
 _CLOSING = re.escape(CLOSING_QUOTES)

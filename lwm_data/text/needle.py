@@ -5,7 +5,7 @@ Protocol (LWM's scripts/eval_needle*.py, with its flaws fixed):
   (with BOS, needles, question and template) leaves `answer_tokens` free within the context length,
   then back to the last sentence end;
 - needle: `The special magic {city} number is: {7 digits}` on its own line, inserted right after the
-  last sentence end (lwm_data.chunking's definition) at or before the token depth; depth 1.0 puts it
+  last sentence end (lwm_data.text.chunking's definition) at or before the token depth; depth 1.0 puts it
   at the very end, as LWM does;
 - question: `What is the special magic {city} number?` for one city, `What are the special magic
   numbers for A, B, and C?` for several; prompt: LWM's eval template;
@@ -28,8 +28,8 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from lwm_data import outputs
-from lwm_data.books import read_books
-from lwm_data.chunking import sentence_end_before
+from lwm_data.text.books import read_books
+from lwm_data.text.chunking import sentence_end_before
 from lwm_data.config import ConfigError, nested, setting
 from lwm_data.outputs import OutputRun, Rejection
 from lwm_data.reading import json_object

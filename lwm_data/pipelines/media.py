@@ -37,7 +37,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 
 from lwm_data.config import ConfigError, nested, setting
 from lwm_data.examples import Example, examples_to_table
-from lwm_data.lwm_format import LwmProcessor
+from lwm_data.lwm_format.processor import LwmProcessor
 from lwm_data.outputs import Rejection
 from lwm_data.pipelines.common import (
     ERRORS, LOCAL_RUNNERS, Counters, Job, ReadFiles, ReadStage, StageOutput, Stages, merge_errors, route,

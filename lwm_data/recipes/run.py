@@ -29,9 +29,10 @@ from typing import Any, Callable
 
 from lwm_data import config as settings
 from lwm_data.config import ConfigError
-from lwm_data.pipelines import books, vision
+from lwm_data.pipelines import media as vision
+from lwm_data.recipes import books
 from lwm_data.pipelines.common import Job, check_beam_args
-from lwm_data.stages import STAGES
+from lwm_data.pipelines.registry import STAGES
 
 Values = dict[str, dict[str, Any]]  # stage -> option name -> value
 

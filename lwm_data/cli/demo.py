@@ -21,11 +21,11 @@ from typing import Callable
 
 from lwm_data import config as settings
 from lwm_data.packing import LWM_TEXT_SHARE
-from lwm_data.pipelines import run
-from lwm_data.stages import STAGES
-from lwm_data.synthetic import generate_books, write_books_jsonl
-from lwm_data.validate import validate
-from lwm_data.vision.synthetic import make_video
+from lwm_data.recipes import run
+from lwm_data.pipelines.registry import STAGES
+from lwm_data.testing.books import generate_books, write_books_jsonl
+from lwm_data.cli.validate import validate
+from lwm_data.testing.media import make_video
 
 CONTEXT = 32768
 TRAIN_SEQ_LEN = 1024

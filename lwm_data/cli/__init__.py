@@ -1,0 +1,1 @@
+"""The `lwm-data` command: one command per stage (main), and the tools around them."""

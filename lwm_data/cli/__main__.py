@@ -1,0 +1,3 @@
+from lwm_data.cli.main import main
+
+main()
