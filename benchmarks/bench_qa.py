@@ -33,11 +33,11 @@ sys.path.insert(0, str(REPO))
 
 from lwm_data import config as settings  # noqa: E402
 from lwm_data import outputs  # noqa: E402
-from lwm_data.text.llm import VLLMServer, api_key  # noqa: E402
 from lwm_data.pipelines import chunk  # noqa: E402
 from lwm_data.pipelines import qa as qa_stage  # noqa: E402
-from lwm_data.text.qa import CONSTRAINTS  # noqa: E402
 from lwm_data.testing.books import generate_books, write_books_jsonl  # noqa: E402
+from lwm_data.text.llm import VLLMServer, api_key  # noqa: E402
+from lwm_data.text.qa import CONSTRAINTS  # noqa: E402
 
 ANSWERED_GOAL, REASKS_GOAL, FLOOD_GOAL = 0.95, 0.2, 0.9
 

@@ -22,9 +22,7 @@ import typing
 from dataclasses import MISSING, dataclass
 from typing import Any, Callable, Mapping
 
-
-class ConfigError(ValueError):
-    """A setting or an input that cannot work; the message says what to change."""
+from lwm_data.errors import ConfigError
 
 
 def setting(

@@ -26,87 +26,17 @@ import datetime
 import json
 import logging
 import secrets
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
 import lwm_data
 from lwm_data import config as settings
-
-MANIFEST = "manifest.json"
-RUN_PREFIX = "run-"
-SHARD_PREFIX = "part"
-SHARD_SUFFIX = ".parquet"
-ERRORS_DIR = "errors"
-ERRORS_SUFFIX = ".jsonl"
-STARTED = "_started.json"
-RECORD_EXCERPT_CHARS = 1000
-
-
-def excerpt(record: Any) -> str:
-    """The start of a bad record, as text, for its dead letter."""
-    if isinstance(record, bytes):
-        record = record[: 4 * RECORD_EXCERPT_CHARS].decode("utf-8", "replace")
-    elif not isinstance(record, str):
-        record = json.dumps(record, ensure_ascii=False, default=str) if isinstance(record, dict) else repr(record)
-    return record[:RECORD_EXCERPT_CHARS]
-
-
-@dataclass(eq=False)
-class Rejection(Exception):
-    """Why a record cannot be used: the one way to say so, whether returned, yielded or raised.
-
-    `reason` is a short machine-readable class ("invalid_json") that counts are kept by; `source`
-    and `locator` say where the record came from (file and line, book and chunk, ...) and may be
-    filled in by the caller that knows (`at`).
-    """
-
-    reason: str
-    detail: str = ""
-    record: str = ""
-    source: str = ""
-    locator: str = ""
-
-    def __post_init__(self):
-        super().__init__(f"{self.reason}: {self.detail}")
-        self.record = excerpt(self.record)
-
-    def at(self, source: Any, locator: Any = "", record: Any = None) -> Rejection:
-        """This rejection with its place filled in where it is still empty."""
-        return replace(
-            self,
-            source=self.source or str(source),
-            locator=self.locator or str(locator),
-            record=self.record or ("" if record is None else excerpt(record)),
-        )
-
-    def dead_letter(self, stage: str) -> DeadLetter:
-        return DeadLetter(stage, self.reason, self.source, self.locator, self.detail, self.record)
-
-
-@dataclass
-class DeadLetter:
-    """One bad input record as written to errors/: where it came from and why it was rejected."""
-
-    stage: str
-    reason: str  # a short machine-readable class, e.g. "invalid_json"
-    source: str  # input file (or upstream id)
-    locator: str = ""  # line number, byte offset, row, or chunk id within source
-    detail: str = ""  # human-readable explanation
-    record: str = ""  # excerpt of the offending record
-
-    def to_json(self) -> str:
-        fields = asdict(self)
-        fields["record"] = fields["record"][:RECORD_EXCERPT_CHARS]
-        line = json.dumps(fields, ensure_ascii=False)
-        try:
-            line.encode()
-        except UnicodeEncodeError:  # lone surrogates (from JSON input): escape them, or no sink can write it
-            line = json.dumps(fields)
-        return line
+from lwm_data import files
+from lwm_data.errors import NotAStageOutput, Rejection
+from lwm_data.schemas import ERRORS_DIR, ERRORS_SUFFIX, MANIFEST, RUN_PREFIX, SHARD_PREFIX, SHARD_SUFFIX, STARTED
 
 
 @dataclass
@@ -146,73 +76,32 @@ class Counts:
         return counts
 
 
-# ---- files on any Beam filesystem ----
-
-
-def join(*parts: str) -> str:
-    return FileSystems.join(*parts)
-
-
-def exists(path: str) -> bool:
-    return FileSystems.exists(path)
-
-
-def list_files(pattern: str) -> list[str]:
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-
-
-def write_json(path: str, obj: Any) -> None:
-    with FileSystems.create(path) as f:
-        f.write(json.dumps(obj, indent=2, ensure_ascii=False).encode() + b"\n")
-
-
-def read_json(path: str) -> Any:
-    with FileSystems.open(path) as f:
-        return json.loads(f.read())
+# ---- shards and error files ----
 
 
 def shard_rows(path: str) -> int:
-    with FileSystems.open(path) as f:
+    with files.open(path) as f:
         return pq.ParquetFile(f).metadata.num_rows
 
 
 def read_shard(path: str, columns: list[str] | None = None) -> pa.Table:
-    with FileSystems.open(path) as f:
+    with files.open(path) as f:
         return pq.read_table(f, columns=columns)
-
-
-def _json_lines(path: str) -> list[bytes]:
-    with FileSystems.open(path) as f:
-        # split the bytes: str.splitlines would also split at U+2028, U+0085, ... inside a letter
-        return [line for line in f.read().splitlines() if line.strip()]
-
-
-def _delete_tree(path: str) -> None:
-    """Delete a directory and everything under it, if it is there, with or without real directories."""
-    has_dirs = FileSystems.get_filesystem(path).has_dirs()
-    try:  # object stores delete a "directory" by its prefix; local paths are removed recursively
-        FileSystems.delete([path if has_dirs else path.rstrip("/") + "/"])
-    except OSError:  # BeamIOError included: nothing there
-        pass
 
 
 # ---- committed outputs: read through the manifest ----
 
 
-class NotAStageOutput(FileNotFoundError):
-    """A directory without manifest.json: no stage has finished writing there."""
-
-
 def read_manifest(directory: str) -> dict[str, Any]:
-    path = join(directory, MANIFEST)
-    if not FileSystems.exists(path):
+    path = files.join(directory, MANIFEST)
+    if not files.exists(path):
         raise NotAStageOutput(f"{directory} has no {MANIFEST}: it is not the output of a finished lwm-data stage")
-    return read_json(path)
+    return files.read_json(path)
 
 
 def _listed(directory: str, manifest: dict[str, Any] | None, suffix: str) -> list[str]:
     manifest = manifest if manifest is not None else read_manifest(directory)
-    return [join(directory, f["path"]) for f in manifest.get("files", []) if f["path"].endswith(suffix)]
+    return [files.join(directory, f["path"]) for f in manifest.get("files", []) if f["path"].endswith(suffix)]
 
 
 def list_shards(directory: str, manifest: dict[str, Any] | None = None) -> list[str]:
@@ -232,23 +121,23 @@ def read_table(directory: str, columns: list[str] | None = None) -> pa.Table:
 
 def iter_batches(directory: str, columns: list[str] | None = None, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
     for path in list_shards(directory):
-        with FileSystems.open(path) as f:
+        with files.open(path) as f:
             yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
 
 
 def read_dead_letters(directory: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for path in list_error_files(directory) for line in _json_lines(path)]
+    return [json.loads(line) for path in list_error_files(directory) for line in files.json_lines(path)]
 
 
 def describe_files(directory: str, run: str | None) -> list[dict[str, Any]]:
     """The shards and error files a run wrote (None: the pre-run layout, files at the top level),
     with their row counts, paths relative to the directory."""
     base = directory.rstrip("/") + "/"
-    root = join(directory, run) if run else directory
-    shards = list_files(join(root, f"{SHARD_PREFIX}-*{SHARD_SUFFIX}"))
-    errors = list_files(join(root, ERRORS_DIR, f"*{ERRORS_SUFFIX}"))
+    root = files.join(directory, run) if run else directory
+    shards = files.list_files(files.join(root, f"{SHARD_PREFIX}-*{SHARD_SUFFIX}"))
+    errors = files.list_files(files.join(root, ERRORS_DIR, f"*{ERRORS_SUFFIX}"))
     return [{"path": p.removeprefix(base), "rows": shard_rows(p)} for p in shards] + [
-        {"path": p.removeprefix(base), "rows": len(_json_lines(p))} for p in errors
+        {"path": p.removeprefix(base), "rows": len(files.json_lines(p))} for p in errors
     ]
 
 
@@ -288,34 +177,34 @@ class OutputRun:
     def __init__(self, directory: str, run_id: str | None = None):
         self.directory = directory.rstrip("/") or directory
         self.id = run_id or new_run_id()
-        self.path = join(self.directory, self.id)
+        self.path = files.join(self.directory, self.id)
 
     def begin(self) -> None:
         """Mark the run as started, so a killed run is found and removed by the next commit even
         if it wrote nothing else (listing finds files, not empty directories)."""
-        write_json(join(self.path, STARTED), {"run": self.id, "started": now().isoformat(timespec="seconds")})
+        files.write_json(files.join(self.path, STARTED), {"run": self.id, "started": now().isoformat(timespec="seconds")})
 
     @property
     def shard_prefix(self) -> str:
         """Prefix of the shards, `run-<id>/part`, for Beam's sinks (they add `-SSSSS-of-NNNNN.parquet`)."""
-        return join(self.path, SHARD_PREFIX)
+        return files.join(self.path, SHARD_PREFIX)
 
     @property
     def errors_prefix(self) -> str:
-        return join(self.path, ERRORS_DIR, SHARD_PREFIX)
+        return files.join(self.path, ERRORS_DIR, SHARD_PREFIX)
 
     def describe_files(self) -> list[dict[str, Any]]:
         return describe_files(self.directory, self.id)
 
     def write_table(self, table: pa.Table) -> None:
         """Write rows without Beam (small stages): one shard, `part-00000-of-00001.parquet`."""
-        with FileSystems.create(join(self.path, f"{SHARD_PREFIX}-00000-of-00001{SHARD_SUFFIX}")) as f:
+        with files.create(files.join(self.path, f"{SHARD_PREFIX}-00000-of-00001{SHARD_SUFFIX}")) as f:
             pq.write_table(table, f, compression="zstd")
 
     def write_dead_letters(self, stage: str, rejections: Iterable[Rejection]) -> None:
         lines = "".join(r.dead_letter(stage).to_json() + "\n" for r in rejections)
         if lines:
-            with FileSystems.create(join(self.path, ERRORS_DIR, f"{SHARD_PREFIX}-00000-of-00001{ERRORS_SUFFIX}")) as f:
+            with files.create(files.join(self.path, ERRORS_DIR, f"{SHARD_PREFIX}-00000-of-00001{ERRORS_SUFFIX}")) as f:
                 f.write(lines.encode())
 
     def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -323,33 +212,33 @@ class OutputRun:
         old one in one step; then older runs and pre-run-layout shards are deleted."""
         manifest = {**manifest, "run": self.id, "files": self.describe_files()}
         previous = self._previous_run()
-        staged = join(self.path, MANIFEST)
-        write_json(staged, manifest)
-        if FileSystems.get_filesystem(self.directory).has_dirs():
-            FileSystems.rename([staged], [join(self.directory, MANIFEST)])  # atomic replace
+        staged = files.join(self.path, MANIFEST)
+        files.write_json(staged, manifest)
+        if files.has_dirs(self.directory):
+            files.rename(staged, files.join(self.directory, MANIFEST))  # atomic replace
         else:  # object stores: one object write is atomic
-            write_json(join(self.directory, MANIFEST), manifest)
-            FileSystems.delete([staged])
+            files.write_json(files.join(self.directory, MANIFEST), manifest)
+            files.delete([staged])
         self._delete_older_runs(previous)
         return manifest
 
     def abort(self) -> None:
         """Remove what this run wrote (after a failure); the committed output is untouched."""
-        _delete_tree(self.path)
+        files.delete_tree(self.path)
 
     def _previous_run(self) -> str | None:
-        manifest = join(self.directory, MANIFEST)
-        return read_json(manifest).get("run") if FileSystems.exists(manifest) else None
+        manifest = files.join(self.directory, MANIFEST)
+        return files.read_json(manifest).get("run") if files.exists(manifest) else None
 
     def _delete_older_runs(self, previous: str | None) -> None:
         """The run the old manifest named, runs started before this one (failed or killed ones), and
         shards of the layout before runs existed. Later runs may still be writing: they are left."""
         base = self.directory + "/"
-        under_runs = list_files(join(self.directory, f"{RUN_PREFIX}*", "**"))
+        under_runs = files.list_files(files.join(self.directory, f"{RUN_PREFIX}*", "**"))
         runs = {p.removeprefix(base).split("/", 1)[0] for p in under_runs} | ({previous} if previous else set())
         for run in sorted(r for r in runs if r < self.id):
-            _delete_tree(join(self.directory, run))
-        legacy = list_files(join(self.directory, f"{SHARD_PREFIX}-*{SHARD_SUFFIX}"))
-        legacy += list_files(join(self.directory, ERRORS_DIR, f"*{ERRORS_SUFFIX}"))
+            files.delete_tree(files.join(self.directory, run))
+        legacy = files.list_files(files.join(self.directory, f"{SHARD_PREFIX}-*{SHARD_SUFFIX}"))
+        legacy += files.list_files(files.join(self.directory, ERRORS_DIR, f"*{ERRORS_SUFFIX}"))
         if legacy:
-            FileSystems.delete(legacy)
+            files.delete(legacy)

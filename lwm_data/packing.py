@@ -55,7 +55,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lwm_data.arrays import flat_values, run_starts
-from lwm_data.config import ConfigError, setting
+from lwm_data.config import setting
+from lwm_data.errors import ConfigError
 from lwm_data.examples import Examples
 from lwm_data.schemas import PACKED_SCHEMA
 

@@ -15,9 +15,9 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 import zstandard
-from apache_beam.io.filesystems import FileSystems
 
-from lwm_data.outputs import Rejection
+from lwm_data import files
+from lwm_data.errors import Rejection
 
 READ_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError, pa.ArrowException)
 DEFAULT_MAX_RECORD_BYTES = 256 * 1024 * 1024
@@ -58,7 +58,7 @@ def read_lines(path: str, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator
     """Every non-blank line of a file as (line number, bytes); a `record_too_large` rejection for a
     line over max_bytes; one `unreadable_file` rejection where the file stops being readable."""
     try:
-        with FileSystems.open(path) as f:
+        with files.open(path) as f:
             for line_number, line in iter_lines(f, max_bytes):
                 if line is None:
                     yield Rejection("record_too_large", f"line longer than {max_bytes} bytes", "", path, f"line {line_number}")

@@ -13,6 +13,16 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# A stage's output directory (lwm_data.outputs writes it; the trainer reads it without Beam):
+#   manifest.json, run-<id>/part-SSSSS-of-NNNNN.parquet, run-<id>/errors/part-*.jsonl, run-<id>/_started.json
+MANIFEST = "manifest.json"
+RUN_PREFIX = "run-"
+SHARD_PREFIX = "part"
+SHARD_SUFFIX = ".parquet"
+ERRORS_DIR = "errors"
+ERRORS_SUFFIX = ".jsonl"
+STARTED = "_started.json"
+
 # books -> 1K-token chunks (one row per chunk)
 CHUNK_SCHEMA = pa.schema(
     [

@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from lwm_data.text.books import Book, read_books
-from lwm_data.outputs import Rejection
+from lwm_data.errors import Rejection
 from lwm_data.reading import iter_lines
+from lwm_data.text.books import Book, read_books
 
 
 def _reasons(items):
@@ -99,7 +99,7 @@ def test_json_edge_cases_are_one_rejection_each_and_keep_the_rest_of_the_file(tm
 
 
 def test_dead_letter_with_lone_surrogates_is_writable_json():
-    from lwm_data.outputs import DeadLetter
+    from lwm_data.errors import DeadLetter
 
     line = DeadLetter("chunk", "text_not_string", "f.jsonl", "line 1", "d", '{"title": "\ud800"}').to_json()
     line.encode()  # a UTF-8 sink (WriteToText) must accept it

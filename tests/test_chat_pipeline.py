@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from lwm_data import config as settings
 from lwm_data import outputs
 from lwm_data.cli.main import app
-from lwm_data.outputs import Rejection
+from lwm_data.cli.validate import validate
+from lwm_data.errors import Rejection
 from lwm_data.pipelines import chat
 from lwm_data.schemas import QA_SCHEMA
-from lwm_data.cli.validate import validate
 from tests.helpers import write_output
 
 LENGTHS = (4096, 65536)  # the synthetic books (~4K-12K tokens) fill 4K windows, never a 64K one

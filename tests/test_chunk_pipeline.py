@@ -9,13 +9,13 @@ import pytest
 from typer.testing import CliRunner
 
 from lwm_data import outputs
-from lwm_data.text.books import Book
 from lwm_data.cli.main import app
-from lwm_data.outputs import Rejection
+from lwm_data.cli.validate import validate
+from lwm_data.errors import Rejection
 from lwm_data.pipelines import chunk
 from lwm_data.testing.books import write_books_jsonl
+from lwm_data.text.books import Book
 from lwm_data.tokenizers import load_tokenizer
-from lwm_data.cli.validate import validate
 
 HUGE_LINE_BYTES = 300 * 1024 * 1024
 
@@ -184,8 +184,8 @@ def test_the_first_copy_and_the_first_use_of_an_id_are_kept_in_line_order():
 def test_validate_flags_an_empty_chunk():
     from collections import Counter
 
-    from lwm_data.schemas import CHUNK_SCHEMA
     from lwm_data.checks import check_chunk_rows
+    from lwm_data.schemas import CHUNK_SCHEMA
 
     rows = [dict(book_id="b", title=None, chunk_index=i, num_chunks=2, char_start=s, char_end=e, num_tokens=len(t),
                  text="ab"[s:e], tokens=t) for i, (s, e, t) in enumerate([(0, 2, [1, 2]), (2, 2, [])])]

@@ -19,9 +19,9 @@ from lwm_data.kernels import (
     ring_attention,
     shard_sequence,
     simulated_ring_attention,
+    torch_backend,
     unshard_sequence,
 )
-from lwm_data.kernels import torch_backend
 from lwm_data.kernels.common import TokenIds
 from lwm_data.kernels.reference import dense_attention, random_packing
 from lwm_data.kernels.ring import LAYOUTS, _active_blocks, _LocalRing

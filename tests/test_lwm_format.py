@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lwm_data.errors import Rejection
 from lwm_data.examples import Example, examples_from_table, examples_to_table
 from lwm_data.lwm_format.processor import (
     LwmProcessor,
@@ -19,7 +20,6 @@ from lwm_data.lwm_format.processor import (
     parse_field_spec,
     to_lwm_record,
 )
-from lwm_data.outputs import Rejection
 from lwm_data.tokenizers import load_tokenizer
 
 SYSTEM_IDS = [887, 526, 263, 8444, 20255, 29889, 3148, 1001, 29901]
@@ -268,9 +268,9 @@ def test_examples_table_round_trip(default_processor):
 
 
 def test_import_job_dead_letters_bad_lines(tmp_path, default_processor):
+    from lwm_data.cli.validate import validate
     from lwm_data.outputs import read_dead_letters, read_table
     from lwm_data.pipelines import import_lwm
-    from lwm_data.cli.validate import validate
 
     good = [
         {"fields": "[q],a", "q": "Why?", "a": "Because."},
@@ -311,9 +311,9 @@ def test_import_job_dead_letters_bad_lines(tmp_path, default_processor):
 
 @pytest.mark.parametrize("suffix, junk", [(".jsonl.gz", b"\x1f\x8b not gzip"), (".jsonl.zst", b"\x28\xb5\x2f\xfd not zstd")])
 def test_import_dead_letters_a_corrupt_compressed_file(tmp_path, suffix, junk):
+    from lwm_data.cli.validate import validate
     from lwm_data.outputs import read_dead_letters
     from lwm_data.pipelines import import_lwm
-    from lwm_data.cli.validate import validate
 
     (tmp_path / f"corrupt{suffix}").write_bytes(junk)
     (tmp_path / "good.jsonl").write_text(json.dumps({"fields": "[q],a", "q": "Why?", "a": "Because."}) + "\n")

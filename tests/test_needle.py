@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from lwm_data import outputs
 from lwm_data.cli.main import app
+from lwm_data.cli.validate import validate
+from lwm_data.schemas import NEEDLE_SCHEMA
 from lwm_data.text.needle import (
     CITIES,
     MULTI_TEMPLATE,
@@ -27,9 +29,7 @@ from lwm_data.text.needle import (
     score_rows,
     sentence_end_before,
 )
-from lwm_data.schemas import NEEDLE_SCHEMA
 from lwm_data.tokenizers import load_tokenizer
-from lwm_data.cli.validate import validate
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 import tests.memfs as memfs
-from lwm_data import outputs
+from lwm_data import files, outputs
+from lwm_data.cli.validate import validate
 from lwm_data.pipelines import chunk
 from lwm_data.testing.books import generate_books, write_books_jsonl
 from lwm_data.tokenizers import default_tokenizer_path
-from lwm_data.cli.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_outputs_on_an_object_store_without_rename(books_jsonl):
     from the store too."""
     memfs.clear()
     tokenizer = "memfs://bucket/models/tokenizer.model"
-    with open(default_tokenizer_path(), "rb") as source, outputs.FileSystems.create(tokenizer) as target:
+    with open(default_tokenizer_path(), "rb") as source, files.create(tokenizer) as target:
         shutil.copyfileobj(source, target)
     output = "memfs://bucket/chunks"
     config = chunk.ChunkConfig(input=str(books_jsonl), output=output, tokenizer=tokenizer)

@@ -11,13 +11,13 @@ from typer.testing import CliRunner
 from lwm_data import config as settings
 from lwm_data import outputs
 from lwm_data.cli.main import app
-from lwm_data.config import ConfigError
+from lwm_data.cli.validate import validate
+from lwm_data.errors import ConfigError
 from lwm_data.examples import Examples
 from lwm_data.packing import unpack_rows
 from lwm_data.pipelines import pack, text
 from lwm_data.schemas import EXAMPLE_SCHEMA
 from lwm_data.tokenizers import load_tokenizer
-from lwm_data.cli.validate import validate
 from tests.helpers import write_output
 
 SEQ_LEN = 2048

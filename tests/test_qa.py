@@ -14,6 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lwm_data.errors import Rejection
+from lwm_data.testing.books import generate_book
 from lwm_data.text.llm import (
     ChatClient,
     ClientConfig,
@@ -28,7 +30,6 @@ from lwm_data.text.llm import (
     free_port,
     http_ok,
 )
-from lwm_data.outputs import Rejection
 from lwm_data.text.qa import (
     BLANK,
     CHARS_PER_TOKEN,
@@ -41,19 +42,18 @@ from lwm_data.text.qa import (
     cache_key,
     cloze_pairs,
     content_words,
+    fitted_limits,
+    folded_question_pattern,
     grounding_score,
     judge_reply,
     pair_problem,
     prompt_from_json,
-    fitted_limits,
-    folded_question_pattern,
     refuses_constraints,
     reply_schema,
     response_format,
     scored,
     validate_pairs,
 )
-from lwm_data.testing.books import generate_book
 
 STRICT = PairLimits()
 
@@ -503,8 +503,8 @@ def test_a_server_that_refuses_the_schema_is_asked_with_weaker_constraints(tmp_p
 
 def test_requests_in_flight_show_in_the_live_tally_and_drain_to_zero():
     from lwm_data import config as stage_config
-    from lwm_data.pipelines.qa import ChunkRequest, QAConfig, ServerBackend
     from lwm_data.cli.progress import IN_FLIGHT, TALLY
+    from lwm_data.pipelines.qa import ChunkRequest, QAConfig, ServerBackend
 
     TALLY.clear()
     seen = []

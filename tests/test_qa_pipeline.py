@@ -20,11 +20,11 @@ from typer.testing import CliRunner
 from lwm_data import config as settings
 from lwm_data import outputs
 from lwm_data.cli.main import app
+from lwm_data.cli.validate import validate
 from lwm_data.pipelines import chunk
 from lwm_data.pipelines import qa as qa_stage
-from lwm_data.text.qa import PairLimits, QAPair, pair_problem
 from lwm_data.testing.books import generate_books, write_books_jsonl
-from lwm_data.cli.validate import validate
+from lwm_data.text.qa import PairLimits, QAPair, pair_problem
 from tests.fault_proxy import FAULTS, FaultProxy
 from tests.fixtures_vllm import VLLM_PYTHON, VLLM_TEST_ARGS
 

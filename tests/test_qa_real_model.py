@@ -16,12 +16,12 @@ import pytest
 
 from lwm_data import config as settings
 from lwm_data import outputs
-from lwm_data.text.llm import Endpoint, VLLMServer
-from lwm_data.testing.models import ModelUnavailable, smollm2_instruct
 from lwm_data.pipelines import chunk
 from lwm_data.pipelines import qa as qa_stage
-from lwm_data.text.qa import PairLimits, QAPair, pair_problem, reply_schema
 from lwm_data.testing.books import generate_books, write_books_jsonl
+from lwm_data.testing.models import ModelUnavailable, smollm2_instruct
+from lwm_data.text.llm import Endpoint, VLLMServer
+from lwm_data.text.qa import PairLimits, QAPair, pair_problem, reply_schema
 from tests.fixtures_vllm import VLLM_PYTHON
 from tests.test_qa_pipeline import assert_each_chunk_once
 

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from lwm_data import outputs
 from lwm_data.cli.main import app
-from lwm_data.config import ConfigError
-from lwm_data.recipes import run
 from lwm_data.cli.validate import validate
+from lwm_data.errors import ConfigError
+from lwm_data.recipes import run
 from tests.media import make_video
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,11 +14,11 @@ from typer.main import get_command
 from lwm_data import config as settings
 from lwm_data import outputs
 from lwm_data.cli.main import app
-from lwm_data.config import ConfigError
-from lwm_data.pipelines import chat, chunk, pack, qa, text
-from lwm_data.recipes import books
-from lwm_data.pipelines.registry import STAGES, markdown_table
 from lwm_data.cli.validate import validate
+from lwm_data.errors import ConfigError
+from lwm_data.pipelines import chat, chunk, pack, qa, text
+from lwm_data.pipelines.registry import STAGES, markdown_table
+from lwm_data.recipes import books
 
 REPO = Path(__file__).resolve().parents[1]
 

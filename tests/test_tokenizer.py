@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
-from lwm_data.config import ConfigError
+from lwm_data.errors import ConfigError
 from lwm_data.tokenizers import TokenizerMismatch, default_tokenizer_path, load_tokenizer, resolve_tokenizer
 from lwm_data.tokenizers.text import HuggingFaceTokenizer, SentencePieceTokenizer
 

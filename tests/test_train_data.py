@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lwm_data.config import ConfigError
+from lwm_data.errors import ConfigError, NotAStageOutput
 from lwm_data.examples import Examples
-from lwm_data.outputs import Counts, NotAStageOutput, OutputRun, read_table
+from lwm_data.outputs import Counts, OutputRun, read_table
 from lwm_data.packing import PackOptions, pack_examples
 from lwm_data.train.data import PackedDataset, PackedLoader, model_inputs
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lwm_data.config import ConfigError
+from lwm_data.errors import ConfigError
 from lwm_data.train import checkpoint
 from lwm_data.train.__main__ import app
 from lwm_data.train.config import StageConfig, load_config

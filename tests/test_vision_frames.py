@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lwm_data.outputs import Rejection
+from lwm_data.errors import Rejection
 from lwm_data.vision.frames import center_crop, fitted_size, image_frame, prefetched, sample_indices, video_frames
 from tests.media import make_image, make_video
 

@@ -15,9 +15,9 @@ import pytest
 
 from lwm_data import config as settings
 from lwm_data import outputs
+from lwm_data.cli.validate import validate
 from lwm_data.examples import IMAGE_CHAT, IMAGE_TEXT, VIDEO_CHAT, VIDEO_TEXT, examples_from_table
 from lwm_data.pipelines.registry import STAGES
-from lwm_data.cli.validate import validate
 from tests.media import make_image, make_tar, make_video
 
 pytestmark = pytest.mark.slow

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from lwm_data.errors import Rejection
 from lwm_data.examples import IMAGE_CHAT, IMAGE_TEXT, VIDEO_CHAT, VIDEO_TEXT
 from lwm_data.lwm_format.processor import LwmProcessor, example_from_line, to_lwm_record
-from lwm_data.outputs import Rejection
 from lwm_data.tokenizers import load_tokenizer
 from lwm_data.vision.sequences import CodedItem, SequenceSettings, conversation_turns, vision_examples
 

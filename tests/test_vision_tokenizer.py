@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lwm_data.config import ConfigError
+from lwm_data.errors import ConfigError
 from lwm_data.tokenizers import vision
 from lwm_data.tokenizers.vision import VQGAN, VQGANSettings, amused_vqgan_config, describe
 

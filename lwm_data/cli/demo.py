@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Callable
 
 from lwm_data import config as settings
-from lwm_data.packing import LWM_TEXT_SHARE
-from lwm_data.recipes import run
-from lwm_data.pipelines.registry import STAGES
-from lwm_data.testing.books import generate_books, write_books_jsonl
 from lwm_data.cli.validate import validate
+from lwm_data.packing import LWM_TEXT_SHARE
+from lwm_data.pipelines.registry import STAGES
+from lwm_data.recipes import run
+from lwm_data.testing.books import generate_books, write_books_jsonl
 from lwm_data.testing.media import make_video
 
 CONTEXT = 32768

@@ -17,8 +17,8 @@ from rich.table import Table
 
 from lwm_data import config as settings
 from lwm_data.cli import progress
-from lwm_data.config import ConfigError, Option
-from lwm_data.outputs import NotAStageOutput
+from lwm_data.config import Option
+from lwm_data.errors import UserError
 from lwm_data.pipelines.common import check_beam_args
 from lwm_data.pipelines.registry import STAGES, Stage
 
@@ -128,7 +128,7 @@ def user_errors() -> Iterator[None]:
     """Print a configuration error (what to change) and exit 2, instead of a traceback."""
     try:
         yield
-    except (ConfigError, NotAStageOutput) as error:
+    except UserError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
 
@@ -245,12 +245,10 @@ def needle_score(
     png: Optional[str] = typer.Option(None, help="Heatmap to write (default: <responses>.accuracy.png)."),
 ) -> None:
     """Score model responses: print the context-by-depth accuracy grid and write its heatmap."""
-    from apache_beam.io.filesystems import FileSystems
-
-    from lwm_data import outputs
+    from lwm_data import files, outputs
     from lwm_data.text.needle import accuracy_grid, plot_grid, read_responses, score_rows
 
-    with FileSystems.open(responses) as f:
+    with files.open(responses) as f:
         answers, bad = read_responses(f.read().decode().splitlines())
     with user_errors():
         rows = outputs.read_table(needles, ["example_id", "context_length", "depth", "needles", "retrieve"]).to_pylist()

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from lwm_data import outputs
+from lwm_data import files, outputs
 from lwm_data.pipelines.registry import UnknownStage, stage_of
+from lwm_data.schemas import ERRORS_SUFFIX
 
 
 def validate(output_dir: str) -> Counter:
@@ -28,7 +29,7 @@ def validate(output_dir: str) -> Counter:
         return violations
     _check_manifest(output_dir, manifest, violations)
     for path in outputs.list_shards(output_dir, manifest):
-        if not outputs.exists(path):  # counted as a file missing from the manifest's list
+        if not files.exists(path):  # counted as a file missing from the manifest's list
             continue
         table = outputs.read_shard(path)
         if not table.schema.equals(stage.schema):
@@ -50,7 +51,7 @@ def _check_manifest(output_dir: str, manifest: dict, violations: Counter) -> Non
     listed = {f["path"]: f["rows"] for f in manifest.get("files", [])}
     actual = {f["path"]: f["rows"] for f in outputs.describe_files(output_dir, manifest.get("run"))}
     violations["files differ from the manifest's list"] += len(set(listed.items()) ^ set(actual.items()))
-    errors = sum(rows for path, rows in listed.items() if path.endswith(outputs.ERRORS_SUFFIX))
+    errors = sum(rows for path, rows in listed.items() if path.endswith(ERRORS_SUFFIX))
     if errors != counts.get("dead_lettered", 0) + _upstream_dead_letters(manifest):
         violations["dead letters in errors/ != counts.dead_lettered"] += 1
     for letter in outputs.read_dead_letters(output_dir):

@@ -36,8 +36,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from lwm_data.config import setting
+from lwm_data.errors import Rejection
 from lwm_data.examples import CHAT, IMAGE_TEXT, TEXT, VIDEO_TEXT, Example
-from lwm_data.outputs import Rejection
 from lwm_data.reading import is_unicode, json_object
 from lwm_data.tokenizers import TextTokenizer
 

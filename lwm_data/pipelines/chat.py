@@ -31,13 +31,14 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lwm_data.text.chat import BookTally, ChatConfig, QATurn, book_examples, encode_turns, qa_pairs_from_table
-from lwm_data.text.chunking import BookChunks, book_chunks_from_table, split_by_book
 from lwm_data.config import nested, setting
+from lwm_data.errors import Rejection
 from lwm_data.examples import Example, examples_to_table
-from lwm_data.outputs import Rejection, read_manifest
+from lwm_data.outputs import read_manifest
 from lwm_data.pipelines.common import ERRORS, Counters, ReadStage, StageOutput, route, run_stage
 from lwm_data.schemas import EXAMPLE_SCHEMA
+from lwm_data.text.chat import BookTally, ChatConfig, QATurn, book_examples, encode_turns, qa_pairs_from_table
+from lwm_data.text.chunking import BookChunks, book_chunks_from_table, split_by_book
 from lwm_data.tokenizers import resolve_tokenizer
 
 STAGE = "chat"

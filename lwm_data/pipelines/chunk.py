@@ -17,14 +17,14 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from lwm_data.text.books import Book, read_books
-from lwm_data.text.chunking import Chunk as ChunkSpan
-from lwm_data.text.chunking import cut_chunks
-from lwm_data.config import ConfigError, setting
-from lwm_data.outputs import Rejection
+from lwm_data.config import setting
+from lwm_data.errors import ConfigError, Rejection
 from lwm_data.pipelines.common import ERRORS, Counters, ReadFiles, StageOutput, merge_errors, route, run_stage
 from lwm_data.reading import DEFAULT_MAX_RECORD_BYTES
 from lwm_data.schemas import CHUNK_SCHEMA
+from lwm_data.text.books import Book, read_books
+from lwm_data.text.chunking import Chunk as ChunkSpan
+from lwm_data.text.chunking import cut_chunks
 from lwm_data.tokenizers import load_tokenizer, resolve_tokenizer
 
 STAGE = "chunk"

@@ -44,9 +44,10 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from lwm_data import outputs
-from lwm_data.config import ConfigError
-from lwm_data.outputs import OutputRun, Rejection, now, stage_manifest
 from lwm_data.cli.progress import TALLY
+from lwm_data.errors import ConfigError, Rejection
+from lwm_data.outputs import OutputRun, now, stage_manifest
+from lwm_data.schemas import ERRORS_SUFFIX, SHARD_SUFFIX
 
 NAMESPACE_PREFIX = "lwm_data."
 ERRORS = "errors"  # tag of dead-letter outputs
@@ -177,9 +178,9 @@ class WriteStage(beam.PTransform):
         self.num_shards = num_shards
 
     def expand(self, output: StageOutput) -> beam.PCollection:
-        output.errors | "WriteErrors" >> beam.io.WriteToText(self.run.errors_prefix, file_name_suffix=outputs.ERRORS_SUFFIX)
+        output.errors | "WriteErrors" >> beam.io.WriteToText(self.run.errors_prefix, file_name_suffix=ERRORS_SUFFIX)
         return output.rows | "WriteShards" >> beam.io.WriteToParquetBatched(
-            self.run.shard_prefix, schema=self.schema, codec="zstd", file_name_suffix=outputs.SHARD_SUFFIX,
+            self.run.shard_prefix, schema=self.schema, codec="zstd", file_name_suffix=SHARD_SUFFIX,
             num_shards=self.num_shards,
         )
 
@@ -239,7 +240,7 @@ class Job:
         run = OutputRun(directory)
         self._scratch.append(run)
         return rows | f"Scratch[{stage}]" >> beam.io.WriteToParquetBatched(
-            run.shard_prefix, schema=schema, codec="zstd", file_name_suffix=outputs.SHARD_SUFFIX,
+            run.shard_prefix, schema=schema, codec="zstd", file_name_suffix=SHARD_SUFFIX,
         )
 
     def counts(self, stage: str) -> dict[str, Any]:

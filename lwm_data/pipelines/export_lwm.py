@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
-from apache_beam.io.filesystems import FileSystems
 
-from lwm_data import outputs
+from lwm_data import files, outputs
+from lwm_data.errors import Rejection
 from lwm_data.examples import examples_from_table
 from lwm_data.lwm_format.processor import LwmProcessor, to_lwm_record
-from lwm_data.outputs import Counts, Rejection
+from lwm_data.outputs import Counts
 from lwm_data.tokenizers import resolve_tokenizer
 
 STAGE = "export-lwm"
@@ -31,7 +31,7 @@ def export(input_dir: str, output: str, tokenizer_path: str | None = None) -> Co
     tokenizer = resolve_tokenizer(outputs.read_manifest(input_dir).get("tokenizer"), tokenizer_path)
     processor = LwmProcessor(tokenizer)
     counts = Counts()
-    with FileSystems.create(output) as out, FileSystems.create(output + ERRORS_SUFFIX) as errors:
+    with files.create(output) as out, files.create(output + ERRORS_SUFFIX) as errors:
         for batch in outputs.iter_batches(input_dir, batch_size=64):
             for example in examples_from_table(pa.Table.from_batches([batch])):
                 counts.input += 1

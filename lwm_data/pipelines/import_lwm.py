@@ -21,9 +21,9 @@ from typing import Iterable
 import apache_beam as beam
 
 from lwm_data.config import nested, setting
+from lwm_data.errors import Rejection
 from lwm_data.examples import Example, examples_to_table
 from lwm_data.lwm_format.processor import FIELDS_KEY, LwmProcessor, ProcessorConfig, example_from_line
-from lwm_data.outputs import Rejection
 from lwm_data.pipelines.common import ERRORS, Counters, ReadFiles, StageOutput, merge_errors, route, run_stage
 from lwm_data.reading import DEFAULT_MAX_RECORD_BYTES, read_lines
 from lwm_data.schemas import EXAMPLE_SCHEMA

@@ -35,12 +35,21 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
-from lwm_data.config import ConfigError, nested, setting
+from lwm_data.config import nested, setting
+from lwm_data.errors import ConfigError, Rejection
 from lwm_data.examples import Example, examples_to_table
 from lwm_data.lwm_format.processor import LwmProcessor
-from lwm_data.outputs import Rejection
 from lwm_data.pipelines.common import (
-    ERRORS, LOCAL_RUNNERS, Counters, Job, ReadFiles, ReadStage, StageOutput, Stages, merge_errors, route,
+    ERRORS,
+    LOCAL_RUNNERS,
+    Counters,
+    Job,
+    ReadFiles,
+    ReadStage,
+    StageOutput,
+    Stages,
+    merge_errors,
+    route,
 )
 from lwm_data.reading import is_unicode
 from lwm_data.schemas import CODES_SCHEMA, EXAMPLE_SCHEMA

@@ -35,17 +35,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
-from lwm_data import outputs
+from lwm_data import files, outputs
 from lwm_data.arrays import flagged_per_list, flat_values, list_lengths
-from lwm_data.config import ConfigError, nested, setting
+from lwm_data.config import nested, setting
+from lwm_data.errors import ConfigError, Rejection
 from lwm_data.examples import SPLITTABLE_KINDS, tokens_by_kind
-from lwm_data.outputs import Rejection
 from lwm_data.packing import (
-    PackOptions, build_rows, num_partitions, packed_table, partition_of, partition_options, plan_packing,
+    PackOptions,
+    build_rows,
+    num_partitions,
+    packed_table,
+    partition_of,
+    partition_options,
+    plan_packing,
 )
-from lwm_data.pipelines.common import ERRORS, Counters, Job, StageOutput, merge_errors, route, run_stage, upstream_tokenizer
+from lwm_data.pipelines.common import (
+    ERRORS,
+    Counters,
+    Job,
+    StageOutput,
+    merge_errors,
+    route,
+    run_stage,
+    upstream_tokenizer,
+)
 from lwm_data.schemas import EXAMPLE_SCHEMA, PACKED_SCHEMA
 
 STAGE = "pack"
@@ -319,7 +333,7 @@ def example_shards(directories: Iterable[str]) -> list[str]:
             )
         paths = outputs.list_shards(directory, manifest)
         if paths:
-            with FileSystems.open(paths[0]) as f:
+            with files.open(paths[0]) as f:
                 schema = pq.read_schema(f)
             if not schema.equals(EXAMPLE_SCHEMA):
                 raise ConfigError(f"{directory} (stage {manifest.get('stage')!r}) does not hold examples (EXAMPLE_SCHEMA)")
@@ -361,7 +375,7 @@ def finish_with_pack(
             written = job.write(up.stage, up.config, up.output, up.schema, tokenizer, summary=up.summary)
         else:
             errors.append(up.output.errors)
-            scratch = outputs.join(pack_config.output, SCRATCH, up.stage)
+            scratch = files.join(pack_config.output, SCRATCH, up.stage)
             written = job.write_scratch(up.stage, scratch, up.output.rows, up.schema) if up.stage in pack_inputs else None
         if up.stage in pack_inputs:
             shards.append(written)

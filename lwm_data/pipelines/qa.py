@@ -35,22 +35,12 @@ from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
-from lwm_data.config import ConfigError, nested, setting
-from lwm_data.text.llm import (
-    ChatClient,
-    ClientConfig,
-    Completion,
-    Endpoint,
-    EventLoopThread,
-    ResponseCache,
-    SamplingParams,
-    VLLMServer,
-)
-from lwm_data.outputs import Rejection
+from lwm_data import files
 from lwm_data.cli.progress import IN_FLIGHT, TALLY
+from lwm_data.config import nested, setting
+from lwm_data.errors import ConfigError, Rejection
 from lwm_data.pipelines.common import (
     ERRORS,
     Counters,
@@ -60,6 +50,17 @@ from lwm_data.pipelines.common import (
     route,
     run_stage,
     upstream_tokenizer,
+)
+from lwm_data.schemas import QA_SCHEMA
+from lwm_data.text.llm import (
+    ChatClient,
+    ClientConfig,
+    Completion,
+    Endpoint,
+    EventLoopThread,
+    ResponseCache,
+    SamplingParams,
+    VLLMServer,
 )
 from lwm_data.text.qa import (
     CLOZE_MODEL,
@@ -79,7 +80,6 @@ from lwm_data.text.qa import (
     response_format,
     scored,
 )
-from lwm_data.schemas import QA_SCHEMA
 
 log = logging.getLogger(__name__)
 STAGE = "qa"
@@ -152,7 +152,7 @@ Answer = list[QAPair] | Rejection
 
 def load_prompt(config: QAConfig) -> PromptTemplate:
     if config.prompt_file:
-        with FileSystems.open(config.prompt_file) as f:
+        with files.open(config.prompt_file) as f:
             return prompt_from_json(f.read().decode())
     return PROMPTS[config.prompt_version]
 

@@ -22,10 +22,11 @@ import pyarrow as pa
 
 from lwm_data import checks, stats
 from lwm_data.checks import GlobalCheck, TableCheck
-from lwm_data.text.needle import NeedleStageConfig, make_needle_set
+from lwm_data.errors import UserError
 from lwm_data.pipelines import chat, chunk, import_lwm, pack, qa, text
 from lwm_data.pipelines import media as vision
 from lwm_data.schemas import CHUNK_SCHEMA, CODES_SCHEMA, EXAMPLE_SCHEMA, NEEDLE_SCHEMA, PACKED_SCHEMA, QA_SCHEMA
+from lwm_data.text.needle import NeedleStageConfig, make_needle_set
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,8 @@ STAGES: dict[str, Stage] = {
 }
 
 
-class UnknownStage(KeyError):
-    pass
+class UnknownStage(UserError):
+    """A manifest names a stage this version does not know."""
 
 
 def stage_of(manifest: dict) -> Stage:

@@ -16,12 +16,13 @@ from typing import Iterable
 import apache_beam as beam
 import pyarrow as pa
 
-from lwm_data.text.chunking import book_chunks_from_table, split_by_book, text_example
-from lwm_data.config import ConfigError, setting
+from lwm_data.config import setting
+from lwm_data.errors import ConfigError
 from lwm_data.examples import examples_to_table
 from lwm_data.outputs import read_manifest
 from lwm_data.pipelines.common import ERRORS, Counters, ReadStage, StageOutput, route, run_stage
 from lwm_data.schemas import EXAMPLE_SCHEMA
+from lwm_data.text.chunking import book_chunks_from_table, split_by_book, text_example
 from lwm_data.tokenizers import resolve_tokenizer
 
 STAGE = "text"

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from lwm_data import config as settings
-from lwm_data.config import ConfigError
+from lwm_data.errors import ConfigError
 from lwm_data.pipelines import media as vision
-from lwm_data.recipes import books
 from lwm_data.pipelines.common import Job, check_beam_args
 from lwm_data.pipelines.registry import STAGES
+from lwm_data.recipes import books
 
 Values = dict[str, dict[str, Any]]  # stage -> option name -> value
 
@@ -135,10 +135,10 @@ def stage_configs(pipeline: WholePipeline, document: dict[str, Any], overrides: 
 
 
 def load(path: str) -> dict[str, Any]:
-    from apache_beam.io.filesystems import FileSystems
+    from lwm_data import files
 
     try:
-        with FileSystems.open(path) as f:
+        with files.open(path) as f:
             return tomllib.loads(f.read().decode("utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"cannot read the config {path}: {error}") from None

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
-from lwm_data.text.chunking import content_hash, looks_binary, normalize_text
-from lwm_data.outputs import Rejection
+from lwm_data import files
+from lwm_data.errors import Rejection
 from lwm_data.reading import DEFAULT_MAX_RECORD_BYTES, READ_ERRORS, is_unicode, json_object, read_lines, unreadable
+from lwm_data.text.chunking import content_hash, looks_binary, normalize_text
 
 _TITLE_KEYS = ("title", "short_book_title", "book_title")
 _ID_KEYS = ("id", "book_id")
@@ -122,7 +122,7 @@ def _record_title(record: dict[str, Any]) -> str | None:
 def _read_parquet(path: str, max_record_bytes: int) -> Iterator[Book | Rejection]:
     row = 0
     try:
-        with FileSystems.open(path) as f:
+        with files.open(path) as f:
             parquet = pq.ParquetFile(f)
             if "text" not in parquet.schema_arrow.names:
                 yield Rejection("missing_text", "Parquet file has no `text` column", source=path)
@@ -138,7 +138,7 @@ def _read_parquet(path: str, max_record_bytes: int) -> Iterator[Book | Rejection
 
 def _read_txt(path: str, max_record_bytes: int) -> Iterator[Book | Rejection]:
     try:
-        with FileSystems.open(path) as f:
+        with files.open(path) as f:
             data = f.read(max_record_bytes + 1)
     except READ_ERRORS as e:
         yield unreadable(path, e)

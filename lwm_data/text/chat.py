@@ -56,9 +56,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from lwm_data.text.chunking import BookChunks
-from lwm_data.config import ConfigError, nested, setting
+from lwm_data.config import nested, setting
+from lwm_data.errors import ConfigError
 from lwm_data.examples import CHAT, Example
+from lwm_data.text.chunking import BookChunks
 from lwm_data.tokenizers import TextTokenizer
 
 

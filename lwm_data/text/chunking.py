@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lwm_data.arrays import flat_values, list_lengths, run_starts
+from lwm_data.errors import Rejection
 from lwm_data.examples import TEXT, Example
-from lwm_data.outputs import Rejection
 from lwm_data.tokenizers.text import TokenizedText
 
 # Boundary preference when snapping a cut: higher is better.

@@ -39,10 +39,9 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Coroutine, Protocol, TypeVar
 
-from apache_beam.io.filesystems import FileSystems
-
+from lwm_data import files
 from lwm_data.config import setting
-from lwm_data.outputs import Rejection
+from lwm_data.errors import Rejection
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -124,17 +123,17 @@ class ResponseCache:
         self._read_error_logged = False
 
     def path(self, key: str) -> str:
-        return FileSystems.join(self.root, key[:2], f"{key}.json")
+        return files.join(self.root, key[:2], f"{key}.json")
 
     def get(self, key: str) -> Completion | None:
         path = self.path(key)
         try:
-            with FileSystems.open(path) as f:
+            with files.open(path) as f:
                 return Completion.from_json(f.read())
         except (FileNotFoundError, ValueError, TypeError):  # absent, or torn by a killed run
             return None
         except OSError as e:
-            if not FileSystems.exists(path):  # Beam filesystems report absence as OSError too
+            if not files.exists(path):  # Beam filesystems report absence as OSError too
                 return None
             if not self._read_error_logged:
                 log.warning("response cache %s: reading %s failed (%s: %s); treating entries as misses",
@@ -145,9 +144,9 @@ class ResponseCache:
     def put(self, key: str, completion: Completion) -> None:
         final = self.path(key)
         partial = f"{final}.{os.getpid()}.{threading.get_ident()}.partial"
-        with FileSystems.create(partial) as f:
+        with files.create(partial) as f:
             f.write(completion.to_json().encode())
-        FileSystems.rename([partial], [final])
+        files.rename(partial, final)
 
 
 class Server(Protocol):

@@ -25,15 +25,15 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-from apache_beam.io.filesystems import FileSystems
 
-from lwm_data import outputs
-from lwm_data.text.books import read_books
-from lwm_data.text.chunking import sentence_end_before
-from lwm_data.config import ConfigError, nested, setting
-from lwm_data.outputs import OutputRun, Rejection
+from lwm_data import files, outputs
+from lwm_data.config import nested, setting
+from lwm_data.errors import ConfigError, Rejection
+from lwm_data.outputs import OutputRun
 from lwm_data.reading import json_object
 from lwm_data.schemas import NEEDLE_SCHEMA
+from lwm_data.text.books import read_books
+from lwm_data.text.chunking import sentence_end_before
 from lwm_data.tokenizers import TextTokenizer, load_tokenizer
 
 STAGE = "needle"
@@ -338,7 +338,7 @@ def make_needle_set(config: NeedleStageConfig, beam_args: list[str] | None = Non
     started = outputs.now()
     tokenizer = load_tokenizer(config.tokenizer)
     texts, rejected = [], []
-    for path in outputs.list_files(config.haystack):
+    for path in files.list_files(config.haystack):
         for item in read_books(path):
             if isinstance(item, Rejection):
                 rejected.append(item)
@@ -455,7 +455,7 @@ def plot_grid(grid: AccuracyGrid, path: str, title: str = "Needle retrieval accu
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
-    with FileSystems.create(path) as f:
+    with files.create(path) as f:
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 

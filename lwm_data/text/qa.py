@@ -26,9 +26,9 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from lwm_data.text.chunking import CLOSING_QUOTES, SENTENCE_END_MARKS
 from lwm_data.config import setting
-from lwm_data.outputs import Rejection
+from lwm_data.errors import Rejection
+from lwm_data.text.chunking import CLOSING_QUOTES, SENTENCE_END_MARKS
 
 DEFAULT_PROMPT_VERSION = "qa-v1"
 CLOZE_PROMPT_VERSION = "cloze-v1"

@@ -21,9 +21,9 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 import sentencepiece as spm
-from apache_beam.io.filesystems import FileSystems
 
-from lwm_data.config import ConfigError
+from lwm_data import files
+from lwm_data.errors import ConfigError
 
 DEFAULT = "default"
 _SPACE = "\u2581"  # SentencePiece's whitespace symbol
@@ -187,11 +187,6 @@ def _entry(path: str | None, sha256: str) -> dict[str, str]:
     return {"name": DEFAULT, "sha256": sha256} if path is None else {"path": path, "sha256": sha256}
 
 
-def _read(path: str) -> bytes:
-    with FileSystems.open(path) as f:
-        return f.read()
-
-
 @lru_cache(maxsize=8)
 def load_tokenizer(path: str | None = None) -> TextTokenizer:
     """Load a SentencePiece `.model`, or a Hugging Face tokenizer directory, from any filesystem.
@@ -203,14 +198,14 @@ def load_tokenizer(path: str | None = None) -> TextTokenizer:
         with open(default_tokenizer_path(), "rb") as f:
             return SentencePieceTokenizer(f.read(), None)
     directory = path.rstrip("/")
-    sp_model = FileSystems.join(directory, "tokenizer.model")
-    hf_json = FileSystems.join(directory, "tokenizer.json")
-    if FileSystems.exists(sp_model):
-        return SentencePieceTokenizer(_read(sp_model), path)
-    if FileSystems.exists(hf_json):
-        return HuggingFaceTokenizer(_read(hf_json), path)
-    if FileSystems.exists(path):
-        return SentencePieceTokenizer(_read(path), path)
+    sp_model = files.join(directory, "tokenizer.model")
+    hf_json = files.join(directory, "tokenizer.json")
+    if files.exists(sp_model):
+        return SentencePieceTokenizer(files.read_bytes(sp_model), path)
+    if files.exists(hf_json):
+        return HuggingFaceTokenizer(files.read_bytes(hf_json), path)
+    if files.exists(path):
+        return SentencePieceTokenizer(files.read_bytes(path), path)
     raise ConfigError(f"no tokenizer at {path}: expected a SentencePiece .model file or a directory with "
                       "tokenizer.model or tokenizer.json")
 
@@ -240,7 +235,7 @@ def resolve_tokenizer(entry: dict[str, Any] | None, requested: str | None = None
     if not entry:
         raise ConfigError("the input's manifest records no tokenizer: pass --tokenizer")
     path = entry.get("path")
-    located = path is not None and FileSystems.exists(path)
+    located = path is not None and files.exists(path)
     tokenizer = load_tokenizer(path if located else None)
     if tokenizer.sha256 != entry.get("sha256"):
         if path is None or located:

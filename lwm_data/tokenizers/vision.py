@@ -29,9 +29,10 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 
-from lwm_data.config import ConfigError, setting
+from lwm_data import files
+from lwm_data.config import setting
+from lwm_data.errors import ConfigError
 
 FRAME_SIZE = 256
 CODES_SIDE = 16  # 256 px / 2**4 downsamplings
@@ -216,12 +217,12 @@ def _local_copy(path: str) -> str:
     """A local directory holding `path`'s files (itself when local): diffusers reads only local dirs."""
     if os.path.isdir(path):
         return path
-    matches = FileSystems.match([path.rstrip("/") + "/*"])[0].metadata_list
+    matches = files.list_files(path.rstrip("/") + "/*")
     if not matches:
         raise ConfigError(f"no VQ-GAN weights at {path} (expected config.json and diffusion_pytorch_model.*)")
     local = tempfile.mkdtemp(prefix="lwm-vqgan-")
-    for meta in matches:
-        with FileSystems.open(meta.path) as source, open(os.path.join(local, os.path.basename(meta.path)), "wb") as out:
+    for match in matches:
+        with files.open(match) as source, open(os.path.join(local, os.path.basename(match)), "wb") as out:
             while block := source.read(1 << 24):
                 out.write(block)
     return local

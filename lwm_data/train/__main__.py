@@ -12,8 +12,8 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-from lwm_data.config import ConfigError, Option
-from lwm_data.outputs import NotAStageOutput
+from lwm_data.config import Option
+from lwm_data.errors import UserError
 from lwm_data.train.config import load_config, options
 
 console = Console(stderr=True)
@@ -36,7 +36,7 @@ def command(config: Optional[str] = None, **values: Any) -> None:
 
     try:
         train(load_config(config, values))
-    except (ConfigError, NotAStageOutput) as error:
+    except UserError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
 

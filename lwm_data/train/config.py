@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lwm_data import config as settings
-from lwm_data.config import ConfigError, setting
+from lwm_data.config import setting
+from lwm_data.errors import ConfigError
 from lwm_data.train.model import PRESETS, ModelConfig, preset
 
 SCHEDULES = ("constant", "cosine")

@@ -40,9 +40,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lwm_data.config import ConfigError
-from lwm_data.outputs import MANIFEST, SHARD_SUFFIX, NotAStageOutput
-from lwm_data.schemas import PACKED_SCHEMA
+from lwm_data.errors import ConfigError, NotAStageOutput
+from lwm_data.schemas import MANIFEST, PACKED_SCHEMA, SHARD_SUFFIX
 
 TOKEN_COLUMNS = ("tokens", "loss_weights", "vision_mask", "segment_ids", "positions")
 

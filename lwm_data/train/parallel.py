@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from lwm_data.config import ConfigError
+from lwm_data.errors import ConfigError
 from lwm_data.kernels import ring_attention, shard_sequence
 from lwm_data.train.data import ModelInputs
 from lwm_data.train.model import AttentionFn, Transformer

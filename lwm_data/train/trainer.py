@@ -24,8 +24,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from lwm_data.config import ConfigError
-from lwm_data.outputs import NotAStageOutput
+from lwm_data.errors import ConfigError, NotAStageOutput
 from lwm_data.train import checkpoint, parallel
 from lwm_data.train.config import StageConfig, TrainConfig
 from lwm_data.train.data import ModelInputs, PackedDataset, PackedLoader, list_packed_shards, model_inputs

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 
-from lwm_data.outputs import Rejection, excerpt
+from lwm_data import files
+from lwm_data.errors import Rejection, excerpt
 from lwm_data.tokenizers.vision import FRAME_SIZE
 
 Media = str | bytes  # a path on any Beam filesystem, or a file's bytes (a tar member)
@@ -104,10 +104,10 @@ def opened(media: Media) -> Iterator[str | io.BytesIO]:
             raise Rejection("empty_file", "zero bytes")
         yield media
         return
-    if "://" not in media or not FileSystems.exists(media):
+    if "://" not in media or not files.exists(media):
         raise Rejection("missing_file", f"no such file: {media}")
     with tempfile.NamedTemporaryFile(suffix=os.path.splitext(media)[1]) as local:
-        with FileSystems.open(media) as source:
+        with files.open(media) as source:
             shutil.copyfileobj(source, local, 1 << 24)
         local.flush()
         if local.tell() == 0:

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
+from lwm_data import files
 from lwm_data.config import setting
-from lwm_data.outputs import Rejection, excerpt
+from lwm_data.errors import Rejection, excerpt
 from lwm_data.reading import READ_ERRORS, json_object, read_lines
 from lwm_data.vision.frames import Media, media_type
 
@@ -114,8 +114,8 @@ class MediaReader:
             return
         caption = None
         sidecar = os.path.splitext(path)[0] + ".txt"
-        if FileSystems.exists(sidecar):
-            with FileSystems.open(sidecar) as f:
+        if files.exists(sidecar):
+            with files.open(sidecar) as f:
                 caption = f.read().decode("utf-8", "replace").strip()
         yield MediaItem(path, path, path, kind, caption)
 
@@ -133,7 +133,7 @@ class MediaReader:
                 yield Rejection("missing_media_path", f"no {'/'.join(PATH_KEYS)} key").at(path, locator, json.dumps(row)[:500])
                 continue
             if not (media.startswith("/") or "://" in media):
-                media = FileSystems.join(root, media)
+                media = files.join(root, media)
             kind = "video" if "video" in row and "image" not in row else media_type(media)
             if kind is None:
                 yield Rejection("unsupported_media_type", f"not an image or video extension: {media}").at(path, locator)
@@ -150,7 +150,7 @@ class MediaReader:
 
     def _tar(self, path: str) -> Iterator[MediaItem | Rejection]:
         try:
-            with FileSystems.open(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            with files.open(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
                 for key, members in _samples(tar):
                     yield self._sample(path, key, members)
         except (tarfile.TarError, *READ_ERRORS) as error:
@@ -210,7 +210,7 @@ def _manifest_rows(path: str) -> Iterator[tuple[int, dict | Rejection]]:
                 yield number, rejection
         return
     try:
-        with FileSystems.open(path) as f:
+        with files.open(path) as f:
             data = f.read()
         if name.endswith(".json"):
             rows = json.loads(data)

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from lwm_data import outputs
-from lwm_data.config import ConfigError
+from lwm_data.errors import ConfigError
 from lwm_data.lwm_format.processor import END_OF_FRAME, END_OF_VISION
 from lwm_data.tokenizers.vision import VQGAN
 from lwm_data.vision.sequences import TOKENS_PER_FRAME
@@ -89,8 +89,9 @@ def write_pictures(directory: str, output: str, vqgan: VQGAN, limit: int = 0, as
 
 
 def _write_mp4(path: str, frames: np.ndarray, fps: float) -> None:
-    import av
     from fractions import Fraction
+
+    import av
 
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))

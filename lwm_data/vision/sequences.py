@@ -30,11 +30,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lwm_data.text.chat import ChatTemplate
-from lwm_data.config import ConfigError, nested, setting
+from lwm_data.config import nested, setting
+from lwm_data.errors import ConfigError, Rejection
 from lwm_data.examples import IMAGE_CHAT, IMAGE_TEXT, VIDEO_CHAT, VIDEO_TEXT, Example
 from lwm_data.lwm_format.processor import EOS_FIELD, FieldSpec, LwmProcessor, format_field_spec, render_text
-from lwm_data.outputs import Rejection
+from lwm_data.text.chat import ChatTemplate
 from lwm_data.tokenizers.vision import CODES_SIDE
 
 TOKENS_PER_FRAME = CODES_SIDE * CODES_SIDE
