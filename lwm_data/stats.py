@@ -1,8 +1,9 @@
-"""`lwm-data stats DIR [--plot FILE.png]`: what any stage's output holds.
+"""What a stage's output holds, for `lwm-data stats DIR [--plot FILE.png]`: collectors and the plot.
 
 Counts come from the manifest; token totals and distributions from the shards, reading only small
 columns (num_tokens, kind, per-row and per-segment counts), never the token lists. Each stage's
-collector is named in the registry (lwm_data.pipelines.registry):
+collector is named in the registry (lwm_data.pipelines.registry), which `lwm-data stats` dispatches
+through (lwm_data.cli.stats):
     chunk_stats    books, chunks, tokens; chunk lengths
     example_stats  examples and tokens by kind; example lengths    (chat, text, import-lwm)
     packed_stats   rows, tokens, padding, fill, segments per row, tokens by kind; segment lengths
@@ -42,16 +43,6 @@ def _strings(table: pa.Table, name: str, flatten: bool = False) -> np.ndarray:
         return np.zeros(0, object)
     column = pc.list_flatten(table[name]) if flatten else table[name]
     return np.asarray(column.to_pylist(), dtype=object)
-
-
-def collect_stats(directory: str) -> DatasetStats:
-    """The stats of a stage's output, by the collector its stage registers."""
-    from lwm_data.pipelines.registry import stage_of  # the registry names this module's collectors
-
-    manifest = outputs.read_manifest(directory)
-    stats = DatasetStats(manifest["stage"], manifest["counts"])
-    stage_of(manifest).stats(directory, stats)
-    return stats
 
 
 def chunk_stats(directory: str, stats: DatasetStats) -> None:

@@ -163,7 +163,8 @@ def train(directory: Path, data: str, steps: int) -> list[float]:
 
 
 def _plot(directory: str, path: Path) -> Path:
-    from lwm_data.stats import collect_stats, plot_stats
+    from lwm_data.cli.stats import collect_stats
+    from lwm_data.stats import plot_stats
 
     plot_stats(collect_stats(directory), str(path))
     return path

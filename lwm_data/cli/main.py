@@ -181,7 +181,8 @@ def stats(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also save figures to this PNG."),
 ) -> None:
     """Counts and token totals of a stage's output; with --plot, its distributions."""
-    from lwm_data.stats import collect_stats, plot_stats
+    from lwm_data.cli.stats import collect_stats
+    from lwm_data.stats import plot_stats
 
     with user_errors():
         collected = collect_stats(directory)

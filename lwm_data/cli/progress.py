@@ -1,11 +1,9 @@
 """Live progress of a local run: what each stage's counters say so far, redrawn twice a second.
 
-Beam's metrics reach the launcher only when a job ends, so the counters also add into this
-process's `TALLY` (lwm_data.pipelines.common.Counters). A local run executes its DoFns in this
-process (FnApiRunner, in-memory mode), so `live()` can show records in and out, dead letters and
-each stage's running statistics (tokens, frames, requests, ...) with rates while the job runs. Where
-workers are other processes (`--direct_running_mode multi_processing`, Dataflow) the tally stays
-empty, the display says so, and Dataflow's UI shows the same counters.
+The numbers come from this process's tally (lwm_data.pipelines.tally), which every counter of a
+local run adds into while the job runs. Where workers are other processes (`--direct_running_mode
+multi_processing`, Dataflow) the tally stays empty, the display says so, and Dataflow's UI shows the
+same counters.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections import defaultdict
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -21,35 +18,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from lwm_data.pipelines.tally import IN_FLIGHT, TALLY, Tally
+
 RATES = ("tokens", "frames", "requests", "chunks", "examples", "pairs")  # shown per second when a stage has them
-IN_FLIGHT = "in_flight"  # a gauge, not a total: requests sent and not yet answered (QA)
-
-
-class Tally:
-    """Counter totals of this process, by (stage, name); thread-safe."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._totals: dict[tuple[str, str], int] = defaultdict(int)
-
-    def add(self, stage: str, name: str, n: int) -> None:
-        with self._lock:
-            self._totals[(stage, name)] += n
-
-    def snapshot(self) -> dict[str, dict[str, int]]:
-        with self._lock:
-            items = list(self._totals.items())
-        stages: dict[str, dict[str, int]] = {}
-        for (stage, name), value in items:
-            stages.setdefault(stage, {})[name] = value
-        return stages
-
-    def clear(self) -> None:
-        with self._lock:
-            self._totals.clear()
-
-
-TALLY = Tally()
 
 
 def table(snapshot: dict[str, dict[str, int]], seconds: float) -> Table:

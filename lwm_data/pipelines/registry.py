@@ -23,10 +23,9 @@ import pyarrow as pa
 from lwm_data import checks, stats
 from lwm_data.checks import GlobalCheck, TableCheck
 from lwm_data.errors import UserError
-from lwm_data.pipelines import chat, chunk, import_lwm, pack, qa, text
+from lwm_data.pipelines import chat, chunk, import_lwm, needle, pack, qa, text
 from lwm_data.pipelines import media as vision
 from lwm_data.schemas import CHUNK_SCHEMA, CODES_SCHEMA, EXAMPLE_SCHEMA, NEEDLE_SCHEMA, PACKED_SCHEMA, QA_SCHEMA
-from lwm_data.text.needle import NeedleStageConfig, make_needle_set
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "needle", "Needle-in-a-haystack eval set (LWM's protocol).",
-            "books", "needle eval prompts (`NEEDLE_SCHEMA`)", NEEDLE_SCHEMA, NeedleStageConfig, make_needle_set, None,
+            "books", "needle eval prompts (`NEEDLE_SCHEMA`)", NEEDLE_SCHEMA, needle.NeedleStageConfig, needle.run, None,
         ),
     )
 }

@@ -1,4 +1,5 @@
-"""Needle-in-a-haystack retrieval eval (LWM's headline measurement) and its scoring.
+"""Needle-in-a-haystack retrieval eval (LWM's headline measurement): its prompts and their scoring
+(the stage that writes them: lwm_data.pipelines.needle).
 
 Protocol (LWM's scripts/eval_needle*.py, with its flaws fixed):
 - haystack: book texts joined by blank lines, cut at a token boundary so that the whole prompt
@@ -24,19 +25,13 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-import pyarrow as pa
 
-from lwm_data import files, outputs
-from lwm_data.config import nested, setting
+from lwm_data import files
+from lwm_data.config import setting
 from lwm_data.errors import ConfigError, Rejection
-from lwm_data.outputs import OutputRun
 from lwm_data.reading import json_object
-from lwm_data.schemas import NEEDLE_SCHEMA
-from lwm_data.text.books import read_books
 from lwm_data.text.chunking import sentence_end_before
-from lwm_data.tokenizers import TextTokenizer, load_tokenizer
-
-STAGE = "needle"
+from lwm_data.tokenizers import TextTokenizer
 
 # LWM's list, duplicates removed (first occurrence kept).
 CITIES: tuple[str, ...] = tuple(
@@ -304,14 +299,6 @@ class NeedleConfig:
     answer_tokens: int = setting(64, "Tokens left free for the answer within the context length.")
 
 
-@dataclass(frozen=True)
-class NeedleStageConfig:
-    haystack: str = setting(help="Glob of book files (JSONL, Parquet, .txt) for the haystack.")
-    output: str = setting(help="Output directory.")
-    tokenizer: str | None = setting(None, "Tokenizer that measures context lengths (default: embedded).")
-    needle: NeedleConfig = nested(NeedleConfig)
-
-
 def needle_rows(book_texts: Sequence[str], tokenizer: TextTokenizer, config: NeedleConfig) -> Iterator[dict]:
     """Rows for every (context length, depth, round); round r's haystack starts at book r."""
     longest = max(config.context_lengths)
@@ -326,40 +313,6 @@ def needle_rows(book_texts: Sequence[str], tokenizer: TextTokenizer, config: Nee
                 yield needle_row(
                     haystack, tokenizer, length, depth, needles, retrieve, example_id, config.answer_tokens
                 )
-
-
-def make_needle_set(config: NeedleStageConfig, beam_args: list[str] | None = None) -> dict:
-    """Read the haystack books (a glob), write the needle rows as one NEEDLE_SCHEMA shard, the
-    rejected haystack records to errors/, and commit; returns the manifest. (Plain Python: the
-    set is small; `beam_args` is accepted for the stage interface and unused.)
-
-    Counts are over haystack records: `out` = books used, dead-lettered = rejected records.
-    """
-    started = outputs.now()
-    tokenizer = load_tokenizer(config.tokenizer)
-    texts, rejected = [], []
-    for path in files.list_files(config.haystack):
-        for item in read_books(path):
-            if isinstance(item, Rejection):
-                rejected.append(item)
-            else:
-                texts.append(item.text)
-    if not texts:
-        raise ConfigError(f"no usable books in {config.haystack} ({len(rejected)} records rejected)")
-    rows = list(needle_rows(texts, tokenizer, config.needle))
-    counters = {"in": len(texts) + len(rejected), "out": len(texts), "prompts": len(rows)}
-    for rejection in rejected:
-        key = f"dead_lettered.{rejection.reason}"
-        counters[key] = counters.get(key, 0) + 1
-    run = OutputRun(config.output)
-    try:
-        run.begin()
-        run.write_table(pa.Table.from_pylist(rows, schema=NEEDLE_SCHEMA))
-        run.write_dead_letters(STAGE, rejected)
-        return run.commit(outputs.stage_manifest(STAGE, config, tokenizer.entry, counters, started))
-    except BaseException:
-        run.abort()
-        raise
 
 
 # ---- scoring ----
