@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from lwm_data.arrays import flat_values, list_lengths, run_starts
 from lwm_data.examples import KINDS
+from lwm_data.lwm_format.layout import CODEBOOK_SIZE, TOKENS_PER_FRAME
 
 TableCheck = Callable[[pa.Table, Counter], None]
 
@@ -56,10 +57,12 @@ def check_example_rows(table: pa.Table, violations: Counter) -> None:
 
 def check_codes_rows(table: pa.Table, violations: Counter) -> None:
     frames = table["num_frames"].to_numpy()
-    violations["codes length != num_frames x 256"] += int((_list_lengths(table, "codes") != frames * 256).sum())
+    violations[f"codes length != num_frames x {TOKENS_PER_FRAME}"] += int(
+        (_list_lengths(table, "codes") != frames * TOKENS_PER_FRAME).sum()
+    )
     violations["frame_indices length != num_frames"] += int((_list_lengths(table, "frame_indices") != frames).sum())
     violations["no frames"] += int((frames < 1).sum())
-    violations["code outside [0, 8192)"] += int((_flat(table, "codes") >= 8192).sum())
+    violations[f"code outside [0, {CODEBOOK_SIZE})"] += int((_flat(table, "codes") >= CODEBOOK_SIZE).sum())
     media = table["media_type"].to_numpy(zero_copy_only=False)
     violations["media_type not image or video"] += int((~np.isin(media, ["image", "video"])).sum())
 

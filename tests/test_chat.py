@@ -7,9 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from lwm_data.lwm_format.processor import LwmProcessor, example_from_line, to_lwm_record
+from lwm_data.lwm_format.chat import ChatTemplate
+from lwm_data.lwm_format.exporter import to_lwm_record
+from lwm_data.lwm_format.importer import example_from_line
+from lwm_data.lwm_format.processor import LwmProcessor
 from lwm_data.testing.books import SyntheticBook, generate_book
-from lwm_data.text.chat import BookTally, ChatConfig, ChatTemplate, book_examples, encode_turns, plan_windows
+from lwm_data.text.chat import BookTally, ChatConfig, book_examples, encode_turns, plan_windows
 from lwm_data.text.chunking import BookChunks, cut_chunks
 from lwm_data.tokenizers import load_tokenizer
 

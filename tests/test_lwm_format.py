@@ -12,14 +12,10 @@ from hypothesis import strategies as st
 
 from lwm_data.errors import Rejection
 from lwm_data.examples import Example, examples_from_table, examples_to_table
-from lwm_data.lwm_format.processor import (
-    LwmProcessor,
-    ProcessorConfig,
-    choose_field_spec,
-    example_from_line,
-    parse_field_spec,
-    to_lwm_record,
-)
+from lwm_data.lwm_format.exporter import to_lwm_record
+from lwm_data.lwm_format.grammar import choose_field_spec, parse_field_spec
+from lwm_data.lwm_format.importer import example_from_line
+from lwm_data.lwm_format.processor import LwmProcessor, ProcessorConfig
 from lwm_data.tokenizers import load_tokenizer
 
 SYSTEM_IDS = [887, 526, 263, 8444, 20255, 29889, 3148, 1001, 29901]

@@ -503,8 +503,8 @@ def test_a_server_that_refuses_the_schema_is_asked_with_weaker_constraints(tmp_p
 
 def test_requests_in_flight_show_in_the_live_tally_and_drain_to_zero():
     from lwm_data import config as stage_config
-    from lwm_data.pipelines.tally import IN_FLIGHT, TALLY
     from lwm_data.pipelines.qa import ChunkRequest, QAConfig, ServerBackend
+    from lwm_data.pipelines.tally import IN_FLIGHT, TALLY
 
     TALLY.clear()
     seen = []

@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from lwm_data import outputs
 from lwm_data.cli.main import app
+from lwm_data.cli.stats import collect_stats
 from lwm_data.examples import Examples
 from lwm_data.packing import PackOptions, pack_examples
-from lwm_data.cli.stats import collect_stats
 from lwm_data.stats import plot_stats
 from tests.helpers import write_output
 

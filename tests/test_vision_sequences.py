@@ -10,7 +10,9 @@ import pytest
 
 from lwm_data.errors import Rejection
 from lwm_data.examples import IMAGE_CHAT, IMAGE_TEXT, VIDEO_CHAT, VIDEO_TEXT
-from lwm_data.lwm_format.processor import LwmProcessor, example_from_line, to_lwm_record
+from lwm_data.lwm_format.exporter import to_lwm_record
+from lwm_data.lwm_format.importer import example_from_line
+from lwm_data.lwm_format.processor import LwmProcessor
 from lwm_data.tokenizers import load_tokenizer
 from lwm_data.vision.sequences import CodedItem, SequenceSettings, conversation_turns, vision_examples
 

@@ -44,9 +44,9 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from lwm_data import outputs
-from lwm_data.pipelines.tally import TALLY
 from lwm_data.errors import ConfigError, Rejection
 from lwm_data.outputs import OutputRun, now, stage_manifest
+from lwm_data.pipelines.tally import TALLY
 from lwm_data.schemas import ERRORS_SUFFIX, SHARD_SUFFIX
 
 NAMESPACE_PREFIX = "lwm_data."

@@ -1,7 +1,7 @@
 """Unpacked examples (any EXAMPLE_SCHEMA stage) -> one LWM JSONL file for LWM's own JAX loaders.
 
 Plain Python, one pass over the input's shards: each example becomes a record that LWM's processor
-turns back into exactly its tokens, loss weights and vision mask (lwm_data.lwm_format.processor.to_lwm_record,
+turns back into exactly its tokens, loss weights and vision mask (lwm_data.lwm_format.exporter.to_lwm_record,
 checked before it is written). An example no record can reproduce is not written; its dead letter
 goes to `<output>.errors.jsonl`.
 """
@@ -15,7 +15,8 @@ import pyarrow as pa
 from lwm_data import files, outputs
 from lwm_data.errors import Rejection
 from lwm_data.examples import examples_from_table
-from lwm_data.lwm_format.processor import LwmProcessor, to_lwm_record
+from lwm_data.lwm_format.exporter import to_lwm_record
+from lwm_data.lwm_format.processor import LwmProcessor
 from lwm_data.outputs import Counts
 from lwm_data.tokenizers import resolve_tokenizer
 

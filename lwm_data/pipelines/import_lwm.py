@@ -4,7 +4,7 @@
     lines --Reshuffle--> ProcessLines --BatchElements--> ToTable --> EXAMPLE tables       [ImportLwm]
 
 Line numbers are kept because LWM seeds the choice among list-valued field specs by the 0-based line
-index within the file (see lwm_data.lwm_format.processor). Blank lines are not records (LWM skips them too, but
+index within the file (see lwm_data.lwm_format.grammar). Blank lines are not records (LWM skips them too, but
 they still advance its line index, and here as well).
 
 Counts: `in` = non-blank lines (and unreadable files), `out` = examples written; dead-lettered:
@@ -23,7 +23,9 @@ import apache_beam as beam
 from lwm_data.config import nested, setting
 from lwm_data.errors import Rejection
 from lwm_data.examples import Example, examples_to_table
-from lwm_data.lwm_format.processor import FIELDS_KEY, LwmProcessor, ProcessorConfig, example_from_line
+from lwm_data.lwm_format.grammar import FIELDS_KEY
+from lwm_data.lwm_format.importer import example_from_line
+from lwm_data.lwm_format.processor import LwmProcessor, ProcessorConfig
 from lwm_data.pipelines.common import ERRORS, Counters, ReadFiles, StageOutput, merge_errors, route, run_stage
 from lwm_data.reading import DEFAULT_MAX_RECORD_BYTES, read_lines
 from lwm_data.schemas import EXAMPLE_SCHEMA

@@ -38,7 +38,6 @@ import pyarrow as pa
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from lwm_data import files
-from lwm_data.pipelines.tally import IN_FLIGHT, TALLY
 from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection
 from lwm_data.pipelines.common import (
@@ -51,6 +50,7 @@ from lwm_data.pipelines.common import (
     run_stage,
     upstream_tokenizer,
 )
+from lwm_data.pipelines.tally import IN_FLIGHT, TALLY
 from lwm_data.schemas import QA_SCHEMA
 from lwm_data.text.llm import (
     ChatClient,

@@ -10,7 +10,7 @@ first user turn, before its question, and later turns follow the first answer's 
 
 Token layout: the pieces below are tokenized separately (each without BOS) and concatenated, which is
 what LWM's processor does with the field spec `[system],[context],[q1],a1,<|eos|>,[q2],a2,...,[qk],ak`
-(its final EOS is the processor's own); so a chat exports to LWM JSONL (lwm_data.lwm_format.processor writes it as
+(its final EOS is the processor's own); so a chat exports to LWM JSONL (lwm_data.lwm_format.exporter writes it as
 `[text_0],text_1,<|eos|>,[text_3],...`, runs of one weight joined, and checks) and imports back to the
 same ids:
 
@@ -59,15 +59,9 @@ import pyarrow as pa
 from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError
 from lwm_data.examples import CHAT, Example
+from lwm_data.lwm_format.chat import ChatTemplate
 from lwm_data.text.chunking import BookChunks
 from lwm_data.tokenizers import TextTokenizer
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    system: str = setting("You are a helpful assistant. USER:", "Chat template: the system prompt, before the context.")
-    first_question: str = setting("{question} ASSISTANT:", "Chat template: the first question, after the context.")
-    next_question: str = setting("USER: {question} ASSISTANT:", "Chat template: every later question.")
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,8 @@ import numpy as np
 from lwm_data import files
 from lwm_data.config import setting
 from lwm_data.errors import ConfigError
+from lwm_data.lwm_format.layout import CODEBOOK_SIZE, CODES_SIDE, FRAME_PIXELS
 
-FRAME_SIZE = 256
-CODES_SIDE = 16  # 256 px / 2**4 downsamplings
-CODEBOOK_SIZE = 8192
 LATENT_CHANNELS = 64
 PIXEL_RANGES = {"0,1": (0.0, 1.0), "-1,1": (-1.0, 1.0)}
 RANDOM_CONFIGS = ("amused", "reduced")
@@ -167,8 +165,8 @@ class VQGAN:
         """(B, 256, 256, 3) uint8 RGB -> (B, 16, 16) int32 codes in raster order."""
         import torch
 
-        if frames.ndim != 4 or frames.shape[1:] != (FRAME_SIZE, FRAME_SIZE, 3):
-            raise ValueError(f"frames must be (B, {FRAME_SIZE}, {FRAME_SIZE}, 3), got {frames.shape}")
+        if frames.ndim != 4 or frames.shape[1:] != (FRAME_PIXELS, FRAME_PIXELS, 3):
+            raise ValueError(f"frames must be (B, {FRAME_PIXELS}, {FRAME_PIXELS}, 3), got {frames.shape}")
         with torch.inference_mode():
             pixels = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2)
             pixels = pixels.to(self.dtype) * ((self.high - self.low) / 255.0) + self.low

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lwm_data.kernels import block_attention
+from lwm_data.lwm_format.layout import VISION_VOCAB_SIZE
 from lwm_data.train.data import ModelInputs
 
 
@@ -36,7 +37,7 @@ class ModelConfig:
     n_kv_heads: int
     mlp_dim: int
     vocab_size: int = 32000  # LLaMA-2's
-    vision_vocab_size: int = 8448  # LWM's VQGAN codes + specials; 0 for a text-only model
+    vision_vocab_size: int = VISION_VOCAB_SIZE  # LWM's VQ-GAN codes + specials; 0 for a text-only model
     norm_eps: float = 1e-5
     rope_theta: float = 10_000.0  # training stages set their own
     attention_backend: str = "auto"  # block_attention's: auto, torch, triton

@@ -36,7 +36,7 @@ import numpy as np
 
 from lwm_data import files
 from lwm_data.errors import Rejection, excerpt
-from lwm_data.tokenizers.vision import FRAME_SIZE
+from lwm_data.lwm_format.layout import FRAME_PIXELS
 
 Media = str | bytes  # a path on any Beam filesystem, or a file's bytes (a tar member)
 T = TypeVar("T")
@@ -54,14 +54,14 @@ def media_type(name: str) -> str | None:
 # ---- geometry ----
 
 
-def fitted_size(width: int, height: int, size: int = FRAME_SIZE) -> tuple[int, int]:
+def fitted_size(width: int, height: int, size: int = FRAME_PIXELS) -> tuple[int, int]:
     """(width, height) with the short side scaled to `size`, aspect ratio kept."""
     if width <= height:
         return size, max(size, round(height * size / width))
     return max(size, round(width * size / height)), size
 
 
-def center_crop(frames: np.ndarray, size: int = FRAME_SIZE) -> np.ndarray:
+def center_crop(frames: np.ndarray, size: int = FRAME_PIXELS) -> np.ndarray:
     """The centered size x size window of (..., H, W, C) frames."""
     height, width = frames.shape[-3], frames.shape[-2]
     top, left = (height - size) // 2, (width - size) // 2
@@ -132,7 +132,7 @@ def image_frame(media: Media) -> np.ndarray:
         try:
             with Image.open(source) as image:
                 if image.format == "JPEG":
-                    image.draft("RGB", (FRAME_SIZE, FRAME_SIZE))  # decode at a reduced DCT scale >= 256 px
+                    image.draft("RGB", (FRAME_PIXELS, FRAME_PIXELS))  # decode at a reduced DCT scale >= 256 px
                 image = ImageOps.exif_transpose(image)
                 rgb = _as_rgb(image)
                 rgb = rgb.resize(fitted_size(*rgb.size), Image.Resampling.BICUBIC, reducing_gap=3.0)

@@ -18,9 +18,8 @@ import numpy as np
 
 from lwm_data import outputs
 from lwm_data.errors import ConfigError
-from lwm_data.lwm_format.processor import END_OF_FRAME, END_OF_VISION
+from lwm_data.lwm_format.layout import END_OF_FRAME, END_OF_VISION, TOKENS_PER_FRAME
 from lwm_data.tokenizers.vision import VQGAN
-from lwm_data.vision.sequences import TOKENS_PER_FRAME
 
 
 def vqgan_of(manifest: dict, vqgan_path: str | None = None, subfolder: str = "", device: str = "cpu") -> VQGAN:

@@ -6,7 +6,7 @@ the last frame, whose codes are followed by 8193 (end of vision), then `</vision
 an LWM record (text fields, vision fields, a field spec) and tokenized by `LwmProcessor`, the code
 import-lwm runs, so what this stage writes is what LWM's loaders make of its export, token for token.
 
-Every example is a conversation in LWM's chat form (lwm_data.text.chat.ChatTemplate; BOS, the system prompt
+Every example is a conversation in LWM's chat form (lwm_data.lwm_format.chat.ChatTemplate; BOS, the system prompt
 "You are a helpful assistant. USER:", each question then "ASSISTANT:", each answer then EOS; loss on
 the answers and their EOS only):
 
@@ -33,11 +33,11 @@ import numpy as np
 from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection
 from lwm_data.examples import IMAGE_CHAT, IMAGE_TEXT, VIDEO_CHAT, VIDEO_TEXT, Example
-from lwm_data.lwm_format.processor import EOS_FIELD, FieldSpec, LwmProcessor, format_field_spec, render_text
-from lwm_data.text.chat import ChatTemplate
-from lwm_data.tokenizers.vision import CODES_SIDE
+from lwm_data.lwm_format.chat import ChatTemplate
+from lwm_data.lwm_format.grammar import EOS_FIELD, FieldSpec, format_field_spec
+from lwm_data.lwm_format.layout import TOKENS_PER_FRAME
+from lwm_data.lwm_format.processor import LwmProcessor, render_text
 
-TOKENS_PER_FRAME = CODES_SIDE * CODES_SIDE
 DIRECTIONS = ("understand", "generate", "both")
 PLACEHOLDER = re.compile(r"\s*<(?:image|video)>\s*")
 HUMAN, ASSISTANT = frozenset({"human", "user"}), frozenset({"gpt", "assistant"})
