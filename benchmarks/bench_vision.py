@@ -86,11 +86,11 @@ def decoded_frames(paths: list[Path]) -> np.ndarray:
 
 def stage(directory: Path, output: Path, config: str, device: str, batch_size: int) -> None:
     from lwm_data import config as settings
-    from lwm_data.pipelines import media as vision
+    from lwm_data.pipelines import vision_codes
 
     values = {"input": str(directory / "*.mp4"), "output": str(output), "max_frames": 0, "random_config": config,
               "device": device, "batch_size": batch_size}
-    manifest = vision.run_codes(settings.build(vision.VisionCodesConfig, values), None)
+    manifest = vision_codes.run(settings.build(vision_codes.VisionCodesConfig, values), None)
     assert manifest["counts"]["balanced"] and not manifest["counts"]["dead_lettered"], manifest["counts"]
 
 

@@ -16,9 +16,9 @@ from lwm_data import outputs
 from lwm_data.cli.main import app
 from lwm_data.cli.validate import validate
 from lwm_data.errors import ConfigError
-from lwm_data.pipelines import chat, chunk, pack, qa, text
+from lwm_data.pipelines import chunk, pack
 from lwm_data.pipelines.registry import STAGES, markdown_table
-from lwm_data.recipes import books
+from lwm_data.recipes import books, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,16 +77,14 @@ def test_option_names_are_unique_across_nested_configs():
 
 def test_stages_fuse_into_one_pipeline_with_balanced_counts_per_stage(books_jsonl, tmp_path):
     out = {name: str(tmp_path / name) for name in ("chunks", "qa", "chat", "text", "packed")}
-    configs = books.books_configs(
-        chunk.ChunkConfig(input=str(books_jsonl), output=out["chunks"]),
-        settings.build(qa.QAConfig, {"input": "", "output": out["qa"]}),
-        settings.build(chat.ChatStageConfig, {"chunks": "", "qa": "", "output": out["chat"], "context_lengths": (4096,),
-                                              "pairs_per_example": 2}),
-        text.TextConfig(input="", output=out["text"]),
-        settings.build(pack.PackConfig, {"input": "", "output": out["packed"], "seq_len": 4096, "overflow": "split",
-                                         "mix": {"chat": 0.84, "text": 0.16}}),
-    )
-    job = books.books_job(configs)
+    document = {
+        "chunk": {"input": str(books_jsonl), "output": out["chunks"]},
+        "qa": {"output": out["qa"]},
+        "chat": {"output": out["chat"], "context_lengths": [4096], "pairs_per_example": 2},
+        "text": {"output": out["text"]},
+        "pack": {"output": out["packed"], "seq_len": 4096, "overflow": "split", "mix": {"chat": 0.84, "text": 0.16}},
+    }
+    job = books.job(run.stage_configs(run.PIPELINES["books"], document))
     manifests = job.run()
     assert [m["stage"] for m in manifests] == ["chunk", "qa", "chat", "text", "pack"]
     for manifest, directory in zip(manifests, out.values()):

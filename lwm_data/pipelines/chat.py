@@ -35,7 +35,7 @@ from lwm_data.config import nested, setting
 from lwm_data.errors import Rejection
 from lwm_data.examples import Example, examples_to_table
 from lwm_data.outputs import read_manifest
-from lwm_data.pipelines.common import ERRORS, Counters, ReadStage, StageOutput, route, run_stage
+from lwm_data.pipelines.common import ERRORS, Counters, ReadStage, StageOutput, TokenizerStep, route, run_stage
 from lwm_data.schemas import EXAMPLE_SCHEMA
 from lwm_data.text.chat import BookTally, ChatConfig, QATurn, book_examples, encode_turns, qa_pairs_from_table
 from lwm_data.text.chunking import BookChunks, book_chunks_from_table, split_by_book
@@ -56,17 +56,14 @@ class ChatStageConfig:
     chat: ChatConfig = nested(ChatConfig)
 
 
-class AssembleChats:
+class AssembleChats(TokenizerStep):
     """Step: one book's chunk and QA tables -> tables of its chat examples at every length."""
 
     def __init__(self, stage: str, config: ChatStageConfig, tokenizer: dict):
+        super().__init__(tokenizer)
         self.count = Counters(stage)
         self.config = config
         self.chat = config.chat
-        self.tokenizer_entry = tokenizer
-
-    def setup(self) -> None:
-        self.tokenizer = resolve_tokenizer(self.tokenizer_entry)
 
     def __call__(self, grouped: tuple[str, dict[str, list[pa.Table]]]) -> Iterable[pa.Table | Rejection]:
         book_id, parts = grouped

@@ -19,13 +19,13 @@ import pyarrow as pa
 
 from lwm_data.config import setting
 from lwm_data.errors import ConfigError, Rejection
-from lwm_data.pipelines.common import ERRORS, Counters, ReadFiles, StageOutput, merge_errors, route, run_stage
+from lwm_data.pipelines.common import ERRORS, Counters, ReadFiles, StageOutput, TokenizerStep, merge_errors, route, run_stage
 from lwm_data.reading import DEFAULT_MAX_RECORD_BYTES
 from lwm_data.schemas import CHUNK_SCHEMA
 from lwm_data.text.books import Book, read_books
 from lwm_data.text.chunking import Chunk as ChunkSpan
 from lwm_data.text.chunking import cut_chunks
-from lwm_data.tokenizers import load_tokenizer, resolve_tokenizer
+from lwm_data.tokenizers import load_tokenizer
 
 STAGE = "chunk"
 
@@ -92,16 +92,13 @@ def reject_conflicting_ids(keyed: tuple[str, Iterable[Book]]) -> Iterable[Book |
         yield Rejection("conflicting_id", detail, "", book.source, book.locator)
 
 
-class TokenizeAndChunk:
+class TokenizeAndChunk(TokenizerStep):
     """Step: tokenize a batch of books in one multi-threaded call, cut them, one table per batch."""
 
     def __init__(self, stage: str, config: ChunkConfig, tokenizer: dict):
+        super().__init__(tokenizer)
         self.count = Counters(stage)
         self.config = config
-        self.tokenizer_entry = tokenizer
-
-    def setup(self) -> None:
-        self.tokenizer = resolve_tokenizer(self.tokenizer_entry)
 
     def __call__(self, books: list[Book]) -> Iterable[pa.Table]:
         tokenized = self.tokenizer.encode_with_offsets([b.text for b in books])

@@ -11,9 +11,10 @@ and a fused pipeline (`Job`) chains the stage transforms in one Beam pipeline an
 stage's output: books | Chunk | QA | Chat | ... (see `lwm_data.recipes.books`).
 
 Per-record work is a *step*: a plain object, called with one element, that yields outputs and
-`Rejection`s or raises one, with an optional `setup()` run once per worker (to load a tokenizer, a
-model). `route(stage, step)` is the one DoFn that runs steps: outputs go to its main output `out`,
-each Rejection becomes a dead letter on `errors`, counted as `dead_lettered.<reason>`.
+`Rejection`s or raises one, with an optional `setup()` run once per worker (to load a model; the
+steps that need the text tokenizer derive from `TokenizerStep`). `route(stage, step)` is the one
+DoFn that runs steps: outputs go to its main output `out`, each Rejection becomes a dead letter on
+`errors`, counted as `dead_lettered.<reason>`.
 
 Counters are Beam metrics in the stage's own namespace, `lwm_data.<stage>`, so stages fused into
 one pipeline keep their counts apart and each gets a balanced manifest:
@@ -48,6 +49,7 @@ from lwm_data.errors import ConfigError, Rejection
 from lwm_data.outputs import OutputRun, now, stage_manifest
 from lwm_data.pipelines.tally import TALLY
 from lwm_data.schemas import ERRORS_SUFFIX, SHARD_SUFFIX
+from lwm_data.tokenizers import resolve_tokenizer
 
 NAMESPACE_PREFIX = "lwm_data."
 ERRORS = "errors"  # tag of dead-letter outputs
@@ -128,6 +130,18 @@ class _Route(beam.DoFn):
 def route(stage: Stages, step: Callable[[Any], Iterable], *tags: str) -> beam.ParDo:
     """The count-and-route step as a ParDo with outputs `out`, `errors` and any extra `tags`."""
     return beam.ParDo(_Route(stage, step)).with_outputs(ERRORS, *tags, main="out")
+
+
+class TokenizerStep:
+    """Base of the steps that need the text tokenizer. It travels to workers as its manifest entry
+    (small, and checked by sha256 where it is resolved) and is loaded once per worker, in `setup`;
+    a subclass with more to set up calls `super().setup()` first."""
+
+    def __init__(self, tokenizer: dict):
+        self.tokenizer_entry = tokenizer
+
+    def setup(self) -> None:
+        self.tokenizer = resolve_tokenizer(self.tokenizer_entry)
 
 
 class ReadFiles(beam.PTransform):

@@ -26,10 +26,10 @@ from lwm_data.examples import Example, examples_to_table
 from lwm_data.lwm_format.grammar import FIELDS_KEY
 from lwm_data.lwm_format.importer import example_from_line
 from lwm_data.lwm_format.processor import LwmProcessor, ProcessorConfig
-from lwm_data.pipelines.common import ERRORS, Counters, ReadFiles, StageOutput, merge_errors, route, run_stage
+from lwm_data.pipelines.common import ERRORS, Counters, ReadFiles, StageOutput, TokenizerStep, merge_errors, route, run_stage
 from lwm_data.reading import DEFAULT_MAX_RECORD_BYTES, read_lines
 from lwm_data.schemas import EXAMPLE_SCHEMA
-from lwm_data.tokenizers import load_tokenizer, resolve_tokenizer
+from lwm_data.tokenizers import load_tokenizer
 
 STAGE = "import-lwm"
 
@@ -73,16 +73,17 @@ def read_lwm_files(pattern: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTE
     return ReadFiles(pattern, stage, LineReader(stage, max_record_bytes))
 
 
-class ProcessLines:
+class ProcessLines(TokenizerStep):
     """Step: one numbered line -> its Example, or why LWM's processors would refuse it."""
 
     def __init__(self, stage: str, config: ImportConfig, tokenizer: dict):
+        super().__init__(tokenizer)
         self.count = Counters(stage)
         self.config = config
-        self.tokenizer_entry = tokenizer
 
     def setup(self) -> None:
-        self.processor = LwmProcessor(resolve_tokenizer(self.tokenizer_entry), self.config.processor)
+        super().setup()
+        self.processor = LwmProcessor(self.tokenizer, self.config.processor)
 
     def __call__(self, numbered: tuple[str, int, bytes]) -> Iterable[Example | Rejection]:
         path, line_index, line = numbered

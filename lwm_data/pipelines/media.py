@@ -1,15 +1,15 @@
-"""Images and videos -> VQ-GAN codes -> examples in LWM's vision layout (EXAMPLE_SCHEMA).
+"""The media chain every vision stage shares: media inputs -> frame batches -> VQ-GAN codes.
 
     media inputs --ReadMedia--> MediaItems (+ dead letters)                         [read]
     items --Reshuffle--> DecodeFrames --> frame batches (+ one header per item)     [EncodeMedia]
           frame batches --RunInference(VQGANHandler)--> codes per batch
           headers + codes --CoGroupByKey--> Assemble --> CodedItems
-    CodedItems --BuildSequences--> Examples --BatchElements--> EXAMPLE tables       [Sequences]
-    CodedItems --BatchElements--> CODES tables (`vision-codes`, or `--keep-codes`)  [CodesTables]
 
-Stages: `video` and `image` (media -> examples; `image` refuses videos), `vision-codes` (media ->
-frame-level codes, CODES_SCHEMA) and `vision-sequences` (codes -> examples, with any template or
-direction, without re-encoding).
+`encode_media` starts every media job the same way (the launch check, the VQ-GAN's manifest entry,
+a Beam job, and the chain above in it), and `media_examples` turns its CodedItems into examples in
+LWM's layout (lwm_data.pipelines.vision_sequences). The stages built on it: `video` and `image`
+(media -> examples; `image` refuses videos), `vision-codes` (media -> frame-level codes), and the
+whole `run video` pipeline (lwm_data.recipes.video).
 
 Decoding runs in a DoFn, a video's frames in batches of `--batch-size` read by a background thread
 (lwm_data.vision.frames.prefetched), so decoding the next batch overlaps with encoding this one; an
@@ -32,36 +32,25 @@ from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection
-from lwm_data.examples import Example, examples_to_table
-from lwm_data.lwm_format.processor import LwmProcessor
+from lwm_data.lwm_format.layout import TOKENS_PER_FRAME
 from lwm_data.pipelines.common import (
-    ERRORS,
-    LOCAL_RUNNERS,
-    Counters,
-    Job,
-    ReadFiles,
-    ReadStage,
-    StageOutput,
-    Stages,
-    merge_errors,
-    route,
+    ERRORS, LOCAL_RUNNERS, Counters, Job, ReadFiles, StageOutput, Stages, merge_errors, route,
 )
+from lwm_data.pipelines.vision_sequences import Sequences
 from lwm_data.reading import is_unicode
-from lwm_data.schemas import CODES_SCHEMA, EXAMPLE_SCHEMA
-from lwm_data.tokenizers import load_tokenizer, resolve_tokenizer
+from lwm_data.tokenizers import load_tokenizer
 from lwm_data.tokenizers.vision import VQGAN, VQGANSettings, describe
 from lwm_data.vision.frames import image_frame, prefetched, video_frames
 from lwm_data.vision.media import MediaItem, MediaReader, MediaSettings
-from lwm_data.vision.sequences import CodedItem, SequenceSettings, conversation_turns, vision_examples
+from lwm_data.vision.sequences import CodedItem, SequenceSettings, conversation_turns
 
-VIDEO, IMAGE, CODES, SEQUENCES = "video", "image", "vision-codes", "vision-sequences"
 HEADERS = "headers"
-_PLACEHOLDER_CODES = np.zeros((1, 256), np.int32)
+_PLACEHOLDER_CODES = np.zeros((1, TOKENS_PER_FRAME), np.int32)
 
 
 @dataclass(frozen=True)
@@ -75,14 +64,6 @@ class FrameSampling:
 
 
 @dataclass(frozen=True)
-class VisionCodesConfig:
-    output: str = setting(help="Output directory (CODES_SCHEMA).")
-    media: MediaSettings = nested(MediaSettings)
-    frames: FrameSampling = nested(FrameSampling)
-    vqgan: VQGANSettings = nested(VQGANSettings)
-
-
-@dataclass(frozen=True)
 class MediaJobConfig:
     """What the `video` and `image` stages share."""
 
@@ -92,27 +73,6 @@ class MediaJobConfig:
     batch_tokens: int = setting(4_000_000, "Examples are written in tables of about this many tokens.")
     media: MediaSettings = nested(MediaSettings)
     vqgan: VQGANSettings = nested(VQGANSettings)
-    sequences: SequenceSettings = nested(SequenceSettings)
-
-
-@dataclass(frozen=True)
-class VideoConfig(MediaJobConfig):
-    frames: FrameSampling = nested(FrameSampling)
-
-
-@dataclass(frozen=True)
-class ImageConfig(MediaJobConfig):
-    @property
-    def frames(self) -> FrameSampling:
-        return FrameSampling(max_frames=1)
-
-
-@dataclass(frozen=True)
-class SequencesConfig:
-    input: str = setting(help="Output directory of `lwm-data vision-codes` (or a --keep-codes directory).")
-    output: str = setting(help="Output directory (EXAMPLE_SCHEMA).")
-    tokenizer: str | None = setting(None, "SentencePiece .model or tokenizer dir (default: embedded).")
-    batch_tokens: int = setting(4_000_000, "Examples are written in tables of about this many tokens.")
     sequences: SequenceSettings = nested(SequenceSettings)
 
 
@@ -227,32 +187,7 @@ def assemble(grouped: tuple[str, dict[str, list]]) -> Iterable[CodedItem]:
                     item.caption, item.conversations, header.meta)
 
 
-class BuildSequences:
-    """Step: a CodedItem -> its examples (one item counted `out`)."""
-
-    def __init__(self, stage: str, settings: SequenceSettings, tokenizer: dict):
-        self.count = Counters(stage)
-        self.settings = settings
-        self.tokenizer_entry = tokenizer
-
-    def setup(self) -> None:
-        self.processor = LwmProcessor(resolve_tokenizer(self.tokenizer_entry))
-
-    def __call__(self, item: CodedItem) -> Iterable[Example | Rejection]:
-        try:
-            examples = vision_examples(item, self.processor, self.settings)
-        except Rejection as rejection:
-            yield rejection.at(item.source, item.item_id)
-            return
-        self.count("out")
-        for example in examples:
-            self.count("examples")
-            self.count("tokens", example.num_tokens)
-            self.count("vision_tokens", int(example.vision_mask.sum()))
-            yield example
-
-
-# ---- transforms ----
+# ---- the chain ----
 
 
 class EncodeMedia(beam.PTransform):
@@ -287,140 +222,50 @@ class EncodeMedia(beam.PTransform):
         return coded, decoded[ERRORS]
 
 
-class Sequences(beam.PTransform):
-    """CodedItems -> EXAMPLE_SCHEMA tables (+ dead letters)."""
-
-    def __init__(self, settings: SequenceSettings, tokenizer: dict, batch_tokens: int, stage: str):
-        super().__init__()
-        self.settings = settings
-        self.tokenizer = tokenizer
-        self.batch_tokens = batch_tokens
-        self.stage = stage
-
-    def expand(self, coded: beam.PCollection) -> StageOutput:
-        built = coded | "BuildSequences" >> route(self.stage, BuildSequences(self.stage, self.settings, self.tokenizer))
-        tables = (
-            built.out
-            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_tokens, element_size_fn=lambda e: e.num_tokens)
-            | "ToTable" >> beam.Map(examples_to_table)
-        )
-        return StageOutput(tables, built[ERRORS])
-
-
-class CodesTables(beam.PTransform):
-    """CodedItems -> CODES_SCHEMA tables, each item counted `out` of `stage`."""
-
-    def __init__(self, stage: str = CODES):
-        super().__init__()
-        self.stage = stage
-
-    def expand(self, coded: beam.PCollection) -> beam.PCollection:
-        count = Counters(self.stage)
-
-        def counted(item: CodedItem) -> dict:
-            count("out")
-            return item.to_row()
-
-        return (
-            coded
-            | "ToRow" >> beam.Map(counted)
-            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=256)
-            | "ToTable" >> beam.Map(lambda rows: pa.Table.from_pylist(rows, schema=CODES_SCHEMA))
-        )
-
-
 def read_media(settings: MediaSettings, stage: Stages) -> ReadFiles:
     return ReadFiles(settings.pattern, stage, MediaReader(settings, Counters(stage)))
 
 
-# ---- jobs ----
-
-
-def _check_launch(vqgan: VQGANSettings, beam_args: list[str] | None) -> None:
-    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-
+def check_launch(vqgan: VQGANSettings, beam_args: list[str] | None) -> None:
+    """What can be known wrong before a media job starts: `--device cuda` on a local run without a GPU."""
     if PipelineOptions(beam_args or []).view_as(StandardOptions).runner in LOCAL_RUNNERS:
         vqgan.check_device()
 
 
-def _vqgan_section(entry: dict):
+def vqgan_section(entry: dict | None):
+    """The manifest's `vqgan` section (for `Job.write`'s summary): which weights made the codes."""
     return lambda manifest: {"vqgan": entry}
 
 
-def run_media(stage: str, config: MediaJobConfig, beam_args: list[str] | None = None) -> dict:
-    """The `video` / `image` job: read | EncodeMedia | Sequences | write (and the codes, if kept)."""
-    _check_launch(config.vqgan, beam_args)
+@dataclass
+class EncodedMedia:
+    """A media job as every vision stage starts it: a Beam job holding the chain, its CodedItems, the
+    reader's and decoders' dead letters, and the VQ-GAN's manifest entry."""
+
+    job: Job
+    coded: beam.PCollection  # CodedItems
+    errors: beam.PCollection  # dead letters of reading and decoding
+    vqgan: dict  # the VQ-GAN's manifest entry
+
+
+def encode_media(
+    media: MediaSettings, frames: FrameSampling, vqgan: VQGANSettings, stages: Stages,
+    beam_args: list[str] | None = None, images_only: bool = False,
+) -> EncodedMedia:
+    """Check the launch, describe the VQ-GAN (loudly, for random weights), and build read -> decode ->
+    VQ-GAN -> assemble in a new job; `stages` count the items (several, when one job writes several
+    outputs from the same items)."""
+    check_launch(vqgan, beam_args)
+    entry = describe(vqgan)
+    job = Job(beam_args)
+    items = job.pipeline | "ReadMedia" >> read_media(media, stages)
+    coded, decode_errors = items.records | "Encode" >> EncodeMedia(frames, vqgan, stages, images_only)
+    return EncodedMedia(job, coded, merge_errors(items.errors, decode_errors, label="MediaErrors"), entry)
+
+
+def media_examples(encoded: EncodedMedia, config: MediaJobConfig, stage: str) -> tuple[StageOutput, dict]:
+    """The chain's items as examples in LWM's layout, with every dead letter so far; and the text
+    tokenizer's manifest entry (loaded here, so a bad path fails before the job runs)."""
     tokenizer = load_tokenizer(config.tokenizer).entry
-    vqgan = describe(config.vqgan)
-    stages = (stage, CODES) if config.keep_codes else stage
-    job = Job(beam_args)
-    items = job.pipeline | "ReadMedia" >> read_media(config.media, stages)
-    coded, decode_errors = items.records | "Encode" >> EncodeMedia(config.frames, config.vqgan, stages, stage == IMAGE)
-    examples = coded | "Sequences" >> Sequences(config.sequences, tokenizer, config.batch_tokens, stage)
-    errors = merge_errors(items.errors, decode_errors, examples.errors)
-    job.write(stage, config, StageOutput(examples.rows, errors), EXAMPLE_SCHEMA, tokenizer, summary=_vqgan_section(vqgan))
-    if config.keep_codes:
-        codes_config = VisionCodesConfig(config.keep_codes, config.media, config.frames, config.vqgan)
-        codes = StageOutput(coded | "Codes" >> CodesTables(), merge_errors(items.errors, decode_errors, label="CodesErrors"))
-        job.write(CODES, codes_config, codes, CODES_SCHEMA, summary=_vqgan_section(vqgan))
-    return job.run()[0]
-
-
-def run_video(config: VideoConfig, beam_args: list[str] | None = None) -> dict:
-    return run_media(VIDEO, config, beam_args)
-
-
-def run_image(config: ImageConfig, beam_args: list[str] | None = None) -> dict:
-    return run_media(IMAGE, config, beam_args)
-
-
-def run_codes(config: VisionCodesConfig, beam_args: list[str] | None = None) -> dict:
-    """The `vision-codes` job: read | EncodeMedia | write codes."""
-    _check_launch(config.vqgan, beam_args)
-    vqgan = describe(config.vqgan)
-    job = Job(beam_args)
-    items = job.pipeline | "ReadMedia" >> read_media(config.media, CODES)
-    coded, decode_errors = items.records | "Encode" >> EncodeMedia(config.frames, config.vqgan, CODES)
-    codes = StageOutput(coded | "Codes" >> CodesTables(), merge_errors(items.errors, decode_errors))
-    job.write(CODES, config, codes, CODES_SCHEMA, summary=_vqgan_section(vqgan))
-    (manifest,) = job.run()
-    return manifest
-
-
-def run_sequences(config: SequencesConfig, beam_args: list[str] | None = None) -> dict:
-    """The `vision-sequences` job: codes | Sequences | write; `in` = coded items."""
-    from lwm_data import outputs
-
-    tokenizer = load_tokenizer(config.tokenizer).entry
-    vqgan = outputs.read_manifest(config.input).get("vqgan")
-    count = Counters(SEQUENCES)
-
-    def rows(table: pa.Table) -> Iterable[CodedItem]:
-        for row in table.to_pylist():
-            count("in")
-            yield CodedItem.from_row(row)
-
-    job = Job(beam_args)
-    coded = job.pipeline | "ReadCodes" >> ReadStage(config.input) | "Items" >> beam.FlatMap(rows)
-    examples = coded | "Sequences" >> Sequences(config.sequences, tokenizer, config.batch_tokens, SEQUENCES)
-    job.write(SEQUENCES, config, examples, EXAMPLE_SCHEMA, tokenizer, summary=_vqgan_section(vqgan))
-    (manifest,) = job.run()
-    return manifest
-
-
-def video_job(video: VideoConfig, pack_config, beam_args: list[str] | None = None, keep_intermediate: bool = True) -> Job:
-    """Media to packed rows in ONE Beam pipeline: read | EncodeMedia | Sequences | Pack; `.run()` it
-    for the manifests (pack's last, with every stage's counts)."""
-    from lwm_data.pipelines import pack
-
-    _check_launch(video.vqgan, beam_args)
-    tokenizer = load_tokenizer(video.tokenizer).entry
-    vqgan = describe(video.vqgan)
-    job = Job(beam_args)
-    items = job.pipeline | "ReadMedia" >> read_media(video.media, VIDEO)
-    coded, decode_errors = items.records | "Encode" >> EncodeMedia(video.frames, video.vqgan, VIDEO)
-    examples = coded | "Sequences" >> Sequences(video.sequences, tokenizer, video.batch_tokens, VIDEO)
-    errors = merge_errors(items.errors, decode_errors, examples.errors)
-    upstream = [pack.Upstream(VIDEO, video, StageOutput(examples.rows, errors), EXAMPLE_SCHEMA, _vqgan_section(vqgan))]
-    return pack.finish_with_pack(job, "video", upstream, {VIDEO}, pack_config, tokenizer, keep_intermediate)
-
+    examples = encoded.coded | "Sequences" >> Sequences(config.sequences, tokenizer, config.batch_tokens, stage)
+    return StageOutput(examples.rows, merge_errors(encoded.errors, examples.errors)), tokenizer

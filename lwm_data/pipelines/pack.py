@@ -28,7 +28,7 @@ efficiency and segments per row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -53,9 +53,7 @@ from lwm_data.packing import (
 from lwm_data.pipelines.common import (
     ERRORS,
     Counters,
-    Job,
     StageOutput,
-    merge_errors,
     route,
     run_stage,
     upstream_tokenizer,
@@ -64,7 +62,6 @@ from lwm_data.schemas import EXAMPLE_SCHEMA, PACKED_SCHEMA
 
 STAGE = "pack"
 TOKENS_PER_BATCH = 1 << 22  # rows are assembled and written in batches of about this many tokens
-SCRATCH = "_scratch"  # inside pack's output in a whole-pipeline job: what pack reads but nobody keeps
 ROW_BITS = 40  # a row's id is partition << ROW_BITS | its row in the partition's plan
 REF_COLUMNS = ["example_id", "kind", "num_tokens", "loss_weights", "vision_mask"]
 TOKEN_COLUMNS = ["tokens", "loss_weights", "vision_mask"]
@@ -350,43 +347,3 @@ def run(config: PackConfig, beam_args: list[str] | None = None) -> dict:
         return pipeline | "Shards" >> beam.Create(shards) | "Pack" >> Pack(config)
 
     return run_stage(STAGE, config, build, PACKED_SCHEMA, beam_args, tokenizer, summary=packing_section(config))
-
-
-class Upstream(NamedTuple):
-    """A stage of a whole-pipeline job that runs before pack."""
-
-    stage: str
-    config: Any
-    output: StageOutput
-    schema: pa.Schema
-    summary: Callable[[dict], dict] | None = None  # extra manifest sections, when its output is kept
-
-
-def finish_with_pack(
-    job: Job, name: str, upstream: list[Upstream], pack_inputs: set[str], pack_config: PackConfig,
-    tokenizer: dict | None, keep_intermediate: bool,
-) -> Job:
-    """Finish a whole-pipeline job: the upstream stages' outputs (each kept, or only what pack reads,
-    in a scratch directory deleted when the job ends, their dead letters in pack's `errors/`), then
-    pack, whose manifest records every stage's counts under `pipeline`."""
-    shards, errors = [], []
-    for up in upstream:
-        if keep_intermediate:
-            written = job.write(up.stage, up.config, up.output, up.schema, tokenizer, summary=up.summary)
-        else:
-            errors.append(up.output.errors)
-            scratch = files.join(pack_config.output, SCRATCH, up.stage)
-            written = job.write_scratch(up.stage, scratch, up.output.rows, up.schema) if up.stage in pack_inputs else None
-        if up.stage in pack_inputs:
-            shards.append(written)
-    packed = tuple(shards) | "ExampleShards" >> beam.Flatten() | "Pack" >> Pack(pack_config)
-    final = StageOutput(packed.rows, merge_errors(packed.errors, *errors, label="AllErrors"))
-    kept = {up.stage: up.config.output for up in upstream} if keep_intermediate else {}
-    packing = packing_section(pack_config)
-
-    def summary(manifest: dict) -> dict:
-        stages = {up.stage: job.counts(up.stage) for up in upstream}
-        return {**packing(manifest), "pipeline": {"name": name, "stages": stages, "kept": kept}}
-
-    job.write(STAGE, pack_config, final, PACKED_SCHEMA, tokenizer, summary=summary)
-    return job

@@ -23,8 +23,10 @@ import pyarrow as pa
 from lwm_data import checks, stats
 from lwm_data.checks import GlobalCheck, TableCheck
 from lwm_data.errors import UserError
-from lwm_data.pipelines import chat, chunk, import_lwm, needle, pack, qa, text
-from lwm_data.pipelines import media as vision
+from lwm_data.pipelines import (
+    chat, chunk, image, import_lwm, needle, pack, qa, text, video, vision_codes, vision_sequences,
+)
+from lwm_data.pipelines.media import EncodeMedia
 from lwm_data.schemas import CHUNK_SCHEMA, CODES_SCHEMA, EXAMPLE_SCHEMA, NEEDLE_SCHEMA, PACKED_SCHEMA, QA_SCHEMA
 
 
@@ -82,23 +84,23 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "video", "Videos (and images) -> VQ-GAN tokens in LWM's vision layout, with captions or LLaVA conversations.",
-            _MEDIA, "vision examples (`EXAMPLE_SCHEMA`)", EXAMPLE_SCHEMA, vision.VideoConfig, vision.run_video,
-            vision.EncodeMedia, _EXAMPLE_CHECKS, (), stats.example_stats,
+            _MEDIA, "vision examples (`EXAMPLE_SCHEMA`)", EXAMPLE_SCHEMA, video.VideoConfig, video.run,
+            EncodeMedia, _EXAMPLE_CHECKS, (), stats.example_stats,
         ),
         Stage(
             "image", "Images -> VQ-GAN tokens in LWM's vision layout, with captions or LLaVA conversations.",
-            _MEDIA, "vision examples (`EXAMPLE_SCHEMA`)", EXAMPLE_SCHEMA, vision.ImageConfig, vision.run_image,
-            vision.EncodeMedia, _EXAMPLE_CHECKS, (), stats.example_stats,
+            _MEDIA, "vision examples (`EXAMPLE_SCHEMA`)", EXAMPLE_SCHEMA, image.ImageConfig, image.run,
+            EncodeMedia, _EXAMPLE_CHECKS, (), stats.example_stats,
         ),
         Stage(
             "vision-codes", "Images and videos -> frame-level VQ-GAN codes, to assemble sequences from later.",
-            _MEDIA, "codes per item (`CODES_SCHEMA`)", CODES_SCHEMA, vision.VisionCodesConfig, vision.run_codes,
-            vision.EncodeMedia, (checks.check_codes_rows,),
+            _MEDIA, "codes per item (`CODES_SCHEMA`)", CODES_SCHEMA, vision_codes.VisionCodesConfig, vision_codes.run,
+            EncodeMedia, (checks.check_codes_rows,),
         ),
         Stage(
             "vision-sequences", "Frame-level codes -> vision examples (any template or direction, no re-encoding).",
-            "codes", "vision examples (`EXAMPLE_SCHEMA`)", EXAMPLE_SCHEMA, vision.SequencesConfig, vision.run_sequences,
-            vision.Sequences, _EXAMPLE_CHECKS, (), stats.example_stats,
+            "codes", "vision examples (`EXAMPLE_SCHEMA`)", EXAMPLE_SCHEMA, vision_sequences.SequencesConfig, vision_sequences.run,
+            vision_sequences.Sequences, _EXAMPLE_CHECKS, (), stats.example_stats,
         ),
         Stage(
             "pack", "Examples -> fixed-length packed rows with segment ids.",

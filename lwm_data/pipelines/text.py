@@ -20,7 +20,7 @@ from lwm_data.config import setting
 from lwm_data.errors import ConfigError
 from lwm_data.examples import examples_to_table
 from lwm_data.outputs import read_manifest
-from lwm_data.pipelines.common import ERRORS, Counters, ReadStage, StageOutput, route, run_stage
+from lwm_data.pipelines.common import ERRORS, Counters, ReadStage, StageOutput, TokenizerStep, route, run_stage
 from lwm_data.schemas import EXAMPLE_SCHEMA
 from lwm_data.text.chunking import book_chunks_from_table, split_by_book, text_example
 from lwm_data.tokenizers import resolve_tokenizer
@@ -36,21 +36,18 @@ class TextConfig:
     tokenizer: str | None = setting(None, "A copy of the chunk stage's tokenizer, where its recorded path is not reachable.")
 
 
-class BookText:
+class BookText(TokenizerStep):
     """Step: one book's chunk tables -> a one-row table with its text example."""
 
     def __init__(self, stage: str, tokenizer: dict):
+        super().__init__(tokenizer)
         self.count = Counters(stage)
-        self.tokenizer_entry = tokenizer
-
-    def setup(self) -> None:
-        self.bos_id = resolve_tokenizer(self.tokenizer_entry).bos_id
 
     def __call__(self, grouped: tuple[str, Iterable[pa.Table]]) -> Iterable[pa.Table]:
         book_id, tables = grouped
         self.count("in")
         table = pa.concat_tables(list(tables))
-        example = text_example(book_chunks_from_table(book_id, table), self.bos_id, table["title"][0].as_py())
+        example = text_example(book_chunks_from_table(book_id, table), self.tokenizer.bos_id, table["title"][0].as_py())
         self.count("out")
         self.count("tokens", example.num_tokens)
         yield examples_to_table([example])

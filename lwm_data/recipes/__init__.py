@@ -1,0 +1,1 @@
+"""Whole pipelines: several stages as ONE Beam job (books, video), and `run`, the TOML entry."""

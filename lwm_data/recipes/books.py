@@ -1,4 +1,4 @@
-"""Books to packed long-context rows in ONE Beam pipeline, composed from the stage transforms:
+"""`run books`: books to packed long-context rows in ONE Beam pipeline, composed from the stage transforms:
 
     books --ReadBooks--> Chunk --+--> QA --+--> Chat --+
                                  |         |           +--(shard paths)--> Pack
@@ -9,60 +9,54 @@ its own namespace). Pack reads its inputs back by path, so chat's and text's wri
 its input: that boundary is materialised inside the job. Nothing is committed until the whole
 job has succeeded.
 
-The stages' configs say where each output goes; their input fields are ignored here except to be
-recorded, and should name the upstream directories (`books_configs` fills them in).
+Each stage reads the output of the stage before it: `wiring` says so, once, and `lwm-data run`
+(lwm_data.recipes.run) fills every stage's input options from it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from typing import Any
 
 from lwm_data.pipelines import chat, chunk, pack, qa, text
 from lwm_data.pipelines.common import Job, StageOutput, merge_errors
+from lwm_data.recipes.common import Upstream, finish_with_pack
 from lwm_data.schemas import CHUNK_SCHEMA, EXAMPLE_SCHEMA, QA_SCHEMA
 from lwm_data.tokenizers import load_tokenizer
 
-
-@dataclass(frozen=True)
-class BooksConfigs:
-    chunk: chunk.ChunkConfig
-    qa: qa.QAConfig
-    chat: chat.ChatStageConfig
-    text: text.TextConfig
-    pack: pack.PackConfig
+STAGES = (chunk.STAGE, qa.STAGE, chat.STAGE, text.STAGE, pack.STAGE)  # in order: the TOML tables
 
 
-def books_configs(
-    chunk_config: chunk.ChunkConfig, qa_config: qa.QAConfig, chat_config: chat.ChatStageConfig,
-    text_config: text.TextConfig, pack_config: pack.PackConfig,
-) -> BooksConfigs:
-    """The stage configs with every input pointing at the output of the stage it reads."""
-    chunks = chunk_config.output
-    qa_config = replace(qa_config, input=chunks)
-    return BooksConfigs(
-        chunk_config, qa_config, replace(chat_config, chunks=chunks, qa=qa_config.output),
-        replace(text_config, input=chunks), replace(pack_config, input=(chat_config.output, text_config.output)),
-    )
+def wiring(outputs: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Each stage's input options, from the other stages' output directories."""
+    return {
+        qa.STAGE: {"input": outputs[chunk.STAGE]},
+        chat.STAGE: {"chunks": outputs[chunk.STAGE], "qa": outputs[qa.STAGE]},
+        text.STAGE: {"input": outputs[chunk.STAGE]},
+        pack.STAGE: {"input": [outputs[chat.STAGE], outputs[text.STAGE]]},
+    }
 
 
-def books_job(configs: BooksConfigs, beam_args: list[str] | None = None, keep_intermediate: bool = True) -> Job:
-    """The whole text pipeline as one job; `.run()` it for the stages' manifests (pack's last).
+def job(configs: dict[str, Any], beam_args: list[str] | None = None, keep_intermediate: bool = True) -> Job:
+    """The whole text pipeline as one job, from the stages' configs (inputs wired); `.run()` it for the
+    stages' manifests (pack's last).
 
     Without `keep_intermediate` only pack's output is written: chat's and text's shards go to a
     scratch directory deleted when the job ends, every stage's dead letters go to pack's `errors/`,
     and pack's manifest holds every stage's counts (`pipeline`)."""
-    tokenizer = load_tokenizer(configs.chunk.tokenizer).entry
+    chunk_config = configs[chunk.STAGE]
+    tokenizer = load_tokenizer(chunk_config.tokenizer).entry
     job = Job(beam_args)
-    books = job.pipeline | "ReadBooks" >> chunk.read_book_files(configs.chunk.input, configs.chunk.max_record_bytes)
-    chunks = books.records | "Chunk" >> chunk.Chunk(configs.chunk, tokenizer)
-    pairs = chunks.rows | "QA" >> qa.QA(configs.qa)
-    chats = {"chunks": chunks.rows, "qa": pairs.rows} | "Chat" >> chat.Chat(configs.chat, tokenizer)
+    books = job.pipeline | "ReadBooks" >> chunk.read_book_files(chunk_config.input, chunk_config.max_record_bytes)
+    chunks = books.records | "Chunk" >> chunk.Chunk(chunk_config, tokenizer)
+    pairs = chunks.rows | "QA" >> qa.QA(configs[qa.STAGE])
+    chats = {"chunks": chunks.rows, "qa": pairs.rows} | "Chat" >> chat.Chat(configs[chat.STAGE], tokenizer)
     texts = chunks.rows | "Text" >> text.Text(tokenizer)
+    chunk_output = StageOutput(chunks.rows, merge_errors(books.errors, chunks.errors))
     upstream = [
-        pack.Upstream(chunk.STAGE, configs.chunk, StageOutput(chunks.rows, merge_errors(books.errors, chunks.errors)), CHUNK_SCHEMA),
-        pack.Upstream(qa.STAGE, configs.qa, pairs, QA_SCHEMA),
-        pack.Upstream(chat.STAGE, configs.chat, chats, EXAMPLE_SCHEMA),
-        pack.Upstream(text.STAGE, configs.text, texts, EXAMPLE_SCHEMA),
+        Upstream(chunk.STAGE, chunk_config, chunk_output, CHUNK_SCHEMA),
+        Upstream(qa.STAGE, configs[qa.STAGE], pairs, QA_SCHEMA),
+        Upstream(chat.STAGE, configs[chat.STAGE], chats, EXAMPLE_SCHEMA),
+        Upstream(text.STAGE, configs[text.STAGE], texts, EXAMPLE_SCHEMA),
     ]
     examples = {chat.STAGE, text.STAGE}  # what pack reads, by path
-    return pack.finish_with_pack(job, "books", upstream, examples, configs.pack, tokenizer, keep_intermediate)
+    return finish_with_pack(job, "books", upstream, examples, configs[pack.STAGE], tokenizer, keep_intermediate)

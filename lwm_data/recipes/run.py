@@ -29,10 +29,9 @@ from typing import Any, Callable
 
 from lwm_data import config as settings
 from lwm_data.errors import ConfigError
-from lwm_data.pipelines import media as vision
 from lwm_data.pipelines.common import Job, check_beam_args
 from lwm_data.pipelines.registry import STAGES
-from lwm_data.recipes import books
+from lwm_data.recipes import books, video
 
 Values = dict[str, dict[str, Any]]  # stage -> option name -> value
 
@@ -41,34 +40,15 @@ Values = dict[str, dict[str, Any]]  # stage -> option name -> value
 class WholePipeline:
     name: str
     stages: tuple[str, ...]  # in order: the TOML tables, the override prefixes
-    wiring: Callable[[Values], dict[str, dict[str, Any]]]  # stage -> its input options, from the others' outputs
+    wiring: Callable[[dict[str, str]], dict[str, dict[str, Any]]]  # stage -> its input options, from the outputs
     job: Callable[[dict[str, Any], list[str] | None, bool], Job]  # configs by stage, Beam args, keep intermediate
-
-
-def _books_wiring(values: Values) -> dict[str, dict[str, Any]]:
-    out = {s: values[s]["output"] for s in values}
-    return {
-        "qa": {"input": out["chunk"]},
-        "chat": {"chunks": out["chunk"], "qa": out["qa"]},
-        "text": {"input": out["chunk"]},
-        "pack": {"input": [out["chat"], out["text"]]},
-    }
-
-
-def _books_job(configs: dict[str, Any], beam_args: list[str] | None, keep: bool) -> Job:
-    stages = books.BooksConfigs(configs["chunk"], configs["qa"], configs["chat"], configs["text"], configs["pack"])
-    return books.books_job(stages, beam_args, keep)
-
-
-def _video_job(configs: dict[str, Any], beam_args: list[str] | None, keep: bool) -> Job:
-    return vision.video_job(configs["video"], configs["pack"], beam_args, keep)
 
 
 PIPELINES = {
     p.name: p
     for p in (
-        WholePipeline("books", ("chunk", "qa", "chat", "text", "pack"), _books_wiring, _books_job),
-        WholePipeline("video", ("video", "pack"), lambda values: {"pack": {"input": [values["video"]["output"]]}}, _video_job),
+        WholePipeline("books", books.STAGES, books.wiring, books.job),
+        WholePipeline("video", video.STAGES, video.wiring, video.job),
     )
 }
 
@@ -120,7 +100,7 @@ def stage_configs(pipeline: WholePipeline, document: dict[str, Any], overrides: 
                 raise ConfigError(f"[{stage}] has no output and the config no top-level output")
             table["output"] = f"{root.rstrip('/')}/{stage}"
         values[stage] = table
-    for stage, wired in pipeline.wiring(values).items():
+    for stage, wired in pipeline.wiring({s: values[s]["output"] for s in values}).items():
         clash = sorted(set(wired) & set(values[stage]))
         if clash:
             raise ConfigError(f"[{stage}] {', '.join(clash)}: set by the pipeline (the upstream stage's output)")
