@@ -19,7 +19,9 @@ import time
 
 import numpy as np
 
-from lwm_data.packing import Examples, PackOptions, PackPlan, build_rows, gather_pieces, packed_table, plan_packing
+from lwm_data.examples import Examples
+from lwm_data.packing import PackOptions, PackPlan, build_rows, packed_table, plan_packing
+from lwm_data.testing.packing import gather_pieces
 
 FILL_GOAL = 0.995
 TOKENS_PER_SECOND_GOAL = 20e6

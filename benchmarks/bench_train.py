@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from lwm_data.examples import Examples
 from lwm_data.outputs import Counts, OutputRun
-from lwm_data.packing import PackOptions, pack_examples
+from lwm_data.packing import PackOptions
+from lwm_data.testing.packing import pack_examples
 from lwm_data.train.config import StageConfig, TrainConfig
 from lwm_data.train.data import model_inputs
 from lwm_data.train.model import Transformer

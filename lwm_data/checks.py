@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lwm_data.arrays import flat_values, list_lengths, run_starts
-from lwm_data.examples import KINDS
+from lwm_data.examples import EXAMPLE_PROBLEMS, problem_masks
 from lwm_data.lwm_format.layout import CODEBOOK_SIZE, TOKENS_PER_FRAME
 
 TableCheck = Callable[[pa.Table, Counter], None]
@@ -40,13 +40,10 @@ def _flat(table: pa.Table, column: str) -> np.ndarray:
 
 
 def check_example_rows(table: pa.Table, violations: Counter) -> None:
-    num_tokens = table["num_tokens"].to_numpy()
-    for column in ("tokens", "loss_weights", "vision_mask"):
-        violations[f"{column} length != num_tokens"] += int((_list_lengths(table, column) != num_tokens).sum())
-    weights = _flat(table, "loss_weights")
-    violations["loss weight outside [0, inf) or not finite"] += int((~np.isfinite(weights) | (weights < 0)).sum())
-    violations["empty example"] += int((num_tokens == 0).sum())
-    violations["unknown kind"] += int((~np.isin(table["kind"].to_numpy(zero_copy_only=False), list(KINDS))).sum())
+    """Every problem that keeps an example out of packing (lwm_data.examples.problem_masks), and meta
+    that is not JSON."""
+    for reason, mask in problem_masks(table):
+        violations[EXAMPLE_PROBLEMS[reason]] += int(mask.sum())
     for meta in table["meta"].to_pylist():
         if meta is not None:
             try:

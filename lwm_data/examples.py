@@ -13,7 +13,10 @@ Kinds:
     video_text  several frames with text
     image_chat  a conversation about one image (LLaVA-style instruction data): weight on the answers
     video_chat  a conversation about a video
-Vision kinds (the last four) are never split by packing.
+Vision kinds (the last four) are never split by packing (`splittable`).
+
+What makes a row unusable for packing and training is said once, in `problem_masks`: pack
+dead-letters such rows by reason, `lwm-data validate` counts them.
 """
 
 from __future__ import annotations
@@ -25,14 +28,53 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from lwm_data.arrays import flagged_per_list
+from lwm_data.arrays import flagged_per_list, flat_values, list_lengths
 from lwm_data.schemas import EXAMPLE_SCHEMA
 
 TEXT, CHAT, IMAGE_TEXT, VIDEO_TEXT = "text", "chat", "image_text", "video_text"
 IMAGE_CHAT, VIDEO_CHAT = "image_chat", "video_chat"
 VISION_KINDS = frozenset({IMAGE_TEXT, VIDEO_TEXT, IMAGE_CHAT, VIDEO_CHAT})
 KINDS = frozenset({TEXT, CHAT}) | VISION_KINDS
-SPLITTABLE_KINDS = frozenset({TEXT})  # never holds vision tokens: checked where examples are made
+SPLITTABLE_KINDS = frozenset({TEXT})
+
+# Why an example row cannot be packed or trained on: reason (its dead letters) -> what validate calls it.
+EXAMPLE_PROBLEMS = {
+    "unknown_kind": "unknown kind",
+    "bad_loss_weights": "loss weight negative or not finite",
+    "length_mismatch": "tokens, loss_weights or vision_mask length != num_tokens",
+    "empty_example": "empty example",
+}
+
+
+def splittable(kinds: np.ndarray, vision_tokens: np.ndarray) -> np.ndarray:
+    """Which examples packing may split: plain text, a splittable kind holding no vision token."""
+    return np.isin(np.asarray(kinds, dtype=object), list(SPLITTABLE_KINDS)) & (np.asarray(vision_tokens) == 0)
+
+
+def problem_masks(table: pa.Table) -> list[tuple[str, np.ndarray]]:
+    """(reason, rows it applies to) for every problem of EXAMPLE_PROBLEMS, vectorised per column, most
+    basic last. The list columns are checked against `num_tokens` where the table holds them, so a
+    reader that leaves the token lists out (pack's first pass) checks all the rest."""
+    num_tokens = table["num_tokens"].to_numpy(zero_copy_only=False)
+    kinds = table["kind"].to_numpy(zero_copy_only=False)
+    masks = [("unknown_kind", ~np.isin(kinds, list(KINDS)))]
+    if "loss_weights" in table.column_names:
+        weights = flat_values(table["loss_weights"])
+        offsets = np.concatenate([[0], np.cumsum(list_lengths(table["loss_weights"], 0))])
+        masks.append(("bad_loss_weights", flagged_per_list(~np.isfinite(weights) | (weights < 0), offsets) > 0))
+    for column in ("tokens", "loss_weights", "vision_mask"):
+        if column in table.column_names:
+            masks.append(("length_mismatch", list_lengths(table[column]) != num_tokens))
+    masks.append(("empty_example", num_tokens < 1))
+    return masks
+
+
+def example_problems(table: pa.Table) -> list[str]:
+    """Each row's problem ("" when it has none): the most basic of its problems, as a reason."""
+    problems = np.full(table.num_rows, "", dtype=object)
+    for reason, mask in problem_masks(table):
+        problems[mask] = reason
+    return problems.tolist()
 
 
 @dataclass
@@ -104,8 +146,7 @@ class Examples:
 
     @property
     def splittable(self) -> np.ndarray:
-        """Plain text: a splittable kind, and no vision token."""
-        return np.isin(self.kinds, list(SPLITTABLE_KINDS)) & ~(flagged_per_list(self.vision_mask, self.offsets) > 0)
+        return splittable(self.kinds, flagged_per_list(self.vision_mask, self.offsets))
 
     @classmethod
     def from_arrays(

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from lwm_data import outputs
 from lwm_data.arrays import flat_values
 from lwm_data.examples import tokens_by_kind
+from lwm_data.packing import fill_efficiency
 
 
 @dataclass
@@ -89,7 +90,7 @@ def packed_stats(directory: str, stats: DatasetStats) -> None:
         "tokens": tokens,
         "vision tokens": int(_column_numpy(table, "num_vision_tokens").sum()),
         "pad tokens": int(pad.sum()),
-        "fill efficiency": round(tokens / (tokens + int(pad.sum())), 6) if table.num_rows else 0.0,
+        "fill efficiency": fill_efficiency(tokens, tokens + int(pad.sum())),
         "segments": int(num_segments.sum()),
         "segments per row": round(float(num_segments.mean()), 3) if table.num_rows else 0.0,
     }

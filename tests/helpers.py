@@ -29,7 +29,8 @@ def write_packed_rows(directory: Path | str, rows: int, seq_len: int, seed: int 
     import pyarrow.parquet as pq
 
     from lwm_data.examples import Examples
-    from lwm_data.packing import PackOptions, pack_examples
+    from lwm_data.packing import PackOptions
+    from lwm_data.testing.packing import pack_examples
 
     rng = np.random.default_rng(seed)
     ids, kinds, tokens, weights, masks = [], [], [], [], []

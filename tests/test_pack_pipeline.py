@@ -14,9 +14,10 @@ from lwm_data.cli.main import app
 from lwm_data.cli.validate import validate
 from lwm_data.errors import ConfigError
 from lwm_data.examples import Examples
-from lwm_data.packing import unpack_rows
 from lwm_data.pipelines import pack, text
-from lwm_data.schemas import EXAMPLE_SCHEMA
+from lwm_data.packing import PackOptions
+from lwm_data.schemas import EXAMPLE_SCHEMA, PACKED_SCHEMA
+from lwm_data.testing.packing import pack_examples, unpack_rows
 from lwm_data.tokenizers import load_tokenizer
 from tests.helpers import write_output
 
@@ -152,6 +153,33 @@ def test_the_same_seed_packs_the_same_rows(packed_books, text_dir, tmp_path):
                           [hash(tuple(t)) for t in table["tokens"].to_pylist()]))
 
     assert rows(output) == rows(tmp_path)
+
+
+def test_the_beam_job_packs_exactly_what_the_in_memory_reference_packs(tmp_path):
+    """The job plans from lengths sorted by example id, then moves the tokens by path; the reference
+    (lwm_data.testing.packing) plans the same examples held in memory: the rows must be the same."""
+    rng = np.random.default_rng(13)
+    chat_lengths, text_lengths = rng.integers(50, 900, 40), rng.integers(100, 3 * SEQ_LEN, 12)
+    lengths = np.r_[chat_lengths, text_lengths]
+    examples = Examples.from_arrays(  # ids in sorted order, as the job plans them
+        [f"chat-{i:03d}" for i in range(len(chat_lengths))] + [f"text-{i:03d}" for i in range(len(text_lengths))],
+        ["chat"] * len(chat_lengths) + ["text"] * len(text_lengths),
+        [rng.integers(3, 32000, k).astype(np.int32) for k in lengths],
+        [np.r_[np.zeros(k // 3), np.ones(k - k // 3)] for k in lengths],
+        [np.zeros(k, bool) for k in lengths],
+    )
+    both = examples.to_table(sources="t")
+    inputs = write_output(tmp_path / "examples", "chat", both)
+    options = {"seq_len": SEQ_LEN, "overflow": "split", "loss_weighting": "example", "seed": 5,
+               "mix": {"chat": 0.8, "text": 0.2}}
+    pack.run(PackConfig(input=inputs, output=str(tmp_path / "packed"), **options))
+    reference, _ = pack_examples(examples, PackOptions(**options))
+
+    def rows(table: pa.Table) -> list[tuple]:
+        return sorted(zip(*(map(str, table[name].to_pylist()) for name in PACKED_SCHEMA.names)))
+
+    assert reference.num_rows > 10 and max(map(max, reference["piece_starts"].to_pylist())) > 0  # texts were split
+    assert rows(outputs.read_table(str(tmp_path / "packed"))) == rows(reference)
 
 
 def test_examples_dir_with_bad_rows_dead_letters_them(tmp_path):

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from lwm_data.checks import check_packed_rows
 from lwm_data.config import parse_mapping as parse_mix
 from lwm_data.examples import Examples
-from lwm_data.packing import PackOptions, cut_overflow, fill_rows, mix_order, pack_examples, unpack_rows
+from lwm_data.packing import PackOptions, cut_overflow, fill_rows, mix_order
+from lwm_data.testing.packing import pack_examples, unpack_rows
 
 SETTINGS = settings(max_examples=100, deadline=None)
 

@@ -10,8 +10,9 @@ from lwm_data import outputs
 from lwm_data.cli.main import app
 from lwm_data.cli.stats import collect_stats
 from lwm_data.examples import Examples
-from lwm_data.packing import PackOptions, pack_examples
+from lwm_data.packing import PackOptions
 from lwm_data.stats import plot_stats
+from lwm_data.testing.packing import pack_examples
 from tests.helpers import write_output
 
 SEQ_LEN = 64

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 from lwm_data.errors import ConfigError, NotAStageOutput
 from lwm_data.examples import Examples
 from lwm_data.outputs import Counts, OutputRun, read_table
-from lwm_data.packing import PackOptions, pack_examples
+from lwm_data.packing import PackOptions
+from lwm_data.testing.packing import pack_examples
 from lwm_data.train.data import PackedDataset, PackedLoader, model_inputs
 
 SEQ_LEN = 32

@@ -19,7 +19,16 @@ import pyarrow as pa
 
 from lwm_data.config import setting
 from lwm_data.errors import ConfigError, Rejection
-from lwm_data.pipelines.common import ERRORS, Counters, ReadFiles, StageOutput, TokenizerStep, merge_errors, route, run_stage
+from lwm_data.pipelines.common import (
+    ERRORS,
+    Counters,
+    ReadFiles,
+    StageOutput,
+    TokenizerStep,
+    merge_errors,
+    route,
+    run_stage,
+)
 from lwm_data.reading import DEFAULT_MAX_RECORD_BYTES
 from lwm_data.schemas import CHUNK_SCHEMA
 from lwm_data.text.books import Book, read_books

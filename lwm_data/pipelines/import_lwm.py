@@ -26,7 +26,16 @@ from lwm_data.examples import Example, examples_to_table
 from lwm_data.lwm_format.grammar import FIELDS_KEY
 from lwm_data.lwm_format.importer import example_from_line
 from lwm_data.lwm_format.processor import LwmProcessor, ProcessorConfig
-from lwm_data.pipelines.common import ERRORS, Counters, ReadFiles, StageOutput, TokenizerStep, merge_errors, route, run_stage
+from lwm_data.pipelines.common import (
+    ERRORS,
+    Counters,
+    ReadFiles,
+    StageOutput,
+    TokenizerStep,
+    merge_errors,
+    route,
+    run_stage,
+)
 from lwm_data.reading import DEFAULT_MAX_RECORD_BYTES, read_lines
 from lwm_data.schemas import EXAMPLE_SCHEMA
 from lwm_data.tokenizers import load_tokenizer

@@ -39,7 +39,15 @@ from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection
 from lwm_data.lwm_format.layout import TOKENS_PER_FRAME
 from lwm_data.pipelines.common import (
-    ERRORS, LOCAL_RUNNERS, Counters, Job, ReadFiles, StageOutput, Stages, merge_errors, route,
+    ERRORS,
+    LOCAL_RUNNERS,
+    Counters,
+    Job,
+    ReadFiles,
+    StageOutput,
+    Stages,
+    merge_errors,
+    route,
 )
 from lwm_data.pipelines.vision_sequences import Sequences
 from lwm_data.reading import is_unicode

@@ -40,10 +40,11 @@ from lwm_data import files, outputs
 from lwm_data.arrays import flagged_per_list, flat_values, list_lengths
 from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection
-from lwm_data.examples import SPLITTABLE_KINDS, tokens_by_kind
+from lwm_data.examples import example_problems, splittable, tokens_by_kind
 from lwm_data.packing import (
     PackOptions,
     build_rows,
+    fill_efficiency,
     num_partitions,
     packed_table,
     partition_of,
@@ -112,23 +113,6 @@ class Fragment(NamedTuple):
     vision_mask: np.ndarray
 
 
-def example_problems(table: pa.Table) -> list[str]:
-    """Why each row cannot be packed ("" when it can), vectorised per column."""
-    num_tokens = table["num_tokens"].to_numpy(zero_copy_only=False)
-    weights = flat_values(table["loss_weights"])
-    weight_offsets = np.concatenate([[0], np.cumsum(list_lengths(table["loss_weights"], 0))])
-    checks = [  # later checks win: the most basic problem is reported
-        (flagged_per_list(~np.isfinite(weights) | (weights < 0), weight_offsets) > 0, "bad_loss_weights"),
-        (list_lengths(table["vision_mask"]) != num_tokens, "length_mismatch"),
-        (list_lengths(table["loss_weights"]) != num_tokens, "length_mismatch"),
-        (num_tokens < 1, "empty_example"),
-    ]
-    problems = np.full(table.num_rows, "", dtype=object)
-    for mask, reason in checks:
-        problems[mask] = reason
-    return problems.tolist()
-
-
 class ReadRefs:
     """Step: one shard -> an ExampleRef per example it holds, or a Rejection, each an input record.
 
@@ -142,16 +126,14 @@ class ReadRefs:
         table = outputs.read_shard(path, REF_COLUMNS)
         ids, kinds = table["example_id"].to_pylist(), table["kind"].to_pylist()
         num_tokens = table["num_tokens"].to_pylist()
-        vision = flat_values(table["vision_mask"], bool)
         offsets = np.concatenate([[0], np.cumsum(list_lengths(table["vision_mask"], 0))])
-        has_vision = flagged_per_list(vision, offsets) > 0
+        can_split = splittable(kinds, flagged_per_list(flat_values(table["vision_mask"], bool), offsets)).tolist()
         for row, problem in enumerate(example_problems(table)):
             self.count("in")
             if problem:
                 yield Rejection(problem, f"example {ids[row]!r}", ids[row] or "", path, f"row {row}")
                 continue
-            splittable = kinds[row] in SPLITTABLE_KINDS and not has_vision[row]
-            yield ExampleRef(ids[row], kinds[row], splittable, path, row, num_tokens[row])
+            yield ExampleRef(ids[row], kinds[row], can_split[row], path, row, num_tokens[row])
 
 
 class Plan(beam.DoFn):
@@ -170,8 +152,8 @@ class Plan(beam.DoFn):
         refs = sorted(refs, key=lambda r: (r.example_id, r.path, r.row))
         lengths = np.fromiter((r.num_tokens for r in refs), np.int64, len(refs))
         kinds = np.array([r.kind for r in refs], dtype=object)
-        splittable = np.fromiter((r.splittable for r in refs), bool, len(refs))
-        plan = plan_packing(lengths, kinds, splittable, partition_options(self.options, partition))
+        can_split = np.fromiter((r.splittable for r in refs), bool, len(refs))
+        plan = plan_packing(lengths, kinds, can_split, partition_options(self.options, partition))
         first_row = partition << ROW_BITS  # rows of different partitions never meet
         self.count("partitions")
         for name, value in plan.counts.items():
@@ -301,7 +283,7 @@ def packing_summary(manifest: dict, seq_len: int) -> dict:
     return {
         "seq_len": seq_len,
         "rows": rows,
-        "fill_efficiency": round(stats.get("tokens", 0) / (rows * seq_len), 6) if rows else 0.0,
+        "fill_efficiency": fill_efficiency(stats.get("tokens", 0), rows * seq_len),
         "segments_per_row": round(stats.get("segments", 0) / rows, 4) if rows else 0.0,
         "tokens_by_kind": {k.removeprefix("tokens_"): v for k, v in stats.items() if k.startswith("tokens_")},
         "dropped_too_long": counts["filtered"].get("too_long", 0),

@@ -24,7 +24,17 @@ from lwm_data import checks, stats
 from lwm_data.checks import GlobalCheck, TableCheck
 from lwm_data.errors import UserError
 from lwm_data.pipelines import (
-    chat, chunk, image, import_lwm, needle, pack, qa, text, video, vision_codes, vision_sequences,
+    chat,
+    chunk,
+    image,
+    import_lwm,
+    needle,
+    pack,
+    qa,
+    text,
+    video,
+    vision_codes,
+    vision_sequences,
 )
 from lwm_data.pipelines.media import EncodeMedia
 from lwm_data.schemas import CHUNK_SCHEMA, CODES_SCHEMA, EXAMPLE_SCHEMA, NEEDLE_SCHEMA, PACKED_SCHEMA, QA_SCHEMA
