@@ -32,8 +32,8 @@ from lwm_data.examples import Examples
 from lwm_data.outputs import Counts, OutputRun
 from lwm_data.packing import PackOptions
 from lwm_data.testing.packing import pack_examples
-from lwm_data.train.config import StageConfig, TrainConfig
-from lwm_data.train.data import model_inputs
+from lwm_data.train.config import PhaseConfig, TrainConfig
+from lwm_data.train.inputs import model_inputs
 from lwm_data.train.model import Transformer
 from lwm_data.train.trainer import clip_gradients, make_optimizer, train
 
@@ -108,9 +108,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = args.batch_size * args.steps + args.batch_size
         data = write_packed(os.path.join(tmp, "packed"), rows, args.seq_len)
-        stage = StageConfig(seq_len=args.seq_len, steps=args.steps, rope_theta=1e6, data=data)
+        phase = PhaseConfig(seq_len=args.seq_len, steps=args.steps, rope_theta=1e6, data=data)
         config = TrainConfig(model=args.model, attention_backend="torch", dtype="float32", batch_size=args.batch_size,
-                             num_workers=args.num_workers, progress=False, stages=(stage,))  # fmt: skip
+                             num_workers=args.num_workers, progress=False, phases=(phase,))  # fmt: skip
         config.validate()
         ours, bare = [], []
         for _ in range(args.repeats):

@@ -36,7 +36,7 @@ from bench_train import write_packed  # noqa: E402
 
 from lwm_data.kernels import block_attention  # noqa: E402
 from lwm_data.kernels.reference import random_packing  # noqa: E402
-from lwm_data.train.config import StageConfig, TrainConfig  # noqa: E402
+from lwm_data.train.config import PhaseConfig, TrainConfig  # noqa: E402
 from lwm_data.train.trainer import train  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100/H200 dense bf16
@@ -105,10 +105,10 @@ def attention_speed(setup: attention.Setup) -> None:
 def trainer(model: str, seq_len: int, steps: int, checkpointing: bool, small: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_packed(os.path.join(tmp, "packed"), steps + 1, seq_len, doc_tokens=(seq_len // 16, seq_len // 4))
-        stage = StageConfig(seq_len=seq_len, steps=steps, rope_theta=1e6, data=data)
+        phase = PhaseConfig(seq_len=seq_len, steps=steps, rope_theta=1e6, data=data)
         config = TrainConfig(model=model, attention_backend="auto", dtype="auto", batch_size=1, num_workers=2,
                              activation_checkpointing=checkpointing, progress=False, peak_tflops=PEAK_TFLOPS,
-                             lr=1e-4, stages=(stage,))  # fmt: skip
+                             lr=1e-4, phases=(phase,))  # fmt: skip
         config.validate()
         label = f"trainer {model} S={seq_len} {'AC' if checkpointing else 'no AC'}"
         try:

@@ -14,8 +14,8 @@ from lwm_data.cli.main import app
 from lwm_data.cli.validate import validate
 from lwm_data.errors import ConfigError
 from lwm_data.examples import Examples
-from lwm_data.pipelines import pack, text
 from lwm_data.packing import PackOptions
+from lwm_data.pipelines import pack, text
 from lwm_data.schemas import EXAMPLE_SCHEMA, PACKED_SCHEMA
 from lwm_data.testing.packing import pack_examples, unpack_rows
 from lwm_data.tokenizers import load_tokenizer

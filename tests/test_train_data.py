@@ -17,7 +17,8 @@ from lwm_data.examples import Examples
 from lwm_data.outputs import Counts, OutputRun, read_table
 from lwm_data.packing import PackOptions
 from lwm_data.testing.packing import pack_examples
-from lwm_data.train.data import PackedDataset, PackedLoader, model_inputs
+from lwm_data.train.data import PackedDataset, PackedLoader
+from lwm_data.train.inputs import model_inputs
 
 SEQ_LEN = 32
 SHARD_ROWS = (13, 7, 20)
@@ -147,7 +148,7 @@ def test_rejects_a_state_from_another_seed(packed_dir):
 def test_shorter_rows_are_padded_and_longer_rows_are_an_error(packed_dir):
     sample = next(iter(PackedDataset(packed_dir, seq_len=40)))
     assert sample["tokens"].shape == (40,) and not sample["segment_ids"][SEQ_LEN:].any()
-    with pytest.raises(ConfigError, match="longer than the stage's seq_len 16"):
+    with pytest.raises(ConfigError, match="longer than the phase's seq_len 16"):
         next(iter(PackedDataset(packed_dir, seq_len=16)))
 
 

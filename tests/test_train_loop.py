@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from lwm_data.errors import ConfigError
 from lwm_data.train import checkpoint
 from lwm_data.train.__main__ import app
-from lwm_data.train.config import StageConfig, load_config
-from lwm_data.train.data import model_inputs
+from lwm_data.train.config import PhaseConfig, load_config
+from lwm_data.train.inputs import model_inputs
 from lwm_data.train.parallel import Parallel, setup
 from lwm_data.train.trainer import learning_rate, loss_coefficients, train
 from tests.helpers import write_packed_rows
@@ -44,7 +44,7 @@ def job_flags(data: str, out: Path, **overrides) -> dict:
 
 def job(data: str, out: Path, **overrides):
     config = load_config(TINY_CPU, job_flags(data, out, **overrides))
-    return replace(config, stages=tuple(replace(s, seq_len=SEQ_LEN) for s in config.stages))
+    return replace(config, phases=tuple(replace(s, seq_len=SEQ_LEN) for s in config.phases))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -108,15 +108,15 @@ def test_resume_continues_bit_exactly(world_one_run, packed, tmp_path):
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in uninterrupted[4:]]
 
 
-def test_progressive_stages_run_in_order_from_the_previous_weights(packed, tmp_path):
+def test_progressive_phases_run_in_order_from_the_previous_weights(packed, tmp_path):
     config = job(packed, tmp_path, ring_size=1, batch_size=2, steps=None, checkpoint_dir="", metrics="")
-    stages = (StageConfig(seq_len=128, steps=3, rope_theta=1e6, data=packed),
-              StageConfig(seq_len=256, steps=2, rope_theta=1e7, lr=1e-3, data=packed))  # fmt: skip
-    records = train(replace(config, stages=stages, data=""))
-    assert [(r["stage"], r["stage_step"], r["seq_len"]) for r in records] == [
+    phases = (PhaseConfig(seq_len=128, steps=3, rope_theta=1e6, data=packed),
+              PhaseConfig(seq_len=256, steps=2, rope_theta=1e7, lr=1e-3, data=packed))  # fmt: skip
+    records = train(replace(config, phases=phases, data=""))
+    assert [(r["phase"], r["phase_step"], r["seq_len"]) for r in records] == [
         (1, 1, 128), (1, 2, 128), (1, 3, 128), (2, 1, 256), (2, 2, 256)
     ]
-    assert records[3]["loss"] < records[0]["loss"]  # stage 2 starts from stage 1's weights
+    assert records[3]["loss"] < records[0]["loss"]  # phase 2 starts from phase 1's weights
 
 
 def test_export_loads_in_transformers_with_the_same_logits(world_one_run):
@@ -198,18 +198,31 @@ def test_loss_is_half_text_half_vision_or_text_alone():
 def test_clear_errors(packed, tmp_path, monkeypatch):
     config = load_config(TINY_CPU, {"data": packed})
     with pytest.raises(ConfigError, match="not divisible by 2 x ring_size = 4"):
-        replace(config, stages=(StageConfig(seq_len=1026, steps=1),)).validate()
+        replace(config, phases=(PhaseConfig(seq_len=1026, steps=1),)).validate()
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match="world size 3 cannot be split into rings of 2"):
         setup(2)
     monkeypatch.delenv("WORLD_SIZE")
-    with pytest.raises(ConfigError, match="stage 1 .* its data is missing"):
+    with pytest.raises(ConfigError, match="phase 1 .* its data is missing"):
         train(job(str(tmp_path / "absent"), tmp_path))
     with pytest.raises(ConfigError, match="names no data"):
         load_config(TINY_CPU, {})
-    with pytest.raises(ConfigError, match="longer than the stage's seq_len 64"):
+    with pytest.raises(ConfigError, match="longer than the phase's seq_len 64"):
         config = job(packed, tmp_path, ring_size=1)
-        train(replace(config, stages=(replace(config.stages[0], seq_len=64),)))
+        train(replace(config, phases=(replace(config.phases[0], seq_len=64),)))
+
+
+def test_old_stages_tables_still_load_with_a_warning(tmp_path, caplog):
+    """`[[stages]]` was the name of `[[phases]]` (before "stage" meant only a data command)."""
+    old = tmp_path / "old.toml"
+    old.write_text(Path(TINY_CPU).read_text().replace("[[phases]]", "[[stages]]"))
+    with caplog.at_level("WARNING", logger="lwm_data.train.config"):
+        assert load_config(str(old), {"data": "d"}).phases == load_config(TINY_CPU, {"data": "d"}).phases
+    assert "[[stages]] is deprecated" in caplog.text
+    both = tmp_path / "both.toml"
+    both.write_text(Path(TINY_CPU).read_text() + "\n[[stages]]\nseq_len = 64\nsteps = 1\n")
+    with pytest.raises(ConfigError, match="both \\[\\[phases\\]\\] and \\[\\[stages\\]\\]"):
+        load_config(str(both), {"data": "d"})
 
 
 def test_command_line_prints_errors_and_exits_2(tmp_path):

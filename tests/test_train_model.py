@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lwm_data.kernels.reference import dense_attention
-from lwm_data.train.data import ModelInputs, model_inputs
+from lwm_data.train.inputs import ModelInputs, model_inputs
 from lwm_data.train.model import PRESETS, Transformer, attended_pairs, preset, training_flops
 
 TINY = preset("tiny", attention_backend="torch")

@@ -46,7 +46,7 @@ grad_clip = 1.0
 seed = 0
 num_workers = 1
 
-[[stages]]
+[[phases]]
 seq_len = {TRAIN_SEQ_LEN}
 steps = 20
 rope_theta = 1e6

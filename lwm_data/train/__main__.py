@@ -43,7 +43,7 @@ def command(config: Optional[str] = None, **values: Any) -> None:
 
 _config = inspect.Parameter(
     "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-    default=typer.Option(None, "--config", help="TOML job config: keys are the flags' names, plus the stages tables."),
+    default=typer.Option(None, "--config", help="TOML job config: keys are the flags' names, plus the [[phases]] tables."),
 )  # fmt: skip
 command.__signature__ = inspect.Signature([_config] + [_flag(o) for o in options()])
 

@@ -1,7 +1,7 @@
 """Checkpoints with torch.distributed.checkpoint (DCP), and the export of final weights.
 
 CHECKPOINT_DIR/step-00000042/ holds one DCP checkpoint: model, optimizer, the position in the
-schedule (stage, step), the data position and the RNG state. Each rank writes its own shards; DCP
+schedule (phase, step), the data position and the RNG state. Each rank writes its own shards; DCP
 writes `.metadata` last, so a directory without it is an interrupted save and is never resumed from.
 Exact resumption (tested) is on the same world layout. DCP reshards on load, so another number of
 ranks should load too (not tested); the data position, a global stream index, then continues under
@@ -50,9 +50,11 @@ def latest(directory: str) -> str | None:
 
 
 def read_progress(path: str) -> dict[str, int]:
-    """(stage, step) a checkpoint was taken at, from the small JSON written beside it."""
+    """(phase, step) a checkpoint was taken at, from the small JSON written beside it (checkpoints
+    written before phases were named so call the phase `stage`)."""
     with open(os.path.join(path, "progress.json")) as f:
-        return json.load(f)
+        progress = json.load(f)
+    return {"phase": progress.get("phase", progress.get("stage", 0)), "step": progress["step"]}
 
 
 def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, int], data: dict[str, Any]) -> None:
@@ -67,12 +69,13 @@ def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, progress
 def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, data: dict[str, Any]) -> dict[str, Any]:
     """Restore model, optimizer and RNG in place; return the saved progress and data position."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state, "progress": {"stage": 0, "step": 0},
-             "data": data, "rng": torch.get_rng_state()}  # fmt: skip
+    with open(os.path.join(path, "progress.json")) as f:
+        progress = json.load(f)  # the keys it was saved with
+    state = {"model": model_state, "optimizer": optim_state, "progress": progress, "data": data, "rng": torch.get_rng_state()}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     torch.set_rng_state(state["rng"])
-    return {"progress": state["progress"], "data": state["data"]}
+    return {"progress": read_progress(path), "data": state["data"]}
 
 
 # -------------------------------------------------------------------------------------------------

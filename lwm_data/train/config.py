@@ -1,18 +1,22 @@
 """The trainer's one job config: TOML keys and `lwm-train` flags are the field names of TrainConfig
-(lwm_data.config derives both); `[[stages]]` tables are the progressive-context stages.
+(lwm_data.config derives both); `[[phases]]` tables are the progressive-context phases (LWM's
+32K -> 1M schedule: one phase per context length).
 
     model = "tiny"
     ring_size = 2
-    [[stages]]
+    [[phases]]
     seq_len = 1024
     steps = 100
     rope_theta = 1e6
 
-`--data` and `--steps` on the command line apply to every stage (a one-stage config is the usual case).
+`--data` and `--steps` on the command line apply to every phase (a one-phase config is the usual
+case). "Phase", not "stage": a stage is a data command (`lwm-data chunk`, ...). Configs written
+before the rename say `[[stages]]`; they still load, with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,19 +26,20 @@ from lwm_data.config import setting
 from lwm_data.errors import ConfigError
 from lwm_data.train.model import PRESETS, ModelConfig, preset
 
+log = logging.getLogger(__name__)
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
-class StageConfig:
-    """One context-length stage; it starts from the previous stage's weights with a fresh optimizer."""
+class PhaseConfig:
+    """One context-length phase; it starts from the previous phase's weights with a fresh optimizer."""
 
     seq_len: int = setting(help="Tokens per row (the packed shards' length).")
-    steps: int = setting(help="Optimizer steps in this stage.")
-    rope_theta: float = setting(10_000.0, "RoPE base for this stage (LWM: 1e6 at 32K ... 5e7 at 1M).")
-    lr: float | None = setting(None, "Peak learning rate for this stage (default: the job's lr).")
-    data: str = setting("", "Packed directory of this stage (default: the job's data).")
+    steps: int = setting(help="Optimizer steps in this phase.")
+    rope_theta: float = setting(10_000.0, "RoPE base for this phase (LWM: 1e6 at 32K ... 5e7 at 1M).")
+    lr: float | None = setting(None, "Peak learning rate for this phase (default: the job's lr).")
+    data: str = setting("", "Packed directory of this phase (default: the job's data).")
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,8 @@ class TrainConfig:
     batch_size: int = setting(1, "Rows per data-parallel rank per micro-batch.")
     grad_accum: int = setting(1, "Micro-batches per optimizer step.")
     lr: float = setting(3e-4, "Peak learning rate.")
-    schedule: str = setting("cosine", "After warmup: constant, or cosine down to min_lr_ratio * lr at the stage's end.")
-    warmup_steps: int = setting(0, "Linear warmup steps at the start of every stage.")
+    schedule: str = setting("cosine", "After warmup: constant, or cosine down to min_lr_ratio * lr at the phase's end.")
+    warmup_steps: int = setting(0, "Linear warmup steps at the start of every phase.")
     min_lr_ratio: float = setting(0.1, "Cosine schedule's final learning rate, as a fraction of lr.")
     weight_decay: float = setting(0.1, "AdamW weight decay (matrices and embeddings; not norms).")
     beta1: float = setting(0.9, "AdamW beta1.")
@@ -60,35 +65,35 @@ class TrainConfig:
     grad_clip: float = setting(1.0, "Clip the global gradient norm to this (0: no clipping).")
     seed: int = setting(0, "Seed of the initialisation and of the data order.")
     # data
-    data: str = setting("", "Packed directory for every stage (overrides the stages' own).")
-    steps: int | None = setting(None, "Steps of every stage (overrides the stages' own).")
+    data: str = setting("", "Packed directory for every phase (overrides the phases' own).")
+    steps: int | None = setting(None, "Steps of every phase (overrides the phases' own).")
     num_workers: int = setting(2, "DataLoader worker processes per rank.")
     # outputs
     checkpoint_dir: str = setting("", "Directory of DCP checkpoints (step-N/); empty: no checkpoints.")
-    checkpoint_every: int = setting(0, "Checkpoint every N steps as well as at each stage's end (0: ends only).")
+    checkpoint_every: int = setting(0, "Checkpoint every N steps as well as at each phase's end (0: ends only).")
     resume: bool = setting(False, "Continue from the latest checkpoint in checkpoint_dir.")
     metrics: str = setting("", "JSONL file: one line per optimizer step (step, loss, tokens_per_s, mfu, ...).")
     peak_tflops: float | None = setting(None, "Peak TFLOP/s of one device, for MFU (e.g. 989 for H100/H200 bf16).")
     export: str = setting("", "Directory for the final weights as safetensors (Hugging Face LLaMA layout).")
     progress: bool = setting(True, "Progress bar on rank 0.")
-    stages: tuple[StageConfig, ...] = ()
+    phases: tuple[PhaseConfig, ...] = ()
 
     def model_config(self) -> ModelConfig:
         return preset(self.model, vision_vocab_size=PRESETS[self.model].vision_vocab_size if self.vision else 0,
                       attention_backend=self.attention_backend)
 
-    def stage_lr(self, stage: StageConfig) -> float:
-        return stage.lr if stage.lr is not None else self.lr
+    def phase_lr(self, phase: PhaseConfig) -> float:
+        return phase.lr if phase.lr is not None else self.lr
 
-    def resolved_stages(self) -> tuple[StageConfig, ...]:
-        """Stages with the job-wide data and steps applied."""
-        stages = []
-        for i, stage in enumerate(self.stages, start=1):
-            stage = replace(stage, data=self.data or stage.data, steps=self.steps if self.steps is not None else stage.steps)
-            if not stage.data:
-                raise ConfigError(f"stage {i} (seq_len {stage.seq_len}) names no data: set its `data` or pass --data DIR")
-            stages.append(stage)
-        return tuple(stages)
+    def resolved_phases(self) -> tuple[PhaseConfig, ...]:
+        """Phases with the job-wide data and steps applied."""
+        phases = []
+        for i, phase in enumerate(self.phases, start=1):
+            phase = replace(phase, data=self.data or phase.data, steps=self.steps if self.steps is not None else phase.steps)
+            if not phase.data:
+                raise ConfigError(f"phase {i} (seq_len {phase.seq_len}) names no data: set its `data` or pass --data DIR")
+            phases.append(phase)
+        return tuple(phases)
 
     def validate(self) -> None:
         if self.model not in PRESETS:
@@ -97,16 +102,16 @@ class TrainConfig:
             raise ConfigError(f"schedule must be one of {SCHEDULES} and dtype one of {DTYPES}")
         if min(self.ring_size, self.batch_size, self.grad_accum) < 1 or self.num_workers < 0:
             raise ConfigError("ring_size, batch_size and grad_accum must be >= 1 and num_workers >= 0")
-        if not self.stages:
-            raise ConfigError("the config lists no [[stages]]")
-        for i, stage in enumerate(self.resolved_stages(), start=1):
-            if stage.seq_len % (2 * self.ring_size):
+        if not self.phases:
+            raise ConfigError("the config lists no [[phases]]")
+        for i, phase in enumerate(self.resolved_phases(), start=1):
+            if phase.seq_len % (2 * self.ring_size):
                 raise ConfigError(
-                    f"stage {i}: seq_len {stage.seq_len} is not divisible by 2 x ring_size = {2 * self.ring_size} "
+                    f"phase {i}: seq_len {phase.seq_len} is not divisible by 2 x ring_size = {2 * self.ring_size} "
                     "(the zigzag layout gives each rank two equal chunks)"
                 )
-            if stage.steps < 1:
-                raise ConfigError(f"stage {i}: steps must be >= 1, got {stage.steps}")
+            if phase.steps < 1:
+                raise ConfigError(f"phase {i}: steps must be >= 1, got {phase.steps}")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("--resume needs a checkpoint_dir")
 
@@ -122,16 +127,28 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Tr
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: {error}") from None
-    stage_tables = values.pop("stages", [])
-    if not isinstance(stage_tables, list) or not all(isinstance(t, dict) for t in stage_tables):
-        raise ConfigError("`stages` must be an array of tables: [[stages]]")
+    phase_tables = _phase_tables(values, path)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    stages = tuple(settings.build(StageConfig, table) for table in stage_tables)
-    config = replace(settings.build(TrainConfig, values), stages=stages)
+    phases = tuple(settings.build(PhaseConfig, table) for table in phase_tables)
+    config = replace(settings.build(TrainConfig, values), phases=phases)
     config.validate()
     return config
 
 
+def _phase_tables(values: dict[str, Any], path: str | None) -> list[dict[str, Any]]:
+    """The `[[phases]]` tables, taken out of `values` (from a config of before the rename, its
+    `[[stages]]` tables, with a warning)."""
+    if "stages" in values:
+        if "phases" in values:
+            raise ConfigError(f"{path}: both [[phases]] and [[stages]]; [[stages]] is the old name of [[phases]]")
+        log.warning("%s: [[stages]] is deprecated, call the tables [[phases]] (a stage is a data command)", path)
+        values["phases"] = values.pop("stages")
+    tables = values.pop("phases", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("`phases` must be an array of tables: [[phases]]")
+    return tables
+
+
 def options() -> list[settings.Option]:
-    """TrainConfig's settings, as TOML keys and flags (stages are TOML only)."""
-    return [o for o in settings.options(TrainConfig) if o.name != "stages"]
+    """TrainConfig's settings, as TOML keys and flags (phases are TOML only)."""
+    return [o for o in settings.options(TrainConfig) if o.name != "phases"]

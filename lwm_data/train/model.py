@@ -10,7 +10,7 @@ q/k projection rows (Hugging Face's convert_llama_weights_to_hf `permute`), whic
 not do: it starts from its own initialisation or its own checkpoints.
 
 LWM's vision variant: a second embedding (vision vocab 8448 = 8192 codes + 256, <eof> 8192 and
-<eov> 8193 among them) and a second output head; `vision_mask` picks the embedding of each input,
+<eov> 8193 among them; lwm_data.lwm_format.layout) and a second output head; `vision_mask` picks the embedding of each input,
 `target_vision` the head of each prediction. `vision_vocab_size = 0` is the plain text model.
 """
 
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lwm_data.kernels import block_attention
 from lwm_data.lwm_format.layout import VISION_VOCAB_SIZE
-from lwm_data.train.data import ModelInputs
+from lwm_data.train.inputs import ModelInputs
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class ModelConfig:
     vocab_size: int = 32000  # LLaMA-2's
     vision_vocab_size: int = VISION_VOCAB_SIZE  # LWM's VQ-GAN codes + specials; 0 for a text-only model
     norm_eps: float = 1e-5
-    rope_theta: float = 10_000.0  # training stages set their own
+    rope_theta: float = 10_000.0  # training phases set their own
     attention_backend: str = "auto"  # block_attention's: auto, torch, triton
 
     def __post_init__(self):
@@ -164,7 +164,7 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.rope_theta = config.rope_theta  # a training stage's setting, not a weight
+        self.rope_theta = config.rope_theta  # a training phase's setting, not a weight
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.vision_embed = nn.Embedding(config.vision_vocab_size, config.dim) if config.vision_vocab_size else None
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))

@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lwm_data.errors import ConfigError
 from lwm_data.kernels import ring_attention, shard_sequence
-from lwm_data.train.data import ModelInputs
+from lwm_data.train.inputs import ModelInputs
 from lwm_data.train.model import AttentionFn, Transformer
 
 LAYOUT = "zigzag"  # every ring rank gets the same causal work

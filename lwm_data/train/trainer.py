@@ -1,6 +1,6 @@
-"""The training loop: progressive-context stages over packed shards, read top to bottom.
+"""The training loop: progressive-context phases over packed shards, read top to bottom.
 
-For each stage: set its RoPE theta, open its data at its seq_len, make a fresh AdamW and run `steps`
+For each phase: set its RoPE theta, open its data at its seq_len, make a fresh AdamW and run `steps`
 optimizer steps of `grad_accum` micro-batches, warmup then constant or cosine. The loss is LWM's:
 0.5 x (text-head loss over text targets) + 0.5 x (vision-head loss over vision targets), each a
 weighted mean over the whole global batch (every rank, every micro-batch); a batch with targets of
@@ -26,8 +26,9 @@ from torch import Tensor, nn
 
 from lwm_data.errors import ConfigError, NotAStageOutput
 from lwm_data.train import checkpoint, parallel
-from lwm_data.train.config import StageConfig, TrainConfig
-from lwm_data.train.data import ModelInputs, PackedDataset, PackedLoader, list_packed_shards, model_inputs
+from lwm_data.train.config import PhaseConfig, TrainConfig
+from lwm_data.train.data import PackedDataset, PackedLoader, list_packed_shards
+from lwm_data.train.inputs import ModelInputs, model_inputs
 from lwm_data.train.model import ModelConfig, Transformer, training_flops
 from lwm_data.train.parallel import Parallel
 
@@ -38,13 +39,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def learning_rate(step: int, stage_steps: int, peak: float, config: TrainConfig) -> float:
-    """The lr of optimizer step `step` (0-based) of a stage: linear warmup, then constant or cosine."""
+def learning_rate(step: int, phase_steps: int, peak: float, config: TrainConfig) -> float:
+    """The lr of optimizer step `step` (0-based) of a phase: linear warmup, then constant or cosine."""
     if step < config.warmup_steps:
         return peak * (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return peak
-    decay_steps = max(1, stage_steps - config.warmup_steps)
+    decay_steps = max(1, phase_steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / decay_steps)
     floor = peak * config.min_lr_ratio
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -116,13 +117,13 @@ class MetricsLog:
             self.progress.stop()
 
 
-def check_stage_data(stages: tuple[StageConfig, ...]) -> None:
-    """Fail before training starts if any stage's data is missing."""
-    for i, stage in enumerate(stages, start=1):
+def check_phase_data(phases: tuple[PhaseConfig, ...]) -> None:
+    """Fail before training starts if any phase's data is missing."""
+    for i, phase in enumerate(phases, start=1):
         try:
-            list_packed_shards(stage.data)
+            list_packed_shards(phase.data)
         except NotAStageOutput as error:
-            raise ConfigError(f"stage {i} (seq_len {stage.seq_len}): its data is missing: {error}") from None
+            raise ConfigError(f"phase {i} (seq_len {phase.seq_len}): its data is missing: {error}") from None
 
 
 def build_model(model_config: ModelConfig, config: TrainConfig, par: Parallel, dtype: torch.dtype) -> nn.Module:
@@ -134,35 +135,35 @@ def build_model(model_config: ModelConfig, config: TrainConfig, par: Parallel, d
 
 
 def train(config: TrainConfig) -> list[dict[str, Any]]:
-    """Run every stage; returns this rank's metric records (rank 0 also writes them to config.metrics)."""
-    stages = config.resolved_stages()
-    check_stage_data(stages)
+    """Run every phase; returns this rank's metric records (rank 0 also writes them to config.metrics)."""
+    phases = config.resolved_phases()
+    check_phase_data(phases)
     par = parallel.setup(config.ring_size)
     try:
-        return _train(config, stages, par)
+        return _train(config, phases, par)
     finally:
         parallel.teardown(par)
 
 
-def _train(config: TrainConfig, stages: tuple[StageConfig, ...], par: Parallel) -> list[dict[str, Any]]:
+def _train(config: TrainConfig, phases: tuple[PhaseConfig, ...], par: Parallel) -> list[dict[str, Any]]:
     dtype = resolve_dtype(config.dtype, par.device)
     model_config = config.model_config()
     model = build_model(model_config, config, par, dtype)
     resume_from = checkpoint.latest(config.checkpoint_dir) if config.resume else None
     if config.resume and resume_from is None:
         raise ConfigError(f"--resume: no complete checkpoint in {config.checkpoint_dir}")
-    start = checkpoint.read_progress(resume_from) if resume_from else {"stage": 0, "step": 0}
-    offsets = [sum(s.steps for s in stages[:i]) for i in range(len(stages))]
-    log = MetricsLog(config, sum(s.steps for s in stages), offsets[start["stage"]] + start["step"], par.is_main)
+    start = checkpoint.read_progress(resume_from) if resume_from else {"phase": 0, "step": 0}
+    offsets = [sum(p.steps for p in phases[:i]) for i in range(len(phases))]
+    log = MetricsLog(config, sum(p.steps for p in phases), offsets[start["phase"]] + start["step"], par.is_main)
     records: list[dict[str, Any]] = []
     try:
-        for index in range(start["stage"], len(stages)):
-            records += run_stage(
-                model, model_config, config, stages, index, par, dtype, log,
-                resume_from if index == start["stage"] else None, offsets[index],
+        for index in range(start["phase"], len(phases)):
+            records += run_phase(
+                model, model_config, config, phases, index, par, dtype, log,
+                resume_from if index == start["phase"] else None, offsets[index],
             )  # fmt: skip
         if config.export:
-            checkpoint.export_safetensors(config.export, model, model_config, stages[-1].rope_theta, stages[-1].seq_len)
+            checkpoint.export_safetensors(config.export, model, model_config, phases[-1].rope_theta, phases[-1].seq_len)
     finally:
         log.close()
     return records
@@ -172,11 +173,11 @@ def micro_batches(batches: Iterator[dict[str, Tensor]], count: int) -> list[Mode
     return [model_inputs(next(batches)) for _ in range(count)]
 
 
-def run_stage(
+def run_phase(
     model: nn.Module,
     model_config: ModelConfig,
     config: TrainConfig,
-    stages: tuple[StageConfig, ...],
+    phases: tuple[PhaseConfig, ...],
     index: int,
     par: Parallel,
     dtype: torch.dtype,
@@ -184,10 +185,10 @@ def run_stage(
     resume_from: str | None,
     step_offset: int,
 ) -> list[dict[str, Any]]:
-    stage = stages[index]
-    model.rope_theta = stage.rope_theta
+    phase = phases[index]
+    model.rope_theta = phase.rope_theta
     dataset = PackedDataset(
-        stage.data, seq_len=stage.seq_len, seed=config.seed + index, batch_size=config.batch_size,
+        phase.data, seq_len=phase.seq_len, seed=config.seed + index, batch_size=config.batch_size,
         rank=par.dp_rank, world_size=par.dp_size,
     )  # fmt: skip
     loader = PackedLoader(dataset, config.num_workers)
@@ -199,13 +200,13 @@ def run_stage(
         first = restored["progress"]["step"]
     # bf16 without FSDP (world 1): autocast; with FSDP its mixed-precision policy casts the parameters.
     autocast = torch.autocast(par.device.type, dtype) if dtype != torch.float32 and par.mesh is None else nullcontext()
-    peak_lr = config.stage_lr(stage)
+    peak_lr = config.phase_lr(phase)
     fsdp = hasattr(model, "set_requires_gradient_sync")
     batches = iter(loader)
     records = []
-    for step in range(first, stage.steps):
+    for step in range(first, phase.steps):
         started = time.perf_counter()
-        lr = learning_rate(step, stage.steps, peak_lr, config)
+        lr = learning_rate(step, phase.steps, peak_lr, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         rows = micro_batches(batches, config.grad_accum)
@@ -232,14 +233,14 @@ def run_stage(
         loss_value, step_flops, step_tokens = totals.tolist()
         mfu = step_flops / elapsed / (config.peak_tflops * 1e12 * par.world_size) if config.peak_tflops else None
         record = {
-            "step": step_offset + step + 1, "stage": index + 1, "stage_step": step + 1, "seq_len": stage.seq_len,
+            "step": step_offset + step + 1, "phase": index + 1, "phase_step": step + 1, "seq_len": phase.seq_len,
             "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": int(step_tokens),
             "tokens_per_s": step_tokens / elapsed, "flops": step_flops, "mfu": mfu, "seconds": elapsed,
         }  # fmt: skip
         records.append(record)
         log.write(record)
-        done = step + 1 == stage.steps
+        done = step + 1 == phase.steps
         if config.checkpoint_dir and (done or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
             path = checkpoint.step_path(config.checkpoint_dir, step_offset + step + 1)
-            checkpoint.save(path, model, optimizer, {"stage": index, "step": step + 1}, loader.state_dict())
+            checkpoint.save(path, model, optimizer, {"phase": index, "step": step + 1}, loader.state_dict())
     return records
