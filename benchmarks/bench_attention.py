@@ -91,9 +91,15 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def ours(ids: TokenIds, backend: str) -> Callable:
     def attend(q, k, v):
         return block_attention(
-            q, k, v, q_positions=ids.positions, k_positions=ids.positions, q_segment_ids=ids.segment_ids,
-            k_segment_ids=ids.segment_ids, backend=backend,
-        )[0]  # fmt: skip
+            q,
+            k,
+            v,
+            q_positions=ids.positions,
+            k_positions=ids.positions,
+            q_segment_ids=ids.segment_ids,
+            k_segment_ids=ids.segment_ids,
+            backend=backend,
+        )[0]
 
     return attend
 
@@ -104,9 +110,12 @@ def ring(ids: TokenIds, backend: str, world_size: int = RING_SIZE) -> Callable:
 
     def attend(q, k, v):
         out = simulated_ring_attention(
-            *(arrange(x, world_size) for x in (q, k, v)), positions=arrange(ids.positions, world_size),
-            segment_ids=arrange(ids.segment_ids, world_size), world_size=world_size, backend=backend,
-        )  # fmt: skip
+            *(arrange(x, world_size) for x in (q, k, v)),
+            positions=arrange(ids.positions, world_size),
+            segment_ids=arrange(ids.segment_ids, world_size),
+            world_size=world_size,
+            backend=backend,
+        )
         return unshard_sequence(out.chunk(world_size, 1), "zigzag")
 
     return attend
@@ -191,9 +200,12 @@ def check(setup: Setup) -> None:
     inputs = random_qkv(small, seed=1)
     dout = torch.randn_like(inputs[0])
     ref = dense_attention(  # computes in float32 (float64 on CPU) whatever the input dtype
-        *inputs, q_positions=ids.positions, k_positions=ids.positions, q_segment_ids=ids.segment_ids,
+        *inputs,
+        q_positions=ids.positions,
+        k_positions=ids.positions,
+        q_segment_ids=ids.segment_ids,
         k_segment_ids=ids.segment_ids,
-    )[0]  # fmt: skip
+    )[0]
     ref_grads = torch.autograd.grad(ref, inputs, dout.to(ref.dtype))
     checked = {f"block_attention[{setup.backend}]": ours(ids, setup.backend), "ring of 4": ring(ids, setup.backend)}
     if setup.device == "cuda":

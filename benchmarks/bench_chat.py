@@ -81,7 +81,9 @@ def assemble_once(chunks: pa.Table, qa: pa.Table, context_length: int) -> int:
     from lwm_data.pipelines.chat import AssembleChats, ChatStageConfig
     from lwm_data.tokenizers import load_tokenizer
 
-    config = settings.build(ChatStageConfig, {"chunks": "", "qa": "", "output": "", "context_lengths": (context_length,)})
+    config = settings.build(
+        ChatStageConfig, {"chunks": "", "qa": "", "output": "", "context_lengths": (context_length,)}
+    )
     step = AssembleChats("chat", config, load_tokenizer(None).entry)
     step.setup()
     written = 0
@@ -93,7 +95,7 @@ def assemble_once(chunks: pa.Table, qa: pa.Table, context_length: int) -> int:
 class RssPeak:
     """Peak resident memory above the starting level while the block runs (sampled every ms)."""
 
-    def __enter__(self) -> "RssPeak":
+    def __enter__(self) -> RssPeak:
         self.start = self.peak = _rss()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)

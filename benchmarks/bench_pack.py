@@ -62,8 +62,14 @@ def greedy_in_order_plan(lengths: np.ndarray, seq_len: int) -> PackPlan:
         row[i] = current
         room -= length
     first_of_row = np.searchsorted(row, row)
-    return PackPlan(np.arange(len(lengths)), np.zeros(len(lengths), np.int64), lengths, row,
-                    np.arange(len(lengths)) - first_of_row, current + 1)
+    return PackPlan(
+        np.arange(len(lengths)),
+        np.zeros(len(lengths), np.int64),
+        lengths,
+        row,
+        np.arange(len(lengths)) - first_of_row,
+        current + 1,
+    )
 
 
 def pack_with(plan_fn, examples: Examples, seq_len: int):
@@ -95,12 +101,18 @@ def run_case(name: str, lengths: np.ndarray, seq_len: int, repeats: int, rng: np
     greedy_fill, greedy_s = measure(lambda: greedy_in_order_plan(lengths, seq_len), examples, seq_len, repeats)
     tokens = int(np.minimum(lengths, seq_len).sum())
     rate, greedy_rate = tokens / seconds, tokens / greedy_s
-    print(f"{name}: {len(lengths):,} examples, {tokens / 1e6:.1f}M tokens, median length "
-          f"{int(np.median(lengths)):,}, seq_len {seq_len:,}")
-    print(f"  fill      lwm-data {fill:.4%}  greedy in-order {greedy_fill:.4%}  "
-          f"goal >= {FILL_GOAL:.1%}: ratio {fill / FILL_GOAL:.3f}")
-    print(f"  tokens/s  lwm-data {rate / 1e6:.1f}M  greedy in-order {greedy_rate / 1e6:.1f}M  "
-          f"goal >= {TOKENS_PER_SECOND_GOAL / 1e6:.0f}M: ratio {rate / TOKENS_PER_SECOND_GOAL:.2f}")
+    print(
+        f"{name}: {len(lengths):,} examples, {tokens / 1e6:.1f}M tokens, median length "
+        f"{int(np.median(lengths)):,}, seq_len {seq_len:,}"
+    )
+    print(
+        f"  fill      lwm-data {fill:.4%}  greedy in-order {greedy_fill:.4%}  "
+        f"goal >= {FILL_GOAL:.1%}: ratio {fill / FILL_GOAL:.3f}"
+    )
+    print(
+        f"  tokens/s  lwm-data {rate / 1e6:.1f}M  greedy in-order {greedy_rate / 1e6:.1f}M  "
+        f"goal >= {TOKENS_PER_SECOND_GOAL / 1e6:.0f}M: ratio {rate / TOKENS_PER_SECOND_GOAL:.2f}"
+    )
 
 
 def main() -> None:

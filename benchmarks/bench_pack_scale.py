@@ -6,8 +6,8 @@ Lengths like image-text pairs (257-600 tokens, uniform), ids hashed into partiti
 `--partition-tokens` tokens exactly as the pack job does (`lwm_data.packing.partition_of`); each plan
 is `plan_packing` (seeded shuffle, `fill_rows`), what one worker runs. Figures: fill, planning
 tokens/s (all partitions in series on one core), and peak memory of one plan (tracemalloc: numpy
-arrays included; the largest partition's), which is what bounds a worker. Goals: fill >= 99.5%, partitioned fill within 0.1
-point of the single plan.
+arrays included; the largest partition's), which is what bounds a worker. Goals: fill >= 99.5%,
+partitioned fill within 0.1 point of the single plan.
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ def main() -> None:
     rows, seconds, peak = measured_plan(lengths, options, trace_memory=True)
     single_fill = total / (rows * args.seq_len)
     largest = int(np.bincount(groups, minlength=partitions).argmax())  # the worker that needs the most memory
-    results = [measured_plan(lengths[groups == p], partition_options(options, p), p == largest) for p in range(partitions)]
+    results = [
+        measured_plan(lengths[groups == p], partition_options(options, p), p == largest) for p in range(partitions)
+    ]
     part_rows = sum(r for r, _, _ in results)
     part_fill = total / (part_rows * args.seq_len)
     part_seconds = sum(s for _, s, _ in results)
@@ -67,11 +69,16 @@ def main() -> None:
     print(f"{args.examples:,} examples of 257-600 tokens ({total / 1e9:.2f}B tokens) into {args.seq_len}-token rows")
     print(f"{'plan':24} {'rows':>10} {'fill':>8} {'tokens/s':>10} {'peak MiB/worker':>16}")
     print(f"{'single':24} {rows:10,} {single_fill:8.4%} {total / seconds / 1e6:9.1f}M {peak / 2**20:16.0f}")
-    print(f"{f'{partitions} partitions':24} {part_rows:10,} {part_fill:8.4%} {total / part_seconds / 1e6:9.1f}M "
-          f"{part_peak / 2**20:16.0f}")
-    print(f"fill goal >= {FILL_GOAL:.1%}: single {single_fill / FILL_GOAL:.4f}x, partitioned {part_fill / FILL_GOAL:.4f}x; "
-          f"gap {100 * (single_fill - part_fill):.3f} points (goal <= {100 * GAP_GOAL:.1f}); "
-          f"peak memory {part_peak / peak:.2f}x the single plan's")
+    print(
+        f"{f'{partitions} partitions':24} {part_rows:10,} {part_fill:8.4%} {total / part_seconds / 1e6:9.1f}M "
+        f"{part_peak / 2**20:16.0f}"
+    )
+    print(
+        f"fill goal >= {FILL_GOAL:.1%}: single {single_fill / FILL_GOAL:.4f}x, "
+        f"partitioned {part_fill / FILL_GOAL:.4f}x; "
+        f"gap {100 * (single_fill - part_fill):.3f} points (goal <= {100 * GAP_GOAL:.1f}); "
+        f"peak memory {part_peak / peak:.2f}x the single plan's"
+    )
 
 
 if __name__ == "__main__":

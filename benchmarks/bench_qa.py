@@ -58,7 +58,9 @@ def job_figures(config: qa_stage.QAConfig) -> dict[str, float]:
     manifest = qa_stage.run(config)
     counts, stats = manifest["counts"], manifest["stats"]
     chunks = counts["in"]
-    groundings = [p["grounding"] for row in outputs.read_table(config.output, ["pairs"])["pairs"].to_pylist() for p in row]
+    groundings = [
+        p["grounding"] for row in outputs.read_table(config.output, ["pairs"])["pairs"].to_pylist() for p in row
+    ]
     return {
         "answered": counts["out"] / chunks,
         "pairs_per_request": stats.get("pairs", 0) / stats["requests"],
@@ -78,8 +80,9 @@ async def flood(config: qa_stage.QAConfig, texts: list[str]) -> float:
     sampling = config.sampling.to_dict()
     fmt = qa_stage.reply_format(config, config.constraints)
     extra = {"response_format": fmt} if fmt else {}
-    client = openai.AsyncOpenAI(base_url=config.endpoint, api_key=api_key(config.client.api_key_env),
-                                timeout=config.client.timeout)
+    client = openai.AsyncOpenAI(
+        base_url=config.endpoint, api_key=api_key(config.client.api_key_env), timeout=config.client.timeout
+    )
     slots = asyncio.Semaphore(config.client.concurrency)
 
     async def one(text: str) -> int:
@@ -104,9 +107,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, help="Pairs per chunk.")
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--levels", nargs="+", default=["lengths", "full"], choices=CONSTRAINTS,
-                        help="Constraint levels to compare.")
-    parser.add_argument("--model", help="HF model directory for vLLM (default: SmolLM2-135M-Instruct, lwm_data.testing.models).")
+    parser.add_argument(
+        "--levels", nargs="+", default=["lengths", "full"], choices=CONSTRAINTS, help="Constraint levels to compare."
+    )
+    parser.add_argument(
+        "--model", help="HF model directory for vLLM (default: SmolLM2-135M-Instruct, lwm_data.testing.models)."
+    )
     parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     args = parser.parse_args()
 
@@ -117,16 +123,31 @@ def main() -> None:
         args.model = str(smollm2_instruct())
     chunks = make_chunks(root, args.chunks, args.chunk_tokens)
     texts = outputs.read_table(str(chunks), ["text"])["text"].to_pylist()
-    server = VLLMServer(args.model, ("--max-model-len", "4096", "--kv-cache-memory-bytes", str(2 << 30)), args.vllm_python, str(root))
+    server = VLLMServer(
+        args.model, ("--max-model-len", "4096", "--kv-cache-memory-bytes", str(2 << 30)), args.vllm_python, str(root)
+    )
     started = time.perf_counter()
     endpoint = server.acquire()
     print(f"vLLM ready in {time.perf_counter() - started:.0f} s: {args.model}")
     results: dict[str, list[dict[str, float]]] = {level: [] for level in args.levels}
     try:
-        configs = {level: settings.build(qa_stage.QAConfig, dict(
-            input=str(chunks), output=str(root / f"qa-{level}"), backend="openai", model=args.model, endpoint=endpoint,
-            pairs_per_chunk=args.pairs, concurrency=args.concurrency, max_tokens=args.max_tokens, constraints=level,
-        )) for level in args.levels}
+        configs = {
+            level: settings.build(
+                qa_stage.QAConfig,
+                dict(
+                    input=str(chunks),
+                    output=str(root / f"qa-{level}"),
+                    backend="openai",
+                    model=args.model,
+                    endpoint=endpoint,
+                    pairs_per_chunk=args.pairs,
+                    concurrency=args.concurrency,
+                    max_tokens=args.max_tokens,
+                    constraints=level,
+                ),
+            )
+            for level in args.levels
+        }
         for config in configs.values():  # warm-up: compile paths, grammar cache
             asyncio.run(flood(config, texts[: args.concurrency]))
         for repeat in range(args.repeats):
@@ -134,24 +155,44 @@ def main() -> None:
                 figures = job_figures(config)
                 figures["flood_tokens_per_s"] = asyncio.run(flood(config, texts))
                 results[level].append(figures)
-                print(f"  repeat {repeat + 1}, {level}: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()), flush=True)
+                print(
+                    f"  repeat {repeat + 1}, {level}: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()),
+                    flush=True,
+                )
     finally:
         server.release()
-    print(f"{len(texts)} chunks of ~{args.chunk_tokens} tokens, {args.pairs} pairs, max_tokens {args.max_tokens}, "
-          f"concurrency {args.concurrency}; median of {args.repeats}; model {Path(args.model).name}")
-    print(f"{'constraints':14}{'answered':>10}{'pairs/req':>11}{'reasks/chunk':>14}{'dead letters':>14}"
-          f"{'grounding':>11}{'job tok/s':>11}{'flood tok/s':>13}{'job/flood':>11}")
+    print(
+        f"{len(texts)} chunks of ~{args.chunk_tokens} tokens, {args.pairs} pairs, max_tokens {args.max_tokens}, "
+        f"concurrency {args.concurrency}; median of {args.repeats}; model {Path(args.model).name}"
+    )
+    print(
+        f"{'constraints':14}{'answered':>10}{'pairs/req':>11}{'reasks/chunk':>14}{'dead letters':>14}"
+        f"{'grounding':>11}{'job tok/s':>11}{'flood tok/s':>13}{'job/flood':>11}"
+    )
     for level, runs in results.items():
         m = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in set().union(*runs)}
         ratio = m["tokens_per_s"] / m["flood_tokens_per_s"]
-        print(f"{level:14}{m['answered']:>10.1%}{m['pairs_per_request']:>11.2f}{m['reasks_per_chunk']:>14.2f}"
-              f"{m['dead_letter_rate']:>14.1%}{m['grounding_median']:>11.2f}{m['tokens_per_s']:>11.1f}"
-              f"{m['flood_tokens_per_s']:>13.1f}{ratio:>11.2f}")
-        goals = [("answered", m["answered"] / ANSWERED_GOAL, m["answered"] >= ANSWERED_GOAL, f">= {ANSWERED_GOAL:.0%}"),
-                 ("reasks/chunk", m["reasks_per_chunk"] / REASKS_GOAL, m["reasks_per_chunk"] <= REASKS_GOAL, f"<= {REASKS_GOAL}"),
-                 ("job/flood", ratio / FLOOD_GOAL, ratio >= FLOOD_GOAL, f">= {FLOOD_GOAL}")]
-        print("    " + "; ".join(f"{name} {value:.2f}x of goal {goal}: {'met' if met else 'NOT met'}"
-                                 for name, value, met, goal in goals))
+        print(
+            f"{level:14}{m['answered']:>10.1%}{m['pairs_per_request']:>11.2f}{m['reasks_per_chunk']:>14.2f}"
+            f"{m['dead_letter_rate']:>14.1%}{m['grounding_median']:>11.2f}{m['tokens_per_s']:>11.1f}"
+            f"{m['flood_tokens_per_s']:>13.1f}{ratio:>11.2f}"
+        )
+        goals = [
+            ("answered", m["answered"] / ANSWERED_GOAL, m["answered"] >= ANSWERED_GOAL, f">= {ANSWERED_GOAL:.0%}"),
+            (
+                "reasks/chunk",
+                m["reasks_per_chunk"] / REASKS_GOAL,
+                m["reasks_per_chunk"] <= REASKS_GOAL,
+                f"<= {REASKS_GOAL}",
+            ),
+            ("job/flood", ratio / FLOOD_GOAL, ratio >= FLOOD_GOAL, f">= {FLOOD_GOAL}"),
+        ]
+        print(
+            "    "
+            + "; ".join(
+                f"{name} {value:.2f}x of goal {goal}: {'met' if met else 'NOT met'}" for name, value, met, goal in goals
+            )
+        )
         invalid = {k.removeprefix("invalid_"): round(v, 3) for k, v in sorted(m.items()) if k.startswith("invalid_")}
         print(f"    invalid replies per chunk, by reason: {invalid}")
 

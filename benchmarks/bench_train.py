@@ -41,16 +41,20 @@ GOAL = 0.9
 WARMUP_STEPS = 2
 
 
-def write_packed(directory: str, rows: int, seq_len: int, seed: int = 0, doc_tokens: tuple[int, int] | None = None) -> str:
+def write_packed(
+    directory: str, rows: int, seq_len: int, seed: int = 0, doc_tokens: tuple[int, int] | None = None
+) -> str:
     """Packed rows of chat-like documents (default 256 to seq_len tokens), as the pack stage writes them."""
     rng = np.random.default_rng(seed)
     low, high = doc_tokens or (min(256, seq_len), seq_len)
     lengths = rng.integers(low, high + 1, rows * 3 * max(1, seq_len // high))
     examples = Examples.from_arrays(
-        [f"e{i}" for i in range(len(lengths))], ["chat"] * len(lengths),
-        [rng.integers(3, 32000, n).astype(np.int32) for n in lengths], [np.ones(n, np.float32) for n in lengths],
+        [f"e{i}" for i in range(len(lengths))],
+        ["chat"] * len(lengths),
+        [rng.integers(3, 32000, n).astype(np.int32) for n in lengths],
+        [np.ones(n, np.float32) for n in lengths],
         [np.zeros(n, bool) for n in lengths],
-    )  # fmt: skip
+    )
     table, _ = pack_examples(examples, PackOptions(seq_len=seq_len))
     run = OutputRun(directory)
     os.makedirs(run.path)
@@ -70,17 +74,22 @@ def bare_step_seconds(config: TrainConfig, steps: int, seq_len: int) -> list[flo
     model.init_weights(config.seed)
 
     def sdpa(q, k, v, positions, segment_ids):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=True)  # fmt: skip
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
         return out.transpose(1, 2)
 
     for block in model.layers:
         block.attention.attend = sdpa
     optimizer = make_optimizer(model, config)
     tokens = torch.randint(3, 32000, (config.batch_size, seq_len))
-    batch = {"tokens": tokens, "vision_mask": torch.zeros_like(tokens, dtype=torch.bool),
-             "loss_weights": torch.ones(tokens.shape), "segment_ids": torch.ones_like(tokens),
-             "positions": torch.arange(seq_len).expand_as(tokens)}  # fmt: skip
+    batch = {
+        "tokens": tokens,
+        "vision_mask": torch.zeros_like(tokens, dtype=torch.bool),
+        "loss_weights": torch.ones(tokens.shape),
+        "segment_ids": torch.ones_like(tokens),
+        "positions": torch.arange(seq_len).expand_as(tokens),
+    }
     inputs = model_inputs(batch)
     seconds = []
     for _ in range(steps):
@@ -109,8 +118,15 @@ def main() -> None:
         rows = args.batch_size * args.steps + args.batch_size
         data = write_packed(os.path.join(tmp, "packed"), rows, args.seq_len)
         phase = PhaseConfig(seq_len=args.seq_len, steps=args.steps, rope_theta=1e6, data=data)
-        config = TrainConfig(model=args.model, attention_backend="torch", dtype="float32", batch_size=args.batch_size,
-                             num_workers=args.num_workers, progress=False, phases=(phase,))  # fmt: skip
+        config = TrainConfig(
+            model=args.model,
+            attention_backend="torch",
+            dtype="float32",
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            progress=False,
+            phases=(phase,),
+        )
         config.validate()
         ours, bare = [], []
         for _ in range(args.repeats):
@@ -119,8 +135,10 @@ def main() -> None:
 
     tokens = args.batch_size * args.seq_len
     ours_s, bare_s = statistics.median(ours), statistics.median(bare)
-    print(f"model {args.model}, {args.batch_size} x {args.seq_len} tokens per step, torch threads {torch.get_num_threads()}, "
-          f"{len(ours)} timed steps each (median)")  # fmt: skip
+    print(
+        f"model {args.model}, {args.batch_size} x {args.seq_len} tokens per step, "
+        f"torch threads {torch.get_num_threads()}, {len(ours)} timed steps each (median)"
+    )
     print(f"{'loop':<34}{'s/step':>10}{'tokens/s':>12}")
     print(f"{'lwm-train (packed, segment masks)':<34}{ours_s:>10.3f}{tokens / ours_s:>12,.0f}")
     print(f"{'bare PyTorch (SDPA causal)':<34}{bare_s:>10.3f}{tokens / bare_s:>12,.0f}")

@@ -88,8 +88,14 @@ def stage(directory: Path, output: Path, config: str, device: str, batch_size: i
     from lwm_data import config as settings
     from lwm_data.pipelines import vision_codes
 
-    values = {"input": str(directory / "*.mp4"), "output": str(output), "max_frames": 0, "random_config": config,
-              "device": device, "batch_size": batch_size}
+    values = {
+        "input": str(directory / "*.mp4"),
+        "output": str(output),
+        "max_frames": 0,
+        "random_config": config,
+        "device": device,
+        "batch_size": batch_size,
+    }
     manifest = vision_codes.run(settings.build(vision_codes.VisionCodesConfig, values), None)
     assert manifest["counts"]["balanced"] and not manifest["counts"]["dead_lettered"], manifest["counts"]
 
@@ -110,8 +116,10 @@ def main() -> None:
 
     workdir = Path(args.workdir)
     print(f"machine: {os.cpu_count()} cores, device {args.device}; videos 640x360 H.264; medians of {args.repeats}")
-    print(f"{'config':8} {'frames':>6} {'decord native f/s':>17} {'decord f/s':>10} {'decode f/s':>10} {'ratio':>6} "
-          f"{'encode f/s':>10} {'stage f/s':>9} {'ratio':>6}")
+    print(
+        f"{'config':8} {'frames':>6} {'decord native f/s':>17} {'decord f/s':>10} {'decode f/s':>10} {'ratio':>6} "
+        f"{'encode f/s':>10} {'stage f/s':>9} {'ratio':>6}"
+    )
     for config in args.configs.split(","):
         frames_each = args.frames if config == "reduced" or args.device == "cuda" else args.amused_frames
         directory = workdir / f"{config}-{frames_each}"
@@ -124,14 +132,22 @@ def main() -> None:
         frames = decoded_frames(paths)
         model.encode(frames[: args.batch_size])  # warm-up (and compilation on cuda)
         size = args.batch_size
-        encode = median_rate(lambda: [model.encode(frames[i : i + size]) for i in range(0, len(frames), size)], total, args.repeats)
+        encode = median_rate(
+            lambda: [model.encode(frames[i : i + size]) for i in range(0, len(frames), size)], total, args.repeats
+        )
         if args.device == "cuda":  # the compiled encoder above; eager for comparison
             eager = VQGAN.random(config == "reduced", device=args.device, compile=False)
-            rate = median_rate(lambda: [eager.encode(frames[i : i + size]) for i in range(0, len(frames), size)], total, args.repeats)
+            rate = median_rate(
+                lambda: [eager.encode(frames[i : i + size]) for i in range(0, len(frames), size)], total, args.repeats
+            )
             print(f"{config}: eager encode {rate:.1f} frames/s (bf16, batch {size}); compiled below")
-        whole = median_rate(lambda: stage(directory, workdir / "out" / config, config, args.device, size), total, args.repeats)
-        print(f"{config:8} {total:6d} {native:17.1f} {bare:10.1f} {ours:10.1f} {ours / bare:6.2f} {encode:10.2f} "
-              f"{whole:9.2f} {whole / min(ours, encode):6.2f}")
+        whole = median_rate(
+            lambda: stage(directory, workdir / "out" / config, config, args.device, size), total, args.repeats
+        )
+        print(
+            f"{config:8} {total:6d} {native:17.1f} {bare:10.1f} {ours:10.1f} {ours / bare:6.2f} {encode:10.2f} "
+            f"{whole:9.2f} {whole / min(ours, encode):6.2f}"
+        )
     print(f"goals: decode >= {DECODE_GOAL}x bare decord; stage >= {STAGE_GOAL}x the slower of decode and encode")
 
 

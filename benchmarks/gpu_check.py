@@ -4,8 +4,9 @@
     python benchmarks/gpu_check.py --small    # CPU, tiny sizes: exercises the script, not GPU figures
 
 1. Triton `block_attention` forward and backward in bf16 against the torch backend on the same bf16
-   inputs (which accumulates in float32; with --small: the torch backend in float32 against float64), random packed documents with padding, B=2 S=1000 H=8,
-   D=64 (8 KV heads) and D=128 (2 KV heads), causal and not. Bounds (max abs error / max abs value):
+   inputs (which accumulates in float32; with --small: the torch backend in float32 against float64),
+   random packed documents with padding, B=2 S=1000 H=8, D=64 (8 KV heads) and D=128 (2 KV heads),
+   causal and not. Bounds (max abs error / max abs value):
    out <= 2e-2, lse <= 1e-3, dq/dk/dv <= 5e-2.
 2. Useful TFLOP/s of forward + backward at S=32K, D=128, 16 heads, causal with 4K documents:
    Triton `block_attention` against compiled FlexAttention with the same document mask (goal >= 1.0x),
@@ -68,15 +69,24 @@ def kernel_errors(device: str, backend: str, dtype: torch.dtype, reference_dtype
             for name, cast in ((backend, dtype), ("torch", reference_dtype)):
                 inputs = [x.detach().to(cast).requires_grad_() for x in (q, k, v)]
                 out, lse = block_attention(
-                    *inputs, q_positions=positions, k_positions=positions, q_segment_ids=segments,
-                    k_segment_ids=segments, causal=causal, backend=name,
-                )  # fmt: skip
+                    *inputs,
+                    q_positions=positions,
+                    k_positions=positions,
+                    q_segment_ids=segments,
+                    k_segment_ids=segments,
+                    causal=causal,
+                    backend=name,
+                )
                 loss = (out.double() * dout.double()).sum() + (lse.double().nan_to_num(0, 0, 0) * dlse.double()).sum()
                 results.append((out, lse, *torch.autograd.grad(loss, inputs)))
             errors = {n: rel_err(a, b) for n, a, b in zip(BOUNDS, *results)}
             measured = " ".join(f"{n} {e:.1e}" for n, e in errors.items())
-            add(f"{backend} {dtype} vs torch {reference_dtype} D={head_dim} Hkv={kv_heads} causal={causal}", measured,
-                "out 2e-2 lse 1e-3 d* 5e-2", all(errors[n] <= b for n, b in BOUNDS.items()))  # fmt: skip
+            add(
+                f"{backend} {dtype} vs torch {reference_dtype} D={head_dim} Hkv={kv_heads} causal={causal}",
+                measured,
+                "out 2e-2 lse 1e-3 d* 5e-2",
+                all(errors[n] <= b for n, b in BOUNDS.items()),
+            )
 
 
 def attention_speed(setup: attention.Setup) -> None:
@@ -87,28 +97,55 @@ def attention_speed(setup: attention.Setup) -> None:
     label = f"S={setup.seq} D={setup.head_dim} H={setup.heads} doc={setup.doc}"
     if setup.device == "cuda":
         flex = attention.tflops(doc_pairs, setup, attention.fwd_bwd_ms(attention.flex(docs), inputs))
-        add(f"block_attention[{setup.backend}] fwd+bwd {label}", f"{ours:.0f} TFLOP/s vs Flex {flex:.0f} = {ours / flex:.2f}x",
-            ">= 1.0x Flex", ours >= flex)  # fmt: skip
+        add(
+            f"block_attention[{setup.backend}] fwd+bwd {label}",
+            f"{ours:.0f} TFLOP/s vs Flex {flex:.0f} = {ours / flex:.2f}x",
+            ">= 1.0x Flex",
+            ours >= flex,
+        )
         try:
             cudnn_ms = attention.fwd_bwd_ms(attention.sdpa(attention.SDPBackend.CUDNN_ATTENTION), inputs)
-            add("cuDNN SDPA plain causal (reference)", f"{attention.tflops(causal_pairs, setup, cudnn_ms):.0f} TFLOP/s", "-", None)
+            add(
+                "cuDNN SDPA plain causal (reference)",
+                f"{attention.tflops(causal_pairs, setup, cudnn_ms):.0f} TFLOP/s",
+                "-",
+                None,
+            )
         except RuntimeError as error:
             add("cuDNN SDPA plain causal (reference)", f"unavailable: {str(error)[:50]}", "-", None)
     else:
-        add(f"block_attention[{setup.backend}] fwd+bwd {label}", f"{ours:.3g} TFLOP/s (CPU; no Flex backward)", "-", None)
+        add(
+            f"block_attention[{setup.backend}] fwd+bwd {label}",
+            f"{ours:.3g} TFLOP/s (CPU; no Flex backward)",
+            "-",
+            None,
+        )
     single = attention.fwd_bwd_ms(attention.ours(docs, setup.backend), inputs)
     ring_ms = attention.fwd_bwd_ms(*attention.ring_step(docs, inputs, setup.backend))
-    add(f"simulated ring of {attention.RING_SIZE} vs one block call ({label})", f"{ring_ms / single - 1:+.1%}",
-        "<= +10%", ring_ms / single - 1 <= 0.10)  # fmt: skip
+    add(
+        f"simulated ring of {attention.RING_SIZE} vs one block call ({label})",
+        f"{ring_ms / single - 1:+.1%}",
+        "<= +10%",
+        ring_ms / single - 1 <= 0.10,
+    )
 
 
 def trainer(model: str, seq_len: int, steps: int, checkpointing: bool, small: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_packed(os.path.join(tmp, "packed"), steps + 1, seq_len, doc_tokens=(seq_len // 16, seq_len // 4))
         phase = PhaseConfig(seq_len=seq_len, steps=steps, rope_theta=1e6, data=data)
-        config = TrainConfig(model=model, attention_backend="auto", dtype="auto", batch_size=1, num_workers=2,
-                             activation_checkpointing=checkpointing, progress=False, peak_tflops=PEAK_TFLOPS,
-                             lr=1e-4, phases=(phase,))  # fmt: skip
+        config = TrainConfig(
+            model=model,
+            attention_backend="auto",
+            dtype="auto",
+            batch_size=1,
+            num_workers=2,
+            activation_checkpointing=checkpointing,
+            progress=False,
+            peak_tflops=PEAK_TFLOPS,
+            lr=1e-4,
+            phases=(phase,),
+        )
         config.validate()
         label = f"trainer {model} S={seq_len} {'AC' if checkpointing else 'no AC'}"
         try:
@@ -119,8 +156,13 @@ def trainer(model: str, seq_len: int, steps: int, checkpointing: bool, small: bo
             return
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in records)
     mfu = statistics.median(r["mfu"] for r in records)
-    add(label, f"{tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%} of {PEAK_TFLOPS:.0f}" + (" (CPU: not a GPU figure)" if small else ""),
-        "MFU >= 45%", None if small else mfu >= 0.45)  # fmt: skip
+    add(
+        label,
+        f"{tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%} of {PEAK_TFLOPS:.0f}"
+        + (" (CPU: not a GPU figure)" if small else ""),
+        "MFU >= 45%",
+        None if small else mfu >= 0.45,
+    )
 
 
 def main() -> None:
@@ -133,12 +175,20 @@ def main() -> None:
         print("no GPU (or --small): tiny CPU sizes, torch backend; these are not GPU figures")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
     parts = [
-        ("kernels", lambda: kernel_errors(*(("cpu", "torch", torch.float32, torch.float64) if small
-                                              else ("cuda", "triton", torch.bfloat16, torch.bfloat16)))),
+        (
+            "kernels",
+            lambda: kernel_errors(
+                *(
+                    ("cpu", "torch", torch.float32, torch.float64)
+                    if small
+                    else ("cuda", "triton", torch.bfloat16, torch.bfloat16)
+                )
+            ),
+        ),
         ("attention", lambda: attention_speed(attention.CPU if small else attention.GPU)),
         ("trainer", lambda: trainer("tiny" if small else "1b", 1024 if small else 32768, args.steps, False, small)),
         ("trainer AC", lambda: trainer("tiny" if small else "1b", 1024 if small else 32768, args.steps, True, small)),
-    ]  # fmt: skip
+    ]
     for name, part in parts:
         try:
             part()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -118,19 +118,27 @@ def check_packed_rows(table: pa.Table, violations: Counter) -> None:
     pad = seg == 0
     step = np.diff(seg, axis=1)
     violations["segment ids not 1..n in row order (0 only at the end)"] += int(
-        ((step < 0) & (seg[:, 1:] != 0)).sum() + (step > 1).sum() + (seg[:, 0] > 1).sum()
+        ((step < 0) & (seg[:, 1:] != 0)).sum()
+        + (step > 1).sum()
+        + (seg[:, 0] > 1).sum()
         + (pad[:, :-1] & ~pad[:, 1:]).sum()
     )
     violations["row without a segment"] += int(pad[:, 0].sum())
     expected_pos = columns - np.maximum.accumulate(np.where(starts, columns, 0), axis=1)
-    violations["positions do not restart at 0 in each segment"] += int(((pos != expected_pos) & ~pad).sum() + (pos[pad] != 0).sum())
+    violations["positions do not restart at 0 in each segment"] += int(
+        ((pos != expected_pos) & ~pad).sum() + (pos[pad] != 0).sum()
+    )
     violations["loss weight on a segment's first token or on padding"] += int(((weights != 0) & (starts | pad)).sum())
     violations["loss weight negative or not finite"] += int((~np.isfinite(weights) | (weights < 0)).sum())
     violations["padding with a non-zero token or a vision flag"] += int(((tokens != 0) | vision)[pad].sum())
     violations["num_segments != max segment id"] += int((seg.max(axis=1, initial=0) != num_segments).sum())
     violations["num_pad_tokens wrong"] += int((pad.sum(axis=1) != table["num_pad_tokens"].to_numpy()).sum())
-    violations["num_text_tokens wrong"] += int(((~pad & ~vision).sum(axis=1) != table["num_text_tokens"].to_numpy()).sum())
-    violations["num_vision_tokens wrong"] += int(((~pad & vision).sum(axis=1) != table["num_vision_tokens"].to_numpy()).sum())
+    violations["num_text_tokens wrong"] += int(
+        ((~pad & ~vision).sum(axis=1) != table["num_text_tokens"].to_numpy()).sum()
+    )
+    violations["num_vision_tokens wrong"] += int(
+        ((~pad & vision).sum(axis=1) != table["num_vision_tokens"].to_numpy()).sum()
+    )
     run_starts = np.flatnonzero(starts[~pad])  # segments are contiguous runs once padding is removed
     run_lengths = np.diff(np.append(run_starts, int((~pad).sum())))
     segment_lengths = _flat(table, "segment_lengths")

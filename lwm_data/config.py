@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from lwm_data.errors import ConfigError
 
@@ -155,12 +156,24 @@ def _collect(cls: type, prefix: tuple[str, ...], found: list[Option]) -> None:
         if f.metadata.get("nested"):
             _collect(hints[f.name], prefix + (f.name,), found)
             continue
-        default = f.default if f.default is not MISSING else (
-            f.default_factory() if f.default_factory is not MISSING else MISSING
+        default = (
+            f.default
+            if f.default is not MISSING
+            else (f.default_factory() if f.default_factory is not MISSING else MISSING)
         )
         meta = f.metadata
-        found.append(Option(f.name, prefix + (f.name,), hints[f.name], default, meta.get("help", ""),
-                            tuple(meta.get("flags", ())), bool(meta.get("repeat")), meta.get("parse")))
+        found.append(
+            Option(
+                f.name,
+                prefix + (f.name,),
+                hints[f.name],
+                default,
+                meta.get("help", ""),
+                tuple(meta.get("flags", ())),
+                bool(meta.get("repeat")),
+                meta.get("parse"),
+            )
+        )
 
 
 def build(cls: type, values: Mapping[str, Any]) -> Any:

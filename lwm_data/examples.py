@@ -22,8 +22,9 @@ dead-letters such rows by reason, `lwm-data validate` counts them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -98,8 +99,11 @@ class Example:
 def examples_to_table(examples: Sequence[Example]) -> pa.Table:
     """EXAMPLE_SCHEMA rows; token columns are built from numpy buffers, not per-token Python objects."""
     columns = Examples.from_arrays(
-        [e.example_id for e in examples], [e.kind for e in examples],
-        [e.tokens for e in examples], [e.loss_weights for e in examples], [e.vision_mask for e in examples],
+        [e.example_id for e in examples],
+        [e.kind for e in examples],
+        [e.tokens for e in examples],
+        [e.loss_weights for e in examples],
+        [e.vision_mask for e in examples],
     )
     return columns.to_table(
         sources=[e.source for e in examples],

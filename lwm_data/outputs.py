@@ -26,8 +26,9 @@ import datetime
 import json
 import logging
 import secrets
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -145,10 +146,12 @@ def describe_files(directory: str, run: str | None) -> list[dict[str, Any]]:
 
 
 def now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
-def stage_manifest(stage: str, config: Any, tokenizer: dict | None, counters: dict[str, int], started: datetime.datetime) -> dict[str, Any]:
+def stage_manifest(
+    stage: str, config: Any, tokenizer: dict | None, counters: dict[str, int], started: datetime.datetime
+) -> dict[str, Any]:
     """A stage's manifest from its counters (`in`, `out`, `filtered.<r>`, `dead_lettered.<r>`, and
     statistics); `OutputRun.commit` adds the run and its files."""
     counts = Counts.from_counters(counters)
@@ -182,7 +185,9 @@ class OutputRun:
     def begin(self) -> None:
         """Mark the run as started, so a killed run is found and removed by the next commit even
         if it wrote nothing else (listing finds files, not empty directories)."""
-        files.write_json(files.join(self.path, STARTED), {"run": self.id, "started": now().isoformat(timespec="seconds")})
+        files.write_json(
+            files.join(self.path, STARTED), {"run": self.id, "started": now().isoformat(timespec="seconds")}
+        )
 
     @property
     def shard_prefix(self) -> str:

@@ -47,8 +47,8 @@ from __future__ import annotations
 import bisect
 import zlib
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -69,7 +69,9 @@ class PackOptions:
     loss_weighting: str = setting("token", "token: weights as they are; example: every example counts equally.")
     mix: dict[str, float] | None = setting(None, "Shares of tokens by kind, e.g. chat=0.84,text=0.16.")
     buffer_size: int = setting(10_000, "Examples added to the packer's pool at a time.", flags=("--buffer",))
-    carry_rows: int = setting(64, "Rows' worth of examples kept in the pool between buffers (sizes to close rows with).")
+    carry_rows: int = setting(
+        64, "Rows' worth of examples kept in the pool between buffers (sizes to close rows with)."
+    )
     seed: int = setting(0, "Seed of the example order.")
     partition_tokens: int = setting(
         0, "Plan in independent partitions of about this many tokens, each on its own worker (0: one plan)."
@@ -145,7 +147,9 @@ def mix_order(kind_ids: np.ndarray, lengths: np.ndarray, shares: np.ndarray) -> 
     return order[keep][merged]
 
 
-def fill_rows(lengths: np.ndarray, seq_len: int, buffer_size: int = 10_000, carry_rows: int = 64) -> tuple[np.ndarray, np.ndarray, int]:
+def fill_rows(
+    lengths: np.ndarray, seq_len: int, buffer_size: int = 10_000, carry_rows: int = 64
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Row by row from a pool of items: (row, segment index in row, number of rows) per item.
 
     Items join the pool a buffer at a time. A row takes the largest pooled item that fits its room,
@@ -228,9 +232,7 @@ class PackPlan:
         return len(np.unique(self.example))
 
 
-def plan_packing(
-    lengths: np.ndarray, kinds: np.ndarray, splittable: np.ndarray, options: PackOptions
-) -> PackPlan:
+def plan_packing(lengths: np.ndarray, kinds: np.ndarray, splittable: np.ndarray, options: PackOptions) -> PackPlan:
     """Decide every piece's row and segment from example lengths alone (no token data needed).
 
     `counts`: filtered.too_long, filtered.not_in_mix, filtered.mix_excess (examples), and

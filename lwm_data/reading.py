@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import zlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import zstandard
@@ -61,7 +62,9 @@ def read_lines(path: str, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator
         with files.open(path) as f:
             for line_number, line in iter_lines(f, max_bytes):
                 if line is None:
-                    yield Rejection("record_too_large", f"line longer than {max_bytes} bytes", "", path, f"line {line_number}")
+                    yield Rejection(
+                        "record_too_large", f"line longer than {max_bytes} bytes", "", path, f"line {line_number}"
+                    )
                 elif line.strip():
                     yield line_number, line
     except READ_ERRORS as e:

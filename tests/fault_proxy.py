@@ -18,8 +18,8 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Sequence
 from urllib.parse import urlsplit
 
 FAULTS = ("http_500", "http_429", "delay", "truncate", "drop")
@@ -27,8 +27,14 @@ _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "ke
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, plan: Sequence[str] = (), delay_s: float = 5.0,
-                 max_requests: int = 10_000, lifetime_s: float = 600.0):
+    def __init__(
+        self,
+        upstream: str,
+        plan: Sequence[str] = (),
+        delay_s: float = 5.0,
+        max_requests: int = 10_000,
+        lifetime_s: float = 600.0,
+    ):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.plan = list(plan)

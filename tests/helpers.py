@@ -18,8 +18,16 @@ def write_output(directory: Path | str, stage: str, table: pa.Table, tokenizer: 
     return str(directory)
 
 
-def write_packed_rows(directory: Path | str, rows: int, seq_len: int, seed: int = 0, vision: bool = False,
-                      shards: int = 2, row_group_size: int = 4, vocab: int = 200) -> str:
+def write_packed_rows(
+    directory: Path | str,
+    rows: int,
+    seq_len: int,
+    seed: int = 0,
+    vision: bool = False,
+    shards: int = 2,
+    row_group_size: int = 4,
+    vocab: int = 200,
+) -> str:
     """A committed packed output of `rows` rows of `seq_len` tokens from random examples over the
     first `vocab` text ids (so a model can learn something quickly); with `vision`, every third
     example is an image_text one (a run of vision codes ending in <eov> in its middle)."""

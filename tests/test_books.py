@@ -37,8 +37,14 @@ def test_jsonl_records_ids_titles_and_rejections(tmp_path):
     assert books[0].text == "Alpha.\nBeta" and books[0].title == "T" and books[1].title == "PG"
     assert books[2].book_id == books[2].text_sha256[:16]
     assert _reasons(items) == [
-        "invalid_json", "invalid_json", "missing_text", "missing_text", "text_not_string",
-        "empty_text", "binary_content", "invalid_utf8",
+        "invalid_json",
+        "invalid_json",
+        "missing_text",
+        "missing_text",
+        "text_not_string",
+        "empty_text",
+        "binary_content",
+        "invalid_utf8",
     ]
     assert [i.locator for i in items][:3] == ["line 1", "line 2", "line 3"]
 
@@ -119,8 +125,13 @@ def test_dead_letters_with_unicode_line_separators_read_back_one_per_line(tmp_pa
 
     run = OutputRun(str(tmp_path))
     run.write_table(CHUNK_SCHEMA.empty_table())
-    run.write_dead_letters("chunk", [Rejection("r", record="a\u2028b\u2029c\x85d", source="s", locator="line 1"),
-                                     Rejection("r", source="s", locator="line 2")])
+    run.write_dead_letters(
+        "chunk",
+        [
+            Rejection("r", record="a\u2028b\u2029c\x85d", source="s", locator="line 1"),
+            Rejection("r", source="s", locator="line 2"),
+        ],
+    )
     run.commit({"stage": "chunk"})
     assert [d["record"] for d in read_dead_letters(str(tmp_path))] == ["a\u2028b\u2029c\x85d", ""]
 

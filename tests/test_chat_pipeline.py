@@ -45,8 +45,14 @@ def qa_dir(tmp_path_factory, chunks_dir, synthetic_books):
 
 
 def run_chat(chunks_dir, qa_dir, output, seed=0):
-    values = dict(chunks=str(chunks_dir), qa=str(qa_dir), output=str(output), context_lengths=LENGTHS,
-                  pairs_per_example=3, seed=seed)
+    values = dict(
+        chunks=str(chunks_dir),
+        qa=str(qa_dir),
+        output=str(output),
+        context_lengths=LENGTHS,
+        pairs_per_example=3,
+        seed=seed,
+    )
     return chat.run(settings.build(chat.ChatStageConfig, values))
 
 
@@ -77,7 +83,8 @@ def test_counts_balance_per_book_and_length(chat_run, synthetic_books):
 def test_examples_fit_and_carry_loss_only_on_answers(chat_run, chunks_dir):
     output, _ = chat_run
     chunk_counts = {
-        r["book_id"]: r["num_chunks"] for r in outputs.read_table(str(chunks_dir), ["book_id", "num_chunks"]).to_pylist()
+        r["book_id"]: r["num_chunks"]
+        for r in outputs.read_table(str(chunks_dir), ["book_id", "num_chunks"]).to_pylist()
     }
     for row in sorted_rows(output):
         meta = json.loads(row["meta"])

@@ -53,8 +53,15 @@ def test_counts_balance_and_every_bad_record_is_dead_lettered(messy_output):
     assert counts["in"] == 18
     assert counts["filtered"] == {"duplicate": 1, "too_short": 1}
     assert counts["dead_lettered_by_reason"] == {
-        "binary_content": 1, "conflicting_id": 1, "empty_text": 1, "invalid_json": 1, "invalid_utf8": 1,
-        "missing_text": 1, "record_too_large": 1, "text_not_string": 1, "unreadable_file": 1,
+        "binary_content": 1,
+        "conflicting_id": 1,
+        "empty_text": 1,
+        "invalid_json": 1,
+        "invalid_utf8": 1,
+        "missing_text": 1,
+        "record_too_large": 1,
+        "text_not_string": 1,
+        "unreadable_file": 1,
     }
     assert counts["out"] == 7 and counts["balanced"]
     letters = outputs.read_dead_letters(str(output))
@@ -108,7 +115,11 @@ def test_length_filters_and_determinism(tmp_path, books_jsonl):
     a, b = run("a", max_book_tokens=9000), run("b", max_book_tokens=9000)
     assert a["counts"] == b["counts"] and a["counts"]["filtered"].get("too_long", 0) > 0
     key = [("book_id", "ascending"), ("chunk_index", "ascending")]
-    assert outputs.read_table(str(tmp_path / "a")).sort_by(key).equals(outputs.read_table(str(tmp_path / "b")).sort_by(key))
+    assert (
+        outputs.read_table(str(tmp_path / "a"))
+        .sort_by(key)
+        .equals(outputs.read_table(str(tmp_path / "b")).sort_by(key))
+    )
 
 
 def test_rerun_replaces_previous_output_and_leaves_no_stale_file(tmp_path, books_jsonl):
@@ -125,8 +136,19 @@ def test_rerun_replaces_previous_output_and_leaves_no_stale_file(tmp_path, books
 def test_cli_passes_beam_options_through(tmp_path, books_jsonl):
     result = CliRunner().invoke(
         app,
-        ["chunk", "--input", str(books_jsonl), "--output", str(tmp_path / "cli"), "--chunk-tokens", "800",
-         "--direct_num_workers", "2", "--direct_running_mode", "multi_threading"],
+        [
+            "chunk",
+            "--input",
+            str(books_jsonl),
+            "--output",
+            str(tmp_path / "cli"),
+            "--chunk-tokens",
+            "800",
+            "--direct_num_workers",
+            "2",
+            "--direct_running_mode",
+            "multi_threading",
+        ],
     )
     assert result.exit_code == 0, result.output
     manifest = outputs.read_manifest(str(tmp_path / "cli"))
@@ -187,8 +209,20 @@ def test_validate_flags_an_empty_chunk():
     from lwm_data.checks import check_chunk_rows
     from lwm_data.schemas import CHUNK_SCHEMA
 
-    rows = [dict(book_id="b", title=None, chunk_index=i, num_chunks=2, char_start=s, char_end=e, num_tokens=len(t),
-                 text="ab"[s:e], tokens=t) for i, (s, e, t) in enumerate([(0, 2, [1, 2]), (2, 2, [])])]
+    rows = [
+        dict(
+            book_id="b",
+            title=None,
+            chunk_index=i,
+            num_chunks=2,
+            char_start=s,
+            char_end=e,
+            num_tokens=len(t),
+            text="ab"[s:e],
+            tokens=t,
+        )
+        for i, (s, e, t) in enumerate([(0, 2, [1, 2]), (2, 2, [])])
+    ]
     violations = Counter()
     check_chunk_rows(pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA), violations)
     assert +violations == {"empty chunk (no tokens)": 1}

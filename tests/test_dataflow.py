@@ -18,8 +18,13 @@ from lwm_data.tokenizers import default_tokenizer_path  # noqa: E402
 from lwm_data.tokenizers.vision import VQGAN  # noqa: E402
 
 DATAFLOW = [
-    "--runner=DataflowRunner", "--project=test-project", "--region=us-central1", "--temp_location=gs://bucket/tmp",
-    "--no_auth", "--dry_run=True", "--sdk_location=container",
+    "--runner=DataflowRunner",
+    "--project=test-project",
+    "--region=us-central1",
+    "--temp_location=gs://bucket/tmp",
+    "--no_auth",
+    "--dry_run=True",
+    "--sdk_location=container",
 ]
 GPU = "type:nvidia-l4;count:1;install-nvidia-driver"
 
@@ -50,18 +55,27 @@ def upload(local_path: str, remote: str) -> str:
 
 def gpu_steps(proto) -> set[str]:
     return {
-        t.unique_name for t in proto.components.transforms.values()
-        if t.environment_id and GPU.encode() in b"".join(proto.components.environments[t.environment_id].resource_hints.values())
-    }  # fmt: skip
+        t.unique_name
+        for t in proto.components.transforms.values()
+        if t.environment_id
+        and GPU.encode() in b"".join(proto.components.environments[t.environment_id].resource_hints.values())
+    }
 
 
 def test_books_job_for_dataflow_puts_qa_on_gpu_workers():
     tokenizer = upload(default_tokenizer_path(), "memfs://models/tokenizer.model")
-    proto = translated("books", {
-        "output": "gs://bucket/out", "chunk": {"input": "gs://bucket/books/*.jsonl.zst", "tokenizer": tokenizer},
-        "qa": {"backend": "vllm", "model": "/opt/models/qa", "accelerator": GPU},
-        "chat": {"tokenizer": tokenizer}, "text": {"tokenizer": tokenizer}, "pack": {"seq_len": 32768},
-    }, "lwm-books")
+    proto = translated(
+        "books",
+        {
+            "output": "gs://bucket/out",
+            "chunk": {"input": "gs://bucket/books/*.jsonl.zst", "tokenizer": tokenizer},
+            "qa": {"backend": "vllm", "model": "/opt/models/qa", "accelerator": GPU},
+            "chat": {"tokenizer": tokenizer},
+            "text": {"tokenizer": tokenizer},
+            "pack": {"seq_len": 32768},
+        },
+        "lwm-books",
+    )
     top = {t.unique_name for t in proto.components.transforms.values() if "/" not in t.unique_name}
     assert {"ReadBooks", "Chunk", "QA", "Chat", "Text", "Pack", "Write[pack]", "Scratch[chat]", "Scratch[text]"} <= top
     hinted = gpu_steps(proto)
@@ -73,12 +87,22 @@ def test_video_job_for_dataflow_puts_the_vqgan_on_gpu_workers(tmp_path):
     VQGAN.random(reduced=True).model.save_pretrained(tmp_path)
     for name in os.listdir(tmp_path):
         upload(str(tmp_path / name), f"memfs://models/vqgan/vqvae/{name}")
-    proto = translated("video", {
-        "output": "gs://bucket/video",
-        "video": {"input": "gs://bucket/webvid/*.tar", "vqgan": "memfs://models/vqgan", "vqgan_subfolder": "vqvae",
-                  "device": "cuda", "accelerator": GPU, "batch_size": 64},
-        "pack": {"seq_len": 8192},
-    }, "lwm-video")
+    proto = translated(
+        "video",
+        {
+            "output": "gs://bucket/video",
+            "video": {
+                "input": "gs://bucket/webvid/*.tar",
+                "vqgan": "memfs://models/vqgan",
+                "vqgan_subfolder": "vqvae",
+                "device": "cuda",
+                "accelerator": GPU,
+                "batch_size": 64,
+            },
+            "pack": {"seq_len": 8192},
+        },
+        "lwm-video",
+    )
     hinted = gpu_steps(proto)
     assert hinted and all("VQGAN" in name for name in hinted)  # only the VQ-GAN step asks for a GPU
     assert_no_local_path(proto)

@@ -15,7 +15,16 @@ def test_demo_runs_everything_into_valid_outputs_and_trains(tmp_path):
     args = ["demo", "--output", str(out), "--books", "3", "--words", "30000", "--videos", "2", "--steps", "3"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    for directory in ("books/chunk", "books/qa", "books/chat", "books/text", "books/pack", "video/video", "video/pack", "train-pack"):
+    for directory in (
+        "books/chunk",
+        "books/qa",
+        "books/chat",
+        "books/text",
+        "books/pack",
+        "video/video",
+        "video/pack",
+        "train-pack",
+    ):
         manifest = outputs.read_manifest(str(out / directory))
         assert manifest["counts"]["balanced"] and manifest["counts"]["out"] > 0, directory
         assert not validate(str(out / directory)), directory

@@ -97,9 +97,15 @@ def test_rows_without_keys_give_zero_output_and_gradients():
     q_segments = torch.tensor([[0, 1, 2, 2]])  # padding; a segment with no keys; a real one
     k_segments = torch.tensor([[2, 2, 2, 2]])
     out, lse = block_attention(
-        q, k, v, q_positions=positions, k_positions=positions, q_segment_ids=q_segments,
-        k_segment_ids=k_segments, backend="torch",
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        q_positions=positions,
+        k_positions=positions,
+        q_segment_ids=q_segments,
+        k_segment_ids=k_segments,
+        backend="torch",
+    )
     assert (out[:, :2] == 0).all() and (lse[..., :2] == float("-inf")).all() and lse[..., 2:].isfinite().all()
     (out.sum() + lse[..., 2:].sum()).backward()
     for grad in (q.grad, k.grad, v.grad):

@@ -47,9 +47,15 @@ def dense_reference(q, k, v, dout, ids, causal):
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     positions, segments = ids
     out, _ = dense_attention(
-        q, k, v, q_positions=positions, k_positions=positions, q_segment_ids=segments, k_segment_ids=segments,
+        q,
+        k,
+        v,
+        q_positions=positions,
+        k_positions=positions,
+        q_segment_ids=segments,
+        k_segment_ids=segments,
         causal=causal,
-    )  # fmt: skip
+    )
     return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
 
 
@@ -96,9 +102,15 @@ def test_simulated_ring_matches_dense(world_size, layout, causal, kv_heads):
     expected = dense_reference(q, k, v, dout, ids, causal)
     q, k, v = (arrange(x, world_size, layout).requires_grad_() for x in (q, k, v))
     out = simulated_ring_attention(
-        q, k, v, positions=arrange(ids[0], world_size, layout), segment_ids=arrange(ids[1], world_size, layout),
-        world_size=world_size, causal=causal, backend="torch",
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        positions=arrange(ids[0], world_size, layout),
+        segment_ids=arrange(ids[1], world_size, layout),
+        world_size=world_size,
+        causal=causal,
+        backend="torch",
+    )
     actual = (out, *torch.autograd.grad(out, (q, k, v), arrange(dout, world_size, layout)))
     for name, got, want in zip(("out", "dq", "dk", "dv"), actual, expected):
         got = unshard_sequence(got.chunk(world_size, 1), layout)
@@ -128,9 +140,14 @@ def test_empty_blocks_are_skipped_without_compute(monkeypatch):
     )
     assert len(calls) == sum(map(sum, active)) == 10
     expected, _ = dense_attention(
-        q, q, q, q_positions=ids.positions, k_positions=ids.positions, q_segment_ids=ids.segment_ids,
+        q,
+        q,
+        q,
+        q_positions=ids.positions,
+        k_positions=ids.positions,
+        q_segment_ids=ids.segment_ids,
         k_segment_ids=ids.segment_ids,
-    )  # fmt: skip
+    )
     assert rel_err(out, expected) < TOLERANCE
 
 
@@ -205,9 +222,12 @@ def ring_worker(rank, world_size, port, out_dir):
     if sys.platform == "linux":  # gloo otherwise picks the interface of the hostname, which may not resolve
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
         timeout=timedelta(seconds=120),
-    )  # fmt: skip
+    )
     try:
         errors = {
             f"{layout}-causal={causal}-kv_heads={kv_heads}": ring_errors(rank, world_size, layout, causal, kv_heads, i)

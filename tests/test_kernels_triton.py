@@ -45,9 +45,14 @@ def backend_errors(q, k, v, q_ids, k_ids, causal, backend="triton", reference="t
     for name in (backend, reference):
         inputs = [x.detach().requires_grad_() for x in (q, k, v)]
         out, lse = block_attention(
-            *inputs, q_positions=q_ids.positions, k_positions=k_ids.positions, q_segment_ids=q_ids.segment_ids,
-            k_segment_ids=k_ids.segment_ids, causal=causal, backend=name,
-        )  # fmt: skip
+            *inputs,
+            q_positions=q_ids.positions,
+            k_positions=k_ids.positions,
+            q_segment_ids=q_ids.segment_ids,
+            k_segment_ids=k_ids.segment_ids,
+            causal=causal,
+            backend=name,
+        )
         loss = (out.float() * dout.float()).sum() + (lse.nan_to_num(0, 0, 0) * dlse).sum()
         results.append((out, lse, *torch.autograd.grad(loss, inputs)))
     return {name: rel_err(a, b) for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results)}
@@ -60,13 +65,24 @@ def ring_error(q, k, v, ids, world_size, layout, causal, backend):
         return torch.cat([shard_sequence(x, r, world_size, layout) for r in range(world_size)], 1)
 
     out = simulated_ring_attention(
-        *map(arrange, (q, k, v)), positions=arrange(ids.positions), segment_ids=arrange(ids.segment_ids),
-        world_size=world_size, causal=causal, backend=backend,
-    )  # fmt: skip
+        *map(arrange, (q, k, v)),
+        positions=arrange(ids.positions),
+        segment_ids=arrange(ids.segment_ids),
+        world_size=world_size,
+        causal=causal,
+        backend=backend,
+    )
     expected, _ = block_attention(
-        q, k, v, q_positions=ids.positions, k_positions=ids.positions, q_segment_ids=ids.segment_ids,
-        k_segment_ids=ids.segment_ids, causal=causal, backend=backend,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        q_positions=ids.positions,
+        k_positions=ids.positions,
+        q_segment_ids=ids.segment_ids,
+        k_segment_ids=ids.segment_ids,
+        causal=causal,
+        backend=backend,
+    )
     return rel_err(unshard_sequence(out.chunk(world_size, 1), layout), expected)
 
 
@@ -106,9 +122,15 @@ def check_rows_without_keys() -> None:
     positions = torch.arange(16)[None]
     q_segments = torch.tensor([[0] * 4 + [1] * 4 + [2] * 8])  # padding, a segment absent from keys, a real one
     out, lse = block_attention(
-        q, k, v, q_positions=positions, k_positions=positions, q_segment_ids=q_segments,
-        k_segment_ids=torch.full((1, 16), 2), backend="triton",
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        q_positions=positions,
+        k_positions=positions,
+        q_segment_ids=q_segments,
+        k_segment_ids=torch.full((1, 16), 2),
+        backend="triton",
+    )
     (out.sum() + lse[..., 8:].sum()).backward()
     assert (out[:, :8] == 0).all() and (lse[..., :8] == float("-inf")).all() and lse[..., 8:].isfinite().all()
     assert all(g.isfinite().all() for g in (q.grad, k.grad, v.grad)) and (q.grad[:, :8] == 0).all()

@@ -157,7 +157,9 @@ def test_line_import(default_processor):
     tokens, weights, _ = default_processor(json.loads(line), spec)
     assert np.array_equal(example.tokens, tokens) and np.array_equal(example.loss_weights, weights)
     assert example.meta == {"line": 5, "fields": spec} and example.kind == "chat"  # a prompt field: never split
-    plain = example_from_line(json.dumps({"fields": "a+b", "a": "One.", "b": "Two."}).encode(), "d.jsonl", 0, default_processor)
+    plain = example_from_line(
+        json.dumps({"fields": "a+b", "a": "One.", "b": "Two."}).encode(), "d.jsonl", 0, default_processor
+    )
     assert plain.kind == "text"
     with pytest.raises(Rejection, match="invalid_json"):
         example_from_line(b"{oops", "data.jsonl", 0, default_processor)
@@ -305,7 +307,9 @@ def test_import_job_dead_letters_bad_lines(tmp_path, default_processor):
     assert not validate(str(tmp_path / "out"))
 
 
-@pytest.mark.parametrize("suffix, junk", [(".jsonl.gz", b"\x1f\x8b not gzip"), (".jsonl.zst", b"\x28\xb5\x2f\xfd not zstd")])
+@pytest.mark.parametrize(
+    "suffix, junk", [(".jsonl.gz", b"\x1f\x8b not gzip"), (".jsonl.zst", b"\x28\xb5\x2f\xfd not zstd")]
+)
 def test_import_dead_letters_a_corrupt_compressed_file(tmp_path, suffix, junk):
     from lwm_data.cli.validate import validate
     from lwm_data.outputs import read_dead_letters

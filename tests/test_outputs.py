@@ -49,7 +49,9 @@ def test_a_rerun_killed_midway_leaves_the_last_output_and_the_next_run_clears_it
     config = chunk.ChunkConfig(input=str(books), output=str(output))
     first = chunk.run(config)
     command = [sys.executable, "-m", "lwm_data.cli", "chunk", "--input", str(books), "--output", str(output)]
-    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    job = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 120
     while job.poll() is None and time.monotonic() < deadline:
         killed_run = [p for p in output.iterdir() if p.name.startswith("run-") and p.name != first["run"]]

@@ -49,12 +49,39 @@ def write_examples_dir(directory, examples: Examples, bad_rows: pa.Table | None 
 
 def bad_example_rows() -> pa.Table:
     rows = [
-        {"example_id": "bad-length", "kind": "chat", "source": "t", "num_tokens": 3, "tokens": [1, 2, 3],
-         "loss_weights": [0, 1], "vision_mask": [False] * 3, "text": None, "meta": None},
-        {"example_id": "bad-empty", "kind": "chat", "source": "t", "num_tokens": 0, "tokens": [],
-         "loss_weights": [], "vision_mask": [], "text": None, "meta": None},
-        {"example_id": "bad-weight", "kind": "chat", "source": "t", "num_tokens": 2, "tokens": [1, 2],
-         "loss_weights": [0, float("nan")], "vision_mask": [False] * 2, "text": None, "meta": None},
+        {
+            "example_id": "bad-length",
+            "kind": "chat",
+            "source": "t",
+            "num_tokens": 3,
+            "tokens": [1, 2, 3],
+            "loss_weights": [0, 1],
+            "vision_mask": [False] * 3,
+            "text": None,
+            "meta": None,
+        },
+        {
+            "example_id": "bad-empty",
+            "kind": "chat",
+            "source": "t",
+            "num_tokens": 0,
+            "tokens": [],
+            "loss_weights": [],
+            "vision_mask": [],
+            "text": None,
+            "meta": None,
+        },
+        {
+            "example_id": "bad-weight",
+            "kind": "chat",
+            "source": "t",
+            "num_tokens": 2,
+            "tokens": [1, 2],
+            "loss_weights": [0, float("nan")],
+            "vision_mask": [False] * 2,
+            "text": None,
+            "meta": None,
+        },
     ]
     return pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA)
 
@@ -123,7 +150,9 @@ def test_books_from_the_text_stage_pack_into_valid_rows(packed_books, chunks_dir
 def test_a_book_with_a_missing_chunk_is_dead_lettered(chunks_dir, tmp_path):
     table = outputs.read_table(str(chunks_dir))
     broken = table["book_id"][0].as_py()
-    keep = [not (b == broken and i == 1) for b, i in zip(table["book_id"].to_pylist(), table["chunk_index"].to_pylist())]
+    keep = [
+        not (b == broken and i == 1) for b, i in zip(table["book_id"].to_pylist(), table["chunk_index"].to_pylist())
+    ]
     tokenizer = outputs.read_manifest(str(chunks_dir))["tokenizer"]
     inputs = write_output(tmp_path / "chunks", "chunk", table.filter(pa.array(keep)), tokenizer)
     result = text.run(text.TextConfig(input=inputs, output=str(tmp_path / "text")))
@@ -139,7 +168,9 @@ def test_pack_refuses_chunks_and_says_what_to_run(chunks_dir, tmp_path):
     with pytest.raises(ConfigError, match=f"lwm-data text --input {chunks_dir} --output"):
         pack.run(PackConfig(input=str(chunks_dir), output=str(tmp_path / "packed"), seq_len=SEQ_LEN))
     assert not (tmp_path / "packed").exists()
-    result = CliRunner().invoke(app, ["pack", "--input", str(chunks_dir), "--output", str(tmp_path / "p"), "--seq-len", "64"])
+    result = CliRunner().invoke(
+        app, ["pack", "--input", str(chunks_dir), "--output", str(tmp_path / "p"), "--seq-len", "64"]
+    )
     assert result.exit_code == 2 and "lwm-data text --input" in result.output
 
 
@@ -149,8 +180,13 @@ def test_the_same_seed_packs_the_same_rows(packed_books, text_dir, tmp_path):
 
     def rows(directory):
         table = outputs.read_table(str(directory), ["example_ids", "piece_starts", "tokens"])
-        return sorted(zip(map(tuple, table["example_ids"].to_pylist()), map(tuple, table["piece_starts"].to_pylist()),
-                          [hash(tuple(t)) for t in table["tokens"].to_pylist()]))
+        return sorted(
+            zip(
+                map(tuple, table["example_ids"].to_pylist()),
+                map(tuple, table["piece_starts"].to_pylist()),
+                [hash(tuple(t)) for t in table["tokens"].to_pylist()],
+            )
+        )
 
     assert rows(output) == rows(tmp_path)
 
@@ -170,8 +206,13 @@ def test_the_beam_job_packs_exactly_what_the_in_memory_reference_packs(tmp_path)
     )
     both = examples.to_table(sources="t")
     inputs = write_output(tmp_path / "examples", "chat", both)
-    options = {"seq_len": SEQ_LEN, "overflow": "split", "loss_weighting": "example", "seed": 5,
-               "mix": {"chat": 0.8, "text": 0.2}}
+    options = {
+        "seq_len": SEQ_LEN,
+        "overflow": "split",
+        "loss_weighting": "example",
+        "seed": 5,
+        "mix": {"chat": 0.8, "text": 0.2},
+    }
     pack.run(PackConfig(input=inputs, output=str(tmp_path / "packed"), **options))
     reference, _ = pack_examples(examples, PackOptions(**options))
 
@@ -186,9 +227,15 @@ def test_examples_dir_with_bad_rows_dead_letters_them(tmp_path):
     examples = chat_examples(40, seed=3)
     inputs = write_examples_dir(tmp_path / "chat", examples, bad_example_rows())
     output = tmp_path / "packed"
-    manifest = pack.run(PackConfig(
-        input=inputs, output=str(output), seq_len=SEQ_LEN, overflow="truncate", loss_weighting="example",
-    ))
+    manifest = pack.run(
+        PackConfig(
+            input=inputs,
+            output=str(output),
+            seq_len=SEQ_LEN,
+            overflow="truncate",
+            loss_weighting="example",
+        )
+    )
     assert not validate(str(output))
     counts = manifest["counts"]
     assert counts["in"] == 43 and counts["out"] == 40 and counts["balanced"]
@@ -206,10 +253,16 @@ def test_examples_dir_with_bad_rows_dead_letters_them(tmp_path):
 def test_mixing_chat_and_book_text_by_tokens(tmp_path, text_dir):
     inputs = write_examples_dir(tmp_path / "chat", chat_examples(500, seed=4))
     output = tmp_path / "packed"
-    manifest = pack.run(PackConfig(
-        input=f"{inputs},{text_dir}", output=str(output), seq_len=SEQ_LEN, overflow="split",
-        mix={"chat": 0.84, "text": 0.16}, seed=5,
-    ))
+    manifest = pack.run(
+        PackConfig(
+            input=f"{inputs},{text_dir}",
+            output=str(output),
+            seq_len=SEQ_LEN,
+            overflow="split",
+            mix={"chat": 0.84, "text": 0.16},
+            seed=5,
+        )
+    )
     assert not validate(str(output))
     by_kind = manifest["packing"]["tokens_by_kind"]
     text_share = by_kind["text"] / (by_kind["text"] + by_kind["chat"])
@@ -221,8 +274,21 @@ def test_mixing_chat_and_book_text_by_tokens(tmp_path, text_dir):
 def test_pack_command(tmp_path):
     inputs = write_examples_dir(tmp_path / "chat", chat_examples(30, seed=6))
     output = tmp_path / "packed"
-    args = ["pack", "--input", inputs, "--output", str(output), "--seq-len", "1024", "--overflow", "truncate",
-            "--loss-weighting", "example", "--seed", "3"]
+    args = [
+        "pack",
+        "--input",
+        inputs,
+        "--output",
+        str(output),
+        "--seq-len",
+        "1024",
+        "--overflow",
+        "truncate",
+        "--loss-weighting",
+        "example",
+        "--seed",
+        "3",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "fill" in result.output
@@ -250,7 +316,9 @@ def test_the_first_pass_reads_no_token_lists_or_text(tmp_path, monkeypatch):
     inputs = write_examples_dir(tmp_path / "chat", chat_examples(20, seed=7))
     reads = []
     original = outputs.read_shard
-    monkeypatch.setattr(outputs, "read_shard", lambda path, columns=None: reads.append(columns) or original(path, columns))
+    monkeypatch.setattr(
+        outputs, "read_shard", lambda path, columns=None: reads.append(columns) or original(path, columns)
+    )
     pack.run(PackConfig(input=inputs, output=str(tmp_path / "packed"), seq_len=SEQ_LEN, overflow="truncate"))
     first_pass, second_pass = reads
     assert "tokens" not in first_pass and "text" not in first_pass and "meta" not in first_pass
@@ -266,8 +334,20 @@ def test_token_lists_that_disagree_with_num_tokens_fail_the_job_and_keep_the_las
     lengths = corrupt["num_tokens"].to_pylist()
     lengths[3] += 1
     corrupt = corrupt.set_column(3, "num_tokens", pa.array(lengths, pa.int32()))
-    corrupt = corrupt.set_column(5, "loss_weights", pa.array([w + [0.0] * (i == 3) for i, w in enumerate(corrupt["loss_weights"].to_pylist())], pa.list_(pa.float32())))
-    corrupt = corrupt.set_column(6, "vision_mask", pa.array([m + [False] * (i == 3) for i, m in enumerate(corrupt["vision_mask"].to_pylist())], pa.list_(pa.bool_())))
+    corrupt = corrupt.set_column(
+        5,
+        "loss_weights",
+        pa.array(
+            [w + [0.0] * (i == 3) for i, w in enumerate(corrupt["loss_weights"].to_pylist())], pa.list_(pa.float32())
+        ),
+    )
+    corrupt = corrupt.set_column(
+        6,
+        "vision_mask",
+        pa.array(
+            [m + [False] * (i == 3) for i, m in enumerate(corrupt["vision_mask"].to_pylist())], pa.list_(pa.bool_())
+        ),
+    )
     bad = write_output(tmp_path / "bad", "chat", corrupt.cast(EXAMPLE_SCHEMA))
     with pytest.raises(Exception, match="disagree with num_tokens"):
         pack.run(PackConfig(input=bad, output=str(output), seq_len=SEQ_LEN, overflow="truncate"))
@@ -280,8 +360,11 @@ def test_partitioned_plans_pack_every_example_exactly_once(tmp_path):
     examples = chat_examples(600, seed=6)
     inputs = write_examples_dir(tmp_path / "chat", examples)
     single = pack.run(PackConfig(input=inputs, output=str(tmp_path / "one"), seq_len=SEQ_LEN, overflow="truncate"))
-    split = pack.run(PackConfig(input=inputs, output=str(tmp_path / "many"), seq_len=SEQ_LEN, overflow="truncate",
-                                partition_tokens=60_000))
+    split = pack.run(
+        PackConfig(
+            input=inputs, output=str(tmp_path / "many"), seq_len=SEQ_LEN, overflow="truncate", partition_tokens=60_000
+        )
+    )
     assert split["stats"]["partitions"] == -(-int(examples.lengths.clip(max=SEQ_LEN).sum()) // 60_000) > 1
     assert single["stats"]["partitions"] == 1
     assert split["counts"]["balanced"] and split["counts"]["out"] == 600 and not validate(str(tmp_path / "many"))

@@ -138,8 +138,10 @@ def test_packing_is_deterministic_for_a_seed(case):
 def test_a_different_seed_packs_differently():
     lengths = np.arange(1, 200) % 37 + 1
     examples = Examples.from_arrays(
-        [f"e{i}" for i in range(len(lengths))], ["chat"] * len(lengths),
-        [np.full(k, i, np.int32) for i, k in enumerate(lengths)], [np.ones(k) for k in lengths],
+        [f"e{i}" for i in range(len(lengths))],
+        ["chat"] * len(lengths),
+        [np.full(k, i, np.int32) for i, k in enumerate(lengths)],
+        [np.ones(k) for k in lengths],
         [np.zeros(k, bool) for k in lengths],
     )
     a, _ = pack_examples(examples, PackOptions(seq_len=64, seed=1, buffer_size=20))
@@ -209,8 +211,11 @@ def test_mix_in_plan_counts_kinds_left_out_and_the_excess():
     kinds = ["chat" if i % 2 else "text" for i in range(n)] + ["image_text"] * 5
     lengths = [20] * len(kinds)
     examples = Examples.from_arrays(
-        [f"e{i}" for i in range(len(kinds))], kinds, [np.ones(k, np.int32) for k in lengths],
-        [np.ones(k) for k in lengths], [np.zeros(k, bool) for k in lengths],
+        [f"e{i}" for i in range(len(kinds))],
+        kinds,
+        [np.ones(k, np.int32) for k in lengths],
+        [np.ones(k) for k in lengths],
+        [np.zeros(k, bool) for k in lengths],
     )
     table, plan = pack_examples(examples, PackOptions(seq_len=100, mix={"chat": 0.8, "text": 0.2}))
     assert plan.counts["filtered.not_in_mix"] == 5

@@ -91,7 +91,10 @@ def test_full_constraints_carry_the_count_the_question_mark_and_the_lengths():
     assert no_mark["properties"]["question"] == {"type": "string", "minLength": 10, "maxLength": 300}
     # xgrammar takes no pattern beside length bounds: folded, the bounds are in the pattern
     folded = reply_schema(3, limits, "folded")
-    assert folded["properties"]["pairs"]["items"]["properties"]["question"] == {"type": "string", "pattern": r"^[^?]{4,79}\?$"}
+    assert folded["properties"]["pairs"]["items"]["properties"]["question"] == {
+        "type": "string",
+        "pattern": r"^[^?]{4,79}\?$",
+    }
     assert folded["properties"]["pairs"]["minItems"] == 3
 
 
@@ -134,7 +137,9 @@ def test_the_folded_question_pattern_takes_every_valid_question_with_one_questio
 
 
 def test_only_a_refusal_of_the_reply_format_steps_constraints_down():
-    assert refuses_constraints(Rejection("http_400", "The provided JSON schema contains features not supported by xgrammar."))
+    assert refuses_constraints(
+        Rejection("http_400", "The provided JSON schema contains features not supported by xgrammar.")
+    )
     assert refuses_constraints(Rejection("http_400", "Invalid schema for response_format 'qa_pairs': ..."))
     assert refuses_constraints(Rejection("http_422", "Grammar compilation failed"))
     assert not refuses_constraints(Rejection("http_400", "This model's maximum context length is 2048 tokens"))
@@ -143,7 +148,10 @@ def test_only_a_refusal_of_the_reply_format_steps_constraints_down():
 
 def test_judge_reply_accepts_valid_pairs_stripped_and_deduplicated():
     text = reply(("  Where was Mara born? ", " Velmont "), ("where was MARA born?", "Cardell"), ("How many maps?", "7"))
-    assert judge_reply(text, "stop", STRICT) == [QAPair("Where was Mara born?", "Velmont"), QAPair("How many maps?", "7")]
+    assert judge_reply(text, "stop", STRICT) == [
+        QAPair("Where was Mara born?", "Velmont"),
+        QAPair("How many maps?", "7"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -171,7 +179,10 @@ def test_pair_problems_under_strict_limits():
     assert pair_problem(QAPair("Who?", "Mara"), STRICT) == "question_length"
     assert pair_problem(QAPair("Where was Mara born?", "x" * 301), STRICT) == "answer_length"
     assert pair_problem(QAPair("Tell me where Mara was born.", "Velmont"), STRICT) == "not_a_question"
-    assert pair_problem(QAPair("Where was Mara born?", "Where was Mara born? In Velmont"), STRICT) == "answer_copies_question"
+    assert (
+        pair_problem(QAPair("Where was Mara born?", "Where was Mara born? In Velmont"), STRICT)
+        == "answer_copies_question"
+    )
 
 
 def test_min_pairs_makes_a_reply_with_too_few_valid_pairs_invalid():
@@ -207,7 +218,9 @@ def test_cloze_blanks_one_entity_of_a_real_sentence():
 
 def test_cloze_prefers_numbers_and_keeps_text_order():
     text = "Mara Quill walked to the old harbour in Velmont. Later, Mara Quill kept 812 maps in the cellar."
-    assert cloze_pairs(text, 1) == [QAPair('What fills the blank in "Later, Mara Quill kept _____ maps in the cellar."?', "812")]
+    assert cloze_pairs(text, 1) == [
+        QAPair('What fills the blank in "Later, Mara Quill kept _____ maps in the cellar."?', "812")
+    ]
     assert [p.answer for p in cloze_pairs(text, 2)] == ["Velmont", "812"]
     assert cloze_pairs("nothing here to ask about at all.", 2) == []
 
@@ -216,8 +229,12 @@ def test_cache_key_depends_on_every_part():
     base = ("m", "qa-v1", "chunk text", {"temperature": 0.7, "ask": 0})
     key = cache_key(*base)
     assert key == cache_key("m", "qa-v1", "chunk text", {"ask": 0, "temperature": 0.7})
-    for changed in (("m2",) + base[1:], base[:1] + ("qa-v2",) + base[2:], base[:2] + ("other",) + base[3:],
-                    base[:3] + ({"temperature": 0.7, "ask": 1},)):
+    for changed in (
+        ("m2",) + base[1:],
+        base[:1] + ("qa-v2",) + base[2:],
+        base[:2] + ("other",) + base[3:],
+        base[:3] + ({"temperature": 0.7, "ask": 1},),
+    ):
         assert cache_key(*changed) != key
 
 
@@ -297,8 +314,13 @@ def test_a_200_reply_that_is_not_a_chat_completion_is_a_bad_response_not_a_crash
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    replies = [b"null", b"[]", b'{"choices": [{"message": {"content": [1]}}]}', b'{"choices": [{}]}',
-               b'{"choices": [{"message": {"content": "{}"}, "finish_reason": "stop"}], "usage": {}}']
+    replies = [
+        b"null",
+        b"[]",
+        b'{"choices": [{"message": {"content": [1]}}]}',
+        b'{"choices": [{}]}',
+        b'{"choices": [{"message": {"content": "{}"}, "finish_reason": "stop"}], "usage": {}}',
+    ]
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
@@ -443,9 +465,14 @@ class StubServer:
 
 
 def chat_reply(content: str) -> dict:
-    return {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+    }
 
 
 def test_the_key_comes_from_the_named_variable_and_a_refusal_names_it(monkeypatch):
@@ -480,16 +507,32 @@ def test_a_server_that_refuses_the_schema_is_asked_with_weaker_constraints(tmp_p
     def reply(headers, body):
         fmt = body.get("response_format") or {}
         if "pattern" in json.dumps(fmt):  # as if the server did not take patterns at all
-            return 400, {"error": {"message": "The provided JSON schema contains features not supported by xgrammar.",
-                                   "type": "BadRequestError", "code": 400}}
+            return 400, {
+                "error": {
+                    "message": "The provided JSON schema contains features not supported by xgrammar.",
+                    "type": "BadRequestError",
+                    "code": 400,
+                }
+            }
         return 200, chat_reply(reply_text(("Where was Mara born?", "Velmont")))
 
     def reply_text(*pairs):
         return json.dumps({"pairs": [{"question": q, "answer": a} for q, a in pairs]})
 
     with StubServer(reply) as stub:
-        config = settings.build(QAConfig, dict(input="-", output="-", backend="openai", model="m", endpoint=stub.url,
-                                               pairs_per_chunk=1, max_retries=0, cache=str(tmp_path / "cache")))
+        config = settings.build(
+            QAConfig,
+            dict(
+                input="-",
+                output="-",
+                backend="openai",
+                model="m",
+                endpoint=stub.url,
+                pairs_per_chunk=1,
+                max_retries=0,
+                cache=str(tmp_path / "cache"),
+            ),
+        )
         backend = ServerBackend(config, Endpoint(stub.url, wait_s=5))
         chunks = [ChunkRequest("b", i, f"Mara was born in Velmont ({i}).", 10) for i in range(4)]
         answers, usage = backend.answer_batch(chunks)
@@ -514,8 +557,19 @@ def test_requests_in_flight_show_in_the_live_tally_and_drain_to_zero():
         return 200, chat_reply(json.dumps({"pairs": [{"question": "Where was Mara born?", "answer": "Velmont"}]}))
 
     with StubServer(reply) as stub:
-        config = stage_config.build(QAConfig, dict(input="-", output="-", backend="openai", model="m", endpoint=stub.url,
-                                                   pairs_per_chunk=1, max_retries=0, concurrency=3))  # fmt: skip
+        config = stage_config.build(
+            QAConfig,
+            dict(
+                input="-",
+                output="-",
+                backend="openai",
+                model="m",
+                endpoint=stub.url,
+                pairs_per_chunk=1,
+                max_retries=0,
+                concurrency=3,
+            ),
+        )
         backend = ServerBackend(config, Endpoint(stub.url, wait_s=5), "qa")
         backend.answer_batch([ChunkRequest("b", i, f"Mara was born in Velmont ({i}).", 10) for i in range(6)])
     assert len(seen) == 6 and all(1 <= n <= 3 for n in seen)  # the asking request counts; never above concurrency
@@ -535,9 +589,11 @@ def test_grounding_is_the_share_of_the_answers_content_words_in_the_chunk():
 
 
 def test_cloze_blanks_names_not_words_that_open_a_sentence_or_a_quotation():
-    text = ('"But where is the ship?" asked the old sailor of the town. Let us go down to the water, she said '
-            'to the boy. He said, "Who is there at the gate tonight?" and the dog barked at the moon.\n'
-            'When Tomas\nBrandt came home, the lamps were lit in every window. So it was that she left at night.')
+    text = (
+        '"But where is the ship?" asked the old sailor of the town. Let us go down to the water, she said '
+        'to the boy. He said, "Who is there at the gate tonight?" and the dog barked at the moon.\n'
+        "When Tomas\nBrandt came home, the lamps were lit in every window. So it was that she left at night."
+    )
     pairs = cloze_pairs(text, 5)
     assert [p.answer for p in pairs] == ["Tomas Brandt"]  # found across the line break
     assert pairs[0].question == 'What fills the blank in "When _____ came home, the lamps were lit in every window."?'

@@ -67,21 +67,37 @@ def assert_each_chunk_once(chunks_dir: Path, output: Path) -> tuple[list[dict], 
 
 
 def llm_config(chunks: Path, output: Path, **overrides) -> qa_stage.QAConfig:
-    values = dict(input=str(chunks), output=str(output), pairs_per_chunk=1, max_tokens=64, concurrency=4,
-                  max_asks=2, timeout=30, max_retries=2, **LENIENT_SETTINGS)
+    values = dict(
+        input=str(chunks),
+        output=str(output),
+        pairs_per_chunk=1,
+        max_tokens=64,
+        concurrency=4,
+        max_asks=2,
+        timeout=30,
+        max_retries=2,
+        **LENIENT_SETTINGS,
+    )
     return settings.build(qa_stage.QAConfig, {**values, **overrides})
 
 
 def vllm_backend(server) -> dict:
-    return dict(backend="vllm", model=server.model, vllm_args=VLLM_TEST_ARGS, vllm_python=str(VLLM_PYTHON),
-                vllm_state_dir=str(Path(server.state_dir).parent))
+    return dict(
+        backend="vllm",
+        model=server.model,
+        vllm_args=VLLM_TEST_ARGS,
+        vllm_python=str(VLLM_PYTHON),
+        vllm_state_dir=str(Path(server.state_dir).parent),
+    )
 
 
 def test_cloze_job_from_the_cli_answers_every_chunk_offline(chunks_dir, tmp_path):
     result = CliRunner().invoke(app, ["qa", "--input", str(chunks_dir), "--output", str(tmp_path / "qa")])
     assert result.exit_code == 0, result.output
     rows, _ = assert_each_chunk_once(chunks_dir, tmp_path / "qa")
-    assert rows and {(r["backend"], r["model"], r["prompt_version"]) for r in rows} == {("cloze", "lwm-data-cloze", "cloze-v1")}
+    assert rows and {(r["backend"], r["model"], r["prompt_version"]) for r in rows} == {
+        ("cloze", "lwm-data-cloze", "cloze-v1")
+    }
     assert all(len(r["pairs"]) == 3 for r in rows)
     again = qa_stage.run(qa_stage.QAConfig(input=str(chunks_dir), output=str(tmp_path / "again")))
     assert again["counts"]["out"] == len(rows)
@@ -92,8 +108,14 @@ def test_cloze_job_from_the_cli_answers_every_chunk_offline(chunks_dir, tmp_path
 @pytest.mark.vllm
 def test_openai_backend_against_real_vllm(vllm_server, small_chunks, tmp_path):
     cache = tmp_path / "cache"
-    config = llm_config(small_chunks, tmp_path / "qa", backend="openai", model=vllm_server.model,
-                        endpoint=vllm_server.ensure_ready(), cache=str(cache))
+    config = llm_config(
+        small_chunks,
+        tmp_path / "qa",
+        backend="openai",
+        model=vllm_server.model,
+        endpoint=vllm_server.ensure_ready(),
+        cache=str(cache),
+    )
     manifest = qa_stage.run(config)
     rows, letters = assert_each_chunk_once(small_chunks, tmp_path / "qa")
     stats, counts = manifest["stats"], manifest["counts"]
@@ -108,8 +130,9 @@ def test_openai_backend_against_real_vllm(vllm_server, small_chunks, tmp_path):
 
 @pytest.mark.vllm
 def test_a_model_the_server_does_not_serve_fails_the_job(vllm_server, small_chunks, tmp_path):
-    config = llm_config(small_chunks, tmp_path / "qa", backend="openai", model="no-such-model",
-                        endpoint=vllm_server.ensure_ready())
+    config = llm_config(
+        small_chunks, tmp_path / "qa", backend="openai", model="no-such-model", endpoint=vllm_server.ensure_ready()
+    )
     with pytest.raises(Exception, match="no-such-model.*HTTP 404"):
         qa_stage.run(config)
     assert not (tmp_path / "qa" / "manifest.json").exists()
@@ -119,8 +142,9 @@ def test_a_model_the_server_does_not_serve_fails_the_job(vllm_server, small_chun
 def test_vllm_backend_shares_the_running_server_and_strict_validation_reasks(vllm_server, small_chunks, tmp_path):
     pid = vllm_server.pid()
     # lengths: under full constraints the grammar itself would make gibberish pass the strict rules
-    config = llm_config(small_chunks, tmp_path / "qa", constraints="lengths", **STRICT_SETTINGS,
-                        **vllm_backend(vllm_server))
+    config = llm_config(
+        small_chunks, tmp_path / "qa", constraints="lengths", **STRICT_SETTINGS, **vllm_backend(vllm_server)
+    )
     manifest = qa_stage.run(config)
     rows, letters = assert_each_chunk_once(small_chunks, tmp_path / "qa")
     stats, counts = manifest["stats"], manifest["counts"]
@@ -136,8 +160,14 @@ def test_fault_proxy_every_chunk_answered_or_dead_lettered_once(vllm_server, sma
     plan = ["http_500", "ok", "http_429", "ok", "delay", "ok", "truncate", "ok", "drop", "ok"]
     upstream = vllm_server.ensure_ready().removesuffix("/v1")
     with FaultProxy(upstream, plan, delay_s=7, max_requests=500, lifetime_s=240) as proxy:
-        config = llm_config(small_chunks, tmp_path / "qa", backend="openai", model=vllm_server.model,
-                            endpoint=f"{proxy.url}/v1", timeout=6)
+        config = llm_config(
+            small_chunks,
+            tmp_path / "qa",
+            backend="openai",
+            model=vllm_server.model,
+            endpoint=f"{proxy.url}/v1",
+            timeout=6,
+        )
         manifest = qa_stage.run(config)
     assert_each_chunk_once(small_chunks, tmp_path / "qa")
     assert all(proxy.served[fault] == 1 for fault in FAULTS)
@@ -151,11 +181,39 @@ def test_fault_proxy_every_chunk_answered_or_dead_lettered_once(vllm_server, sma
 @pytest.mark.vllm
 def test_killed_job_rerun_sends_no_request_for_cached_answers(vllm_server, small_chunks, tmp_path):
     cache, output = tmp_path / "cache", tmp_path / "qa"
-    args = [sys.executable, "-m", "lwm_data.cli", "qa", "--input", str(small_chunks), "--output", str(output),
-            "--backend", "openai", "--endpoint", vllm_server.ensure_ready(), "--model", vllm_server.model,
-            "--cache", str(cache), "--pairs-per-chunk", "1", "--max-tokens", "64", "--max-asks", "2",
-            "--concurrency", "1", "--min-question-chars", "1", "--max-question-chars", "60",
-            "--max-answer-chars", "30", "--no-require-question-mark"]
+    args = [
+        sys.executable,
+        "-m",
+        "lwm_data.cli",
+        "qa",
+        "--input",
+        str(small_chunks),
+        "--output",
+        str(output),
+        "--backend",
+        "openai",
+        "--endpoint",
+        vllm_server.ensure_ready(),
+        "--model",
+        vllm_server.model,
+        "--cache",
+        str(cache),
+        "--pairs-per-chunk",
+        "1",
+        "--max-tokens",
+        "64",
+        "--max-asks",
+        "2",
+        "--concurrency",
+        "1",
+        "--min-question-chars",
+        "1",
+        "--max-question-chars",
+        "60",
+        "--max-answer-chars",
+        "30",
+        "--no-require-question-mark",
+    ]
     job = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while len(list(cache.rglob("*.json"))) < 4 and job.poll() is None and time.monotonic() < deadline:
@@ -165,8 +223,15 @@ def test_killed_job_rerun_sends_no_request_for_cached_answers(vllm_server, small
     cached_before = set(cache.rglob("*.json"))
     assert len(cached_before) >= 4
     with FaultProxy(vllm_server.ensure_ready().removesuffix("/v1"), lifetime_s=240) as proxy:
-        config = llm_config(small_chunks, output, backend="openai", model=vllm_server.model,
-                            endpoint=f"{proxy.url}/v1", cache=str(cache), concurrency=4)
+        config = llm_config(
+            small_chunks,
+            output,
+            backend="openai",
+            model=vllm_server.model,
+            endpoint=f"{proxy.url}/v1",
+            cache=str(cache),
+            concurrency=4,
+        )
         manifest = qa_stage.run(config)
     assert_each_chunk_once(small_chunks, output)
     stats = manifest["stats"]
@@ -193,4 +258,6 @@ def test_vllm_backend_restarts_a_server_that_dies_mid_run(vllm_server, small_chu
     assert_each_chunk_once(small_chunks, tmp_path / "qa")
     assert vllm_server.pid() not in (None, old_pid)
     assert manifest["stats"]["recoveries"] >= 1
-    assert {d["reason"] for d in outputs.read_dead_letters(str(tmp_path / "qa"))}.isdisjoint({"unreachable", "http_500"})
+    assert {d["reason"] for d in outputs.read_dead_letters(str(tmp_path / "qa"))}.isdisjoint(
+        {"unreachable", "http_500"}
+    )

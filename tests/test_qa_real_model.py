@@ -60,9 +60,19 @@ def book_chunks(tmp_path_factory) -> Path:
 
 
 def qa_config(chunks: Path, output: Path, server: VLLMServer, **overrides) -> qa_stage.QAConfig:
-    values = dict(input=str(chunks), output=str(output), backend="openai", model=server.model,
-                  endpoint=server.ensure_ready(), api_key_env=KEY_VARIABLE, pairs_per_chunk=2, max_tokens=320,
-                  concurrency=8, max_asks=2, timeout=120)
+    values = dict(
+        input=str(chunks),
+        output=str(output),
+        backend="openai",
+        model=server.model,
+        endpoint=server.ensure_ready(),
+        api_key_env=KEY_VARIABLE,
+        pairs_per_chunk=2,
+        max_tokens=320,
+        concurrency=8,
+        max_asks=2,
+        timeout=120,
+    )
     return settings.build(qa_stage.QAConfig, {**values, **overrides})
 
 
@@ -71,7 +81,8 @@ def files_under(*roots: Path) -> list[Path]:
 
 
 def test_qa_job_with_a_real_model_writes_valid_grounded_pairs_and_never_the_key(
-        smollm2_server, book_chunks, tmp_path, monkeypatch, capfd, caplog):
+    smollm2_server, book_chunks, tmp_path, monkeypatch, capfd, caplog
+):
     monkeypatch.setenv(KEY_VARIABLE, KEY)
     output, cache = tmp_path / "qa", tmp_path / "cache"
     config = qa_config(book_chunks, output, smollm2_server, cache=str(cache), min_grounding=0.2)
@@ -162,8 +173,12 @@ def test_which_reply_schemas_xgrammar_and_guidance_take(smollm2):
         reply(good, ("How many maps did she keep?", "x" * 41)),  # answer too long
         reply(good, ("W" * 320 + "?", "812")),  # question too long
     ]
-    run = subprocess.run([str(VLLM_PYTHON), "-c", BACKEND_CHECK, str(smollm2), json.dumps(schemas), json.dumps(replies)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [str(VLLM_PYTHON), "-c", BACKEND_CHECK, str(smollm2), json.dumps(schemas), json.dumps(replies)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["full"] == {"xgrammar_refused": True, "guidance_accepts": [True, False, False, False, False]}

@@ -40,11 +40,23 @@ mix = {{ chat = 0.84, text = 0.16 }}
 
 def test_overrides_and_beam_options_are_told_apart():
     overrides, beam_args = run.split_overrides(
-        ["--qa.backend", "cloze", "--pack.seq-len=8192", "--chat.context-lengths", "4096,8192",
-         "--runner", "DirectRunner", "--direct_num_workers=2"],
+        [
+            "--qa.backend",
+            "cloze",
+            "--pack.seq-len=8192",
+            "--chat.context-lengths",
+            "4096,8192",
+            "--runner",
+            "DirectRunner",
+            "--direct_num_workers=2",
+        ],
         run.PIPELINES["books"],
     )
-    assert overrides == {"qa": {"backend": "cloze"}, "pack": {"seq_len": 8192}, "chat": {"context_lengths": (4096, 8192)}}
+    assert overrides == {
+        "qa": {"backend": "cloze"},
+        "pack": {"seq_len": 8192},
+        "chat": {"context_lengths": (4096, 8192)},
+    }
     assert beam_args == ["--runner", "DirectRunner", "--direct_num_workers=2"]
     with pytest.raises(ConfigError, match="true or false"):
         run.split_overrides(["--video.one-vocabulary", "maybe"], run.PIPELINES["video"])
@@ -83,7 +95,9 @@ def test_books_pipeline_writes_only_packed_rows_with_every_stages_counts(books_j
     assert "run books: every stage" in result.output
     assert sorted(p.name for p in output.iterdir()) == ["pack"]  # no intermediate outputs
     assert sorted(p.name for p in (output / "pack").iterdir() if not p.name.startswith("_")) == [
-        "manifest.json", outputs.read_manifest(str(output / "pack"))["run"]]
+        "manifest.json",
+        outputs.read_manifest(str(output / "pack"))["run"],
+    ]
     assert not list((output / "pack").glob("_scratch/*/run-*"))  # scratch shards are gone
     manifest = outputs.read_manifest(str(output / "pack"))
     stages = manifest["pipeline"]["stages"]
@@ -103,7 +117,7 @@ def test_video_pipeline_keeps_intermediate_outputs_when_asked(tmp_path):
     (media / "b.txt").write_text("an empty file")
     config = tmp_path / "video.toml"
     config.write_text(f"""
-output = "{tmp_path / 'out'}"
+output = "{tmp_path / "out"}"
 [video]
 input = "{media}"
 random_config = "reduced"
@@ -114,7 +128,9 @@ seq_len = 1024
     manifests = run.run("video", str(config), [], keep_intermediate=True)
     assert [m["stage"] for m in manifests] == ["video", "pack"]
     video_manifest, pack_manifest = manifests
-    assert video_manifest["vqgan"]["random_weights"] and video_manifest["counts"]["dead_lettered_by_reason"] == {"empty_file": 1}
+    assert video_manifest["vqgan"]["random_weights"] and video_manifest["counts"]["dead_lettered_by_reason"] == {
+        "empty_file": 1
+    }
     assert pack_manifest["pipeline"]["kept"] == {"video": str(tmp_path / "out" / "video")}
     assert pack_manifest["pipeline"]["stages"]["video"] == video_manifest["counts"]
     assert not validate(str(tmp_path / "out" / "video")) and not validate(str(tmp_path / "out" / "pack"))

@@ -46,8 +46,10 @@ def test_the_readme_stage_table_is_the_registry():
 
 
 def test_settings_from_toml_values_and_their_errors():
-    config = settings.build(pack.PackConfig, {"input": ["a", "b"], "output": "o", "seq_len": 8192,
-                                              "mix": {"chat": 0.84, "text": 0.16}, "buffer_size": 100})
+    config = settings.build(
+        pack.PackConfig,
+        {"input": ["a", "b"], "output": "o", "seq_len": 8192, "mix": {"chat": 0.84, "text": 0.16}, "buffer_size": 100},
+    )
     assert config.input == ("a", "b") and config.packing.mix == {"chat": 0.84, "text": 0.16}
     assert settings.flat(config)["input"] == ["a", "b"] and settings.flat(config)["buffer_size"] == 100
     assert settings.build(pack.PackConfig, settings.flat(config)) == config  # what a manifest records, back
@@ -99,13 +101,17 @@ def test_stages_fuse_into_one_pipeline_with_balanced_counts_per_stage(books_json
     alone = chunk.run(chunk.ChunkConfig(input=str(books_jsonl), output=str(tmp_path / "alone")))
     assert alone["counts"] == chunk_m["counts"] and alone["stats"] == chunk_m["stats"]
     key = [("book_id", "ascending"), ("chunk_index", "ascending")]
-    assert outputs.read_table(out["chunks"]).sort_by(key).equals(outputs.read_table(str(tmp_path / "alone")).sort_by(key))
+    assert (
+        outputs.read_table(out["chunks"]).sort_by(key).equals(outputs.read_table(str(tmp_path / "alone")).sort_by(key))
+    )
 
 
 def test_a_stage_command_reports_a_bad_setting_without_a_traceback(tmp_path):
     from typer.testing import CliRunner
 
-    result = CliRunner().invoke(app, ["qa", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--backend", "nope"])
+    result = CliRunner().invoke(
+        app, ["qa", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--backend", "nope"]
+    )
     assert result.exit_code == 2 and "backend must be one of" in result.output
     result = CliRunner().invoke(app, ["qa", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o")])
     assert result.exit_code == 2 and "not the output of a finished lwm-data stage" in result.output
@@ -127,8 +133,20 @@ def test_a_local_run_prints_no_beam_noise(tmp_path):
 
     make_video(tmp_path / "v.mp4", frames=2)
     (tmp_path / "v.txt").write_text("a clip")
-    command = [sys.executable, "-m", "lwm_data.cli", "video", "--input", str(tmp_path / "*.mp4"),
-               "--output", str(tmp_path / "out"), "--random-config", "reduced", "--max-frames", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "lwm_data.cli",
+        "video",
+        "--input",
+        str(tmp_path / "*.mp4"),
+        "--output",
+        str(tmp_path / "out"),
+        "--random-config",
+        "reduced",
+        "--max-frames",
+        "1",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "apitools" not in result.stderr and "Resource module" not in result.stderr

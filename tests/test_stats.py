@@ -23,8 +23,10 @@ def sample_examples() -> Examples:
     lengths = rng.integers(5, SEQ_LEN, 60)
     kinds = ["chat" if i % 3 else "image_text" for i in range(len(lengths))]
     return Examples.from_arrays(
-        [f"e{i}" for i in range(len(lengths))], kinds,
-        [rng.integers(1, 32000, k).astype(np.int32) for k in lengths], [np.ones(k) for k in lengths],
+        [f"e{i}" for i in range(len(lengths))],
+        kinds,
+        [rng.integers(1, 32000, k).astype(np.int32) for k in lengths],
+        [np.ones(k) for k in lengths],
         [(np.arange(k) % 2 == 0) & (kind == "image_text") for k, kind in zip(lengths, kinds)],
     )
 
@@ -46,7 +48,10 @@ def test_examples_stats_count_tokens_by_kind(examples_dir):
     assert stats.totals["examples"] == len(examples)
     assert stats.totals["tokens"] == int(examples.lengths.sum())
     chat = examples.kinds == "chat"
-    assert stats.tokens_by_kind == {"chat": int(examples.lengths[chat].sum()), "image_text": int(examples.lengths[~chat].sum())}
+    assert stats.tokens_by_kind == {
+        "chat": int(examples.lengths[chat].sum()),
+        "image_text": int(examples.lengths[~chat].sum()),
+    }
 
 
 def test_packed_stats_report_fill_and_segments(packed_dir):
@@ -66,7 +71,8 @@ def test_chunk_stats(chunks_dir):
     stats = collect_stats(str(chunks_dir))
     table = outputs.read_table(str(chunks_dir), ["book_id", "num_tokens"])
     assert stats.totals == {
-        "books": len(set(table["book_id"].to_pylist())), "chunks": table.num_rows,
+        "books": len(set(table["book_id"].to_pylist())),
+        "chunks": table.num_rows,
         "tokens": sum(table["num_tokens"].to_pylist()),
     }
 
@@ -74,7 +80,10 @@ def test_chunk_stats(chunks_dir):
 def test_plots_the_figures_that_apply(packed_dir, examples_dir, tmp_path):
     packed_png, examples_png = tmp_path / "packed.png", tmp_path / "examples.png"
     assert plot_stats(collect_stats(packed_dir), str(packed_png)) == [
-        "segment length (tokens)", "segments per row", "fill per row", "tokens by kind",
+        "segment length (tokens)",
+        "segments per row",
+        "fill per row",
+        "tokens by kind",
     ]
     assert plot_stats(collect_stats(examples_dir), str(examples_png)) == ["example length (tokens)", "tokens by kind"]
     assert packed_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and examples_png.stat().st_size > 1000

@@ -8,7 +8,7 @@ from lwm_data.errors import ConfigError
 from lwm_data.tokenizers import TokenizerMismatch, default_tokenizer_path, load_tokenizer, resolve_tokenizer
 from lwm_data.tokenizers.text import HuggingFaceTokenizer, SentencePieceTokenizer
 
-MIXED = ["\n\nHello  world.\n\"Hi,\" said \u5317\u4eac Ann. \U0001F600 x", " leading space", "", "tabs\tand\u00a0nbsp"]
+MIXED = ['\n\nHello  world.\n"Hi," said \u5317\u4eac Ann. \U0001f600 x', " leading space", "", "tabs\tand\u00a0nbsp"]
 
 
 def test_default_is_llama_layout_sentencepiece():
@@ -77,7 +77,9 @@ def test_hf_byte_level_pieces_of_one_character_are_not_cut_between(tmp_path):
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.train_from_iterator(
+        ["hello world"] * 10, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
     hf.save(str(tmp_path / "tokenizer.json"))
     tok = load_tokenizer(str(tmp_path))
     text = "a\u4e16b"  # the middle character is three byte-level tokens
@@ -102,7 +104,10 @@ def test_manifest_entries_name_the_default_by_name_and_files_by_path(tmp_path):
 
 def test_a_recorded_path_that_moved_resolves_by_content_or_says_what_to_pass(tmp_path):
     default = load_tokenizer(None)
-    site_packages = {"path": "/elsewhere/site-packages/mistral_common/data/tokenizer.model.v1", "sha256": default.sha256}
+    site_packages = {
+        "path": "/elsewhere/site-packages/mistral_common/data/tokenizer.model.v1",
+        "sha256": default.sha256,
+    }
     assert resolve_tokenizer(site_packages) is default  # an older manifest's default, found by content
     other = {"path": "/elsewhere/llama2/tokenizer.model", "sha256": "ab" * 32}
     with pytest.raises(TokenizerMismatch, match="is not at that path here: pass --tokenizer"):
@@ -129,8 +134,17 @@ def test_downstream_stages_refuse_chunks_from_another_tokenizer(chunks_dir, tmp_
 
     from lwm_data.cli.main import app
 
-    args = ["chat", "--chunks", str(chunks_dir), "--qa", str(chunks_dir), "--output", str(tmp_path / "chat"),
-            "--tokenizer", str(llama2_tokenizer_path)]
+    args = [
+        "chat",
+        "--chunks",
+        str(chunks_dir),
+        "--qa",
+        str(chunks_dir),
+        "--output",
+        str(tmp_path / "chat"),
+        "--tokenizer",
+        str(llama2_tokenizer_path),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "is not the one that made this input's tokens" in result.output
     assert not (tmp_path / "chat").exists()

@@ -41,10 +41,12 @@ def packed_table(seq_len: int, rows: int, seed: int = 0) -> pa.Table:
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, seq_len + 1, rows * 5)
     examples = Examples.from_arrays(
-        [f"e{i:03d}" for i in range(len(lengths))], ["chat"] * len(lengths),
-        [rng.integers(1, 32000, k).astype(np.int32) for k in lengths], [np.ones(k) for k in lengths],
+        [f"e{i:03d}" for i in range(len(lengths))],
+        ["chat"] * len(lengths),
+        [rng.integers(1, 32000, k).astype(np.int32) for k in lengths],
+        [np.ones(k) for k in lengths],
         [np.zeros(k, bool) for k in lengths],
-    )  # fmt: skip
+    )
     table, _ = pack_examples(examples, PackOptions(seq_len=seq_len))
     assert table.num_rows >= rows
     return table.slice(0, rows)
@@ -101,7 +103,9 @@ def test_ranks_and_workers_split_without_overlap(packed_dir, world_size, batch_s
     for rank in range(world_size):
         dataset = PackedDataset(packed_dir, seed=1, batch_size=batch_size, rank=rank, world_size=world_size)
         batches = list(DataLoader(dataset, batch_size=batch_size, num_workers=2))
-        in_process = positions(PackedDataset(packed_dir, seed=1, batch_size=batch_size, rank=rank, world_size=world_size))
+        in_process = positions(
+            PackedDataset(packed_dir, seed=1, batch_size=batch_size, rank=rank, world_size=world_size)
+        )
         # an in-order DataLoader with workers hands rows back in the dataset's own stream order
         assert batch_positions(batches) == in_process
         assert all(len(b["tokens"]) == batch_size for b in batches)
@@ -169,7 +173,13 @@ def test_model_inputs_follow_the_row_contract_with_vision():
     weights = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0], [0, 1, 1, 0, 1, 1, 1, 1]], dtype=torch.float32)
     segments = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 2, 2, 2, 2, 2]], dtype=torch.int32)
     pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 0], [0, 1, 2, 0, 1, 2, 3, 4]], dtype=torch.int32)
-    batch = {"tokens": tokens, "vision_mask": vision, "loss_weights": weights, "segment_ids": segments, "positions": pos}
+    batch = {
+        "tokens": tokens,
+        "vision_mask": vision,
+        "loss_weights": weights,
+        "segment_ids": segments,
+        "positions": pos,
+    }
     inputs = model_inputs(batch)
     assert inputs.tokens.dtype == torch.int64 and torch.equal(inputs.tokens, tokens.long())
     assert inputs.targets.tolist() == [[660, 29973, 7, 8193, 2, 0, 0, 0], [5, 6, 1, 9, 10, 11, 2, 0]]

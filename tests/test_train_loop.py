@@ -37,8 +37,16 @@ def packed(tmp_path_factory) -> str:
 
 
 def job_flags(data: str, out: Path, **overrides) -> dict:
-    flags = {"data": data, "steps": STEPS, "checkpoint_dir": str(out / "ckpt"), "metrics": str(out / "metrics.jsonl"),
-             "checkpoint_every": 4, "progress": False, "lr": 3e-3, "warmup_steps": 2}  # fmt: skip
+    flags = {
+        "data": data,
+        "steps": STEPS,
+        "checkpoint_dir": str(out / "ckpt"),
+        "metrics": str(out / "metrics.jsonl"),
+        "checkpoint_every": 4,
+        "progress": False,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+    }
     return {**flags, **overrides}
 
 
@@ -62,11 +70,34 @@ def torchrun(nproc: int, data: str, out: Path, *flags: str) -> subprocess.Comple
     config = out / "job.toml"
     config.write_text(Path(TINY_CPU).read_text().replace("seq_len = 1024", f"seq_len = {SEQ_LEN}"))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
-        "-m", "lwm_data.train", "--config", str(config), "--data", data, "--steps", str(STEPS),
-        "--checkpoint-dir", str(out / "ckpt"), "--metrics", str(out / "metrics.jsonl"), "--checkpoint-every", "4",
-        "--no-progress", "--lr", "3e-3", "--warmup-steps", "2", *flags,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "lwm_data.train",
+        "--config",
+        str(config),
+        "--data",
+        data,
+        "--steps",
+        str(STEPS),
+        "--checkpoint-dir",
+        str(out / "ckpt"),
+        "--metrics",
+        str(out / "metrics.jsonl"),
+        "--checkpoint-every",
+        "4",
+        "--no-progress",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        *flags,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -110,11 +141,17 @@ def test_resume_continues_bit_exactly(world_one_run, packed, tmp_path):
 
 def test_progressive_phases_run_in_order_from_the_previous_weights(packed, tmp_path):
     config = job(packed, tmp_path, ring_size=1, batch_size=2, steps=None, checkpoint_dir="", metrics="")
-    phases = (PhaseConfig(seq_len=128, steps=3, rope_theta=1e6, data=packed),
-              PhaseConfig(seq_len=256, steps=2, rope_theta=1e7, lr=1e-3, data=packed))  # fmt: skip
+    phases = (
+        PhaseConfig(seq_len=128, steps=3, rope_theta=1e6, data=packed),
+        PhaseConfig(seq_len=256, steps=2, rope_theta=1e7, lr=1e-3, data=packed),
+    )
     records = train(replace(config, phases=phases, data=""))
     assert [(r["phase"], r["phase_step"], r["seq_len"]) for r in records] == [
-        (1, 1, 128), (1, 2, 128), (1, 3, 128), (2, 1, 256), (2, 2, 256)
+        (1, 1, 128),
+        (1, 2, 128),
+        (1, 3, 128),
+        (2, 1, 256),
+        (2, 2, 256),
     ]
     assert records[3]["loss"] < records[0]["loss"]  # phase 2 starts from phase 1's weights
 
@@ -134,9 +171,15 @@ def test_export_loads_in_transformers_with_the_same_logits(world_one_run):
     ours.load_state_dict(state)
     ours.rope_theta = json.loads((hf_dir / "config.json").read_text())["rope_theta"]
     tokens = torch.randint(3, 200, (1, 48))
-    inputs = model_inputs({"tokens": tokens, "vision_mask": torch.zeros_like(tokens, dtype=torch.bool),
-                           "loss_weights": torch.ones(1, 48), "segment_ids": torch.ones_like(tokens),
-                           "positions": torch.arange(48)[None]})  # fmt: skip
+    inputs = model_inputs(
+        {
+            "tokens": tokens,
+            "vision_mask": torch.zeros_like(tokens, dtype=torch.bool),
+            "loss_weights": torch.ones(1, 48),
+            "segment_ids": torch.ones_like(tokens),
+            "positions": torch.arange(48)[None],
+        }
+    )
     with torch.no_grad():
         expected = ours.head(ours.hidden(inputs))
         logits = hf(tokens).logits
@@ -145,9 +188,21 @@ def test_export_loads_in_transformers_with_the_same_logits(world_one_run):
 
 def test_gradient_accumulation_matches_one_big_batch(packed, tmp_path):
     """2 micro-batches of 2 rows are the same optimizer step as 1 batch of 4 (global loss denominators)."""
-    records = train(job(packed, tmp_path, ring_size=1, batch_size=GLOBAL_BATCH // 2, grad_accum=2, steps=3,
-                        checkpoint_dir="", metrics=""))  # fmt: skip
-    expected = train(job(packed, tmp_path, ring_size=1, batch_size=GLOBAL_BATCH, steps=3, checkpoint_dir="", metrics=""))
+    records = train(
+        job(
+            packed,
+            tmp_path,
+            ring_size=1,
+            batch_size=GLOBAL_BATCH // 2,
+            grad_accum=2,
+            steps=3,
+            checkpoint_dir="",
+            metrics="",
+        )
+    )
+    expected = train(
+        job(packed, tmp_path, ring_size=1, batch_size=GLOBAL_BATCH, steps=3, checkpoint_dir="", metrics="")
+    )
     assert [r["tokens"] for r in records] == [GLOBAL_BATCH * SEQ_LEN] * 3
     assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in expected], rel=1e-5)
 
@@ -158,8 +213,15 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
     config = preset("tiny", attention_backend="torch")
     tokens = torch.randint(3, 200, (2, 32))
-    inputs = model_inputs({"tokens": tokens, "vision_mask": tokens < 50, "loss_weights": torch.ones(2, 32),
-                           "segment_ids": torch.ones_like(tokens), "positions": torch.arange(32).expand(2, -1)})  # fmt: skip
+    inputs = model_inputs(
+        {
+            "tokens": tokens,
+            "vision_mask": tokens < 50,
+            "loss_weights": torch.ones(2, 32),
+            "segment_ids": torch.ones_like(tokens),
+            "positions": torch.arange(32).expand(2, -1),
+        }
+    )
     grads = []
     for checkpointing in (False, True):
         model = Transformer(config)
@@ -183,8 +245,13 @@ def test_learning_rate_warms_up_then_follows_the_schedule(packed, tmp_path):
 def test_loss_is_half_text_half_vision_or_text_alone():
     par = Parallel(torch.device("cpu"), None)
     tokens = torch.ones(1, 6, dtype=torch.int32)
-    batch = {"tokens": tokens, "loss_weights": torch.ones(1, 6), "segment_ids": torch.ones_like(tokens),
-             "positions": torch.arange(6)[None], "vision_mask": torch.tensor([[0, 0, 1, 1, 0, 0]], dtype=torch.bool)}
+    batch = {
+        "tokens": tokens,
+        "loss_weights": torch.ones(1, 6),
+        "segment_ids": torch.ones_like(tokens),
+        "positions": torch.arange(6)[None],
+        "vision_mask": torch.tensor([[0, 0, 1, 1, 0, 0]], dtype=torch.bool),
+    }
     inputs = model_inputs(batch)  # targets 1..5: vision at 1 and 2, text at 0, 3, 4 (5 predicts nothing)
     assert loss_coefficients([inputs], par) == (0.5 / 3, 0.5 / 2)
     text_only = model_inputs({**batch, "vision_mask": torch.zeros(1, 6, dtype=torch.bool)})

@@ -18,9 +18,15 @@ TINY = preset("tiny", attention_backend="torch")
 
 def dense_attend(q, k, v, positions, segment_ids, causal=True):
     out, _ = dense_attention(
-        q, k, v, q_positions=positions, k_positions=positions, q_segment_ids=segment_ids,
-        k_segment_ids=segment_ids, causal=causal,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        q_positions=positions,
+        k_positions=positions,
+        q_segment_ids=segment_ids,
+        k_segment_ids=segment_ids,
+        causal=causal,
+    )
     return out.to(q.dtype)
 
 
@@ -43,14 +49,25 @@ def packed_batch(seed: int = 0, seq: int = 64, vision: bool = True) -> ModelInpu
     positions = torch.stack([positions, torch.cat([torch.arange(seq - 10), torch.zeros(10, dtype=torch.long)]).int()])
     weights = (segments != 0).float()
     weights[segments != torch.cat([torch.zeros(2, 1, dtype=torch.int32), segments[:, :-1]], 1)] = 0  # first tokens
-    batch = {"tokens": tokens, "vision_mask": vision_mask, "loss_weights": weights, "segment_ids": segments,
-             "positions": positions}  # fmt: skip
+    batch = {
+        "tokens": tokens,
+        "vision_mask": vision_mask,
+        "loss_weights": weights,
+        "segment_ids": segments,
+        "positions": positions,
+    }
     return model_inputs(batch)
 
 
 def test_presets_include_lwm_7b_shape():
     seven = PRESETS["7b"]
-    assert (seven.dim, seven.mlp_dim, seven.n_layers, seven.n_heads, seven.vision_vocab_size) == (4096, 11008, 32, 32, 8448)
+    assert (seven.dim, seven.mlp_dim, seven.n_layers, seven.n_heads, seven.vision_vocab_size) == (
+        4096,
+        11008,
+        32,
+        32,
+        8448,
+    )
 
 
 def test_block_attention_model_matches_the_dense_oracle():

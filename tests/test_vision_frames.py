@@ -38,7 +38,9 @@ def test_fps_sampling_follows_presentation_time():
     np.testing.assert_array_equal(sample_indices(timestamps, max_frames=2, fps=2), [0, 6])
 
 
-@pytest.mark.parametrize("size, expected", [((320, 240), (341, 256)), ((240, 426), (256, 454)), ((256, 256), (256, 256))])
+@pytest.mark.parametrize(
+    "size, expected", [((320, 240), (341, 256)), ((240, 426), (256, 454)), ((256, 256), (256, 256))]
+)
 def test_short_side_to_256(size, expected):
     assert fitted_size(*size) == expected
 
@@ -166,7 +168,9 @@ def test_transparency_is_composited_over_white(tmp_path):
 
 
 def test_exif_rotation_is_applied(tmp_path):
-    gradient = np.repeat(np.linspace(0, 255, 300).astype(np.uint8)[None, :, None], 200, 0).repeat(3, 2)  # dark -> bright
+    gradient = np.repeat(np.linspace(0, 255, 300).astype(np.uint8)[None, :, None], 200, 0).repeat(
+        3, 2
+    )  # dark -> bright
     rotated, upright = tmp_path / "r.jpg", tmp_path / "u.jpg"
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"

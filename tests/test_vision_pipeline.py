@@ -62,7 +62,9 @@ def folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def video_run(folder, tmp_path_factory) -> tuple[dict, Path, Path]:
     out = tmp_path_factory.mktemp("video")
-    manifest = run("video", input=str(folder), output=str(out / "examples"), keep_codes=str(out / "codes"), direction="both")
+    manifest = run(
+        "video", input=str(folder), output=str(out / "examples"), keep_codes=str(out / "codes"), direction="both"
+    )
     return manifest, out / "examples", out / "codes"
 
 
@@ -71,8 +73,12 @@ def test_folder_job_counts_and_dead_letters(video_run):
     counts = manifest["counts"]
     assert counts["balanced"] and counts["in"] == 11 and counts["out"] == 4
     assert dead_letter_reasons(examples_dir) == {
-        "empty_file": 1, "undecodable_video": 2, "unsupported_codec": 1, "undecodable_image": 1,
-        "missing_caption": 1, "unsupported_media_type": 1,
+        "empty_file": 1,
+        "undecodable_video": 2,
+        "unsupported_codec": 1,
+        "undecodable_image": 1,
+        "missing_caption": 1,
+        "unsupported_media_type": 1,
     }
     assert counts["dead_lettered_by_reason"] == dict(dead_letter_reasons(examples_dir))
     assert manifest["stats"]["examples"] == 8 and manifest["stats"]["frames"] == 6 + 3 + 1 + 1
@@ -110,10 +116,14 @@ def test_vision_decode_writes_pictures(video_run, tmp_path):
     from lwm_data.cli.main import app
 
     _, examples_dir, codes_dir = video_run
-    result = CliRunner().invoke(app, ["vision-decode", "--input", str(codes_dir), "--output", str(tmp_path / "png"), "--limit", "0"])
+    result = CliRunner().invoke(
+        app, ["vision-decode", "--input", str(codes_dir), "--output", str(tmp_path / "png"), "--limit", "0"]
+    )
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "png").rglob("frame_*.png"))) == 6 + 3 + 1 + 1
-    result = CliRunner().invoke(app, ["vision-decode", "--input", str(examples_dir), "--output", str(tmp_path / "mp4"), "--mp4"])
+    result = CliRunner().invoke(
+        app, ["vision-decode", "--input", str(examples_dir), "--output", str(tmp_path / "mp4"), "--mp4"]
+    )
     assert result.exit_code == 0, result.output
     import av
 
@@ -153,12 +163,18 @@ def test_webdataset_shards_in_the_image_stage(tmp_path):
     media.mkdir()
     jpg, png = make_image(media / "a.jpg").read_bytes(), make_image(media / "b.png", mode="P").read_bytes()
     mp4 = make_video(media / "c.mp4", frames=2).read_bytes()
-    shard = make_tar(tmp_path / "shard-00000.tar", {
-        "000/a.jpg": jpg, "000/a.txt": b"a photo",
-        "000/b.png": png, "000/b.json": json.dumps({"caption": "a drawing", "url": "http://x"}).encode(),
-        "000/c.mp4": mp4, "000/c.txt": b"a clip",
-        "000/d.jpg": jpg,
-    })
+    shard = make_tar(
+        tmp_path / "shard-00000.tar",
+        {
+            "000/a.jpg": jpg,
+            "000/a.txt": b"a photo",
+            "000/b.png": png,
+            "000/b.json": json.dumps({"caption": "a drawing", "url": "http://x"}).encode(),
+            "000/c.mp4": mp4,
+            "000/c.txt": b"a clip",
+            "000/d.jpg": jpg,
+        },
+    )
     manifest = run("image", input=str(shard), output=str(tmp_path / "out"))
     assert manifest["counts"]["balanced"] and manifest["counts"]["out"] == 2
     assert dead_letter_reasons(tmp_path / "out") == {"not_an_image": 1, "missing_caption": 1}
@@ -171,20 +187,41 @@ def test_manifests_with_llava_conversations(tmp_path):
     make_video(tmp_path / "v.mp4", frames=4)
     make_image(tmp_path / "i.jpg")
     rows = [
-        {"id": "1", "video": "v.mp4", "conversations": [
-            {"from": "human", "value": "<video>\nWhat moves?"}, {"from": "gpt", "value": "A square."},
-            {"from": "human", "value": "Which way?"}, {"from": "gpt", "value": "Right."}]},
-        {"id": "2", "image": "i.jpg", "conversations": [
-            {"from": "human", "value": "Describe <image>"}, {"from": "gpt", "value": "Blue."}]},
-        {"id": "3", "image": "i.jpg", "conversations": [{"from": "gpt", "value": "wrong order"}, {"from": "human", "value": "?"}]},
-        {"id": "4", "image": "gone.jpg", "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "!"}]},
+        {
+            "id": "1",
+            "video": "v.mp4",
+            "conversations": [
+                {"from": "human", "value": "<video>\nWhat moves?"},
+                {"from": "gpt", "value": "A square."},
+                {"from": "human", "value": "Which way?"},
+                {"from": "gpt", "value": "Right."},
+            ],
+        },
+        {
+            "id": "2",
+            "image": "i.jpg",
+            "conversations": [{"from": "human", "value": "Describe <image>"}, {"from": "gpt", "value": "Blue."}],
+        },
+        {
+            "id": "3",
+            "image": "i.jpg",
+            "conversations": [{"from": "gpt", "value": "wrong order"}, {"from": "human", "value": "?"}],
+        },
+        {
+            "id": "4",
+            "image": "gone.jpg",
+            "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "!"}],
+        },
         {"id": "5", "caption": "no path"},
     ]
     (tmp_path / "llava.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
     manifest = run("video", input=str(tmp_path / "llava.jsonl"), output=str(tmp_path / "out"))
     assert manifest["counts"]["balanced"] and manifest["counts"]["in"] == 6 and manifest["counts"]["out"] == 2
     assert dead_letter_reasons(tmp_path / "out") == {
-        "bad_conversation": 1, "missing_file": 1, "missing_media_path": 1, "invalid_json": 1,
+        "bad_conversation": 1,
+        "missing_file": 1,
+        "missing_media_path": 1,
+        "invalid_json": 1,
     }
     kinds = {e.meta["input"]["id"]: e.kind for e in examples(tmp_path / "out").values()}
     assert kinds == {"1": VIDEO_CHAT, "2": IMAGE_CHAT}
@@ -211,8 +248,10 @@ def test_media_on_a_beam_filesystem(tmp_path):
 
     import tests.memfs  # noqa: F401 - registers memfs://
 
-    for name, data in {"v.mp4": make_video(tmp_path / "v.mp4", frames=3).read_bytes(),
-                       "m.jsonl": json.dumps({"path": "v.mp4", "caption": "remote"}).encode()}.items():
+    for name, data in {
+        "v.mp4": make_video(tmp_path / "v.mp4", frames=3).read_bytes(),
+        "m.jsonl": json.dumps({"path": "v.mp4", "caption": "remote"}).encode(),
+    }.items():
         with FileSystems.create(f"memfs://bucket/media/{name}") as out:
             out.write(data)
     manifest = run("video", input="memfs://bucket/media/m.jsonl", output=str(tmp_path / "out"))
@@ -231,8 +270,11 @@ def test_gpu_resource_hint_on_the_vqgan_step():
     _ = pipeline | beam.Create([]) | EncodeMedia(FrameSampling(), VQGANSettings(accelerator=accelerator), "video")
     proto = pipeline.to_runner_api()
     hinted = {
-        t.unique_name for t in proto.components.transforms.values()
-        if any(accelerator.encode() in v for v in proto.components.environments[t.environment_id].resource_hints.values())
+        t.unique_name
+        for t in proto.components.transforms.values()
+        if any(
+            accelerator.encode() in v for v in proto.components.environments[t.environment_id].resource_hints.values()
+        )
         if t.environment_id
     }
     assert hinted and all("VQGAN" in name for name in hinted)
@@ -245,10 +287,24 @@ def test_cli_runs_the_video_stage(tmp_path):
 
     make_video(tmp_path / "v.mp4", frames=3)
     (tmp_path / "v.txt").write_text("a clip")
-    result = CliRunner().invoke(app, [
-        "video", "--input", str(tmp_path / "*.mp4"), "--output", str(tmp_path / "out"), "--random-config", "reduced",
-        "--max-frames", "2", "--direction", "generate", "--direct_num_workers", "1",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "video",
+            "--input",
+            str(tmp_path / "*.mp4"),
+            "--output",
+            str(tmp_path / "out"),
+            "--random-config",
+            "reduced",
+            "--max-frames",
+            "2",
+            "--direction",
+            "generate",
+            "--direct_num_workers",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert outputs.read_manifest(str(tmp_path / "out"))["counts"]["out"] == 1
     result = CliRunner().invoke(app, ["video", "--input", "x", "--output", "y", "--direction", "sideways"])

@@ -104,13 +104,16 @@ def test_placeholder_position_and_default(processor):
     assert example.kind == IMAGE_CHAT
 
 
-@pytest.mark.parametrize("turns", [
-    [],
-    [{"from": "human", "value": "Hi"}],
-    [{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "Hi"}],
-    [{"from": "human", "value": "<image> and <image>"}, {"from": "gpt", "value": "Two?"}],
-    [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}],
-])
+@pytest.mark.parametrize(
+    "turns",
+    [
+        [],
+        [{"from": "human", "value": "Hi"}],
+        [{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "Hi"}],
+        [{"from": "human", "value": "<image> and <image>"}, {"from": "gpt", "value": "Two?"}],
+        [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}],
+    ],
+)
 def test_bad_conversations(turns):
     with pytest.raises(Rejection) as caught:
         conversation_turns(turns, np.zeros((1, 256), np.int32))
@@ -130,8 +133,12 @@ def test_one_vocabulary_offsets_vision_ids(processor):
 @pytest.mark.parametrize("direction", ["understand", "generate"])
 @pytest.mark.parametrize("frames", [1, 3])
 def test_export_to_lwm_and_import_back(processor, direction, frames):
-    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A square."},
-             {"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Red."}]
+    turns = [
+        {"from": "human", "value": "<image>\nWhat?"},
+        {"from": "gpt", "value": "A square."},
+        {"from": "human", "value": "Color?"},
+        {"from": "gpt", "value": "Red."},
+    ]
     for coded in (item(frames), item(frames, None, turns)):
         for example in vision_examples(coded, processor, SequenceSettings(direction=direction)):
             record = to_lwm_record(example, processor.tokenizer, processor)

@@ -15,9 +15,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from lwm_data import config as settings
 from lwm_data.cli.validate import validate
@@ -76,7 +76,9 @@ class DemoResult:
 def run_demo(options: DemoOptions, report: Callable[[str], None] = print) -> DemoResult:
     """Run every step under `options.output`; `report` hears what is starting."""
     root = options.output
-    books_in = write_books_jsonl(root / "inputs" / "books.jsonl", generate_books(options.books, options.words, options.seed))
+    books_in = write_books_jsonl(
+        root / "inputs" / "books.jsonl", generate_books(options.books, options.words, options.seed)
+    )
     videos_in = write_videos(root / "inputs" / "videos", options.videos)
     directories = {"books": str(root / "books"), "video": str(root / "video"), "train-pack": str(root / "train-pack")}
     manifests = {}
@@ -111,9 +113,14 @@ def books_document(options: DemoOptions, books: Path) -> dict:
         "qa": {k: v for k, v in qa.items() if v is not None},
         "chat": {"context_lengths": [CONTEXT], "seed": options.seed},
         "text": {},
-        "pack": {"seq_len": CONTEXT, "mix": {"chat": 1 - LWM_TEXT_SHARE, "text": LWM_TEXT_SHARE},
-                 "overflow": "split", "loss_weighting": "example", "seed": options.seed},
-    }  # fmt: skip
+        "pack": {
+            "seq_len": CONTEXT,
+            "mix": {"chat": 1 - LWM_TEXT_SHARE, "text": LWM_TEXT_SHARE},
+            "overflow": "split",
+            "loss_weighting": "example",
+            "seed": options.seed,
+        },
+    }
 
 
 def video_document(options: DemoOptions, videos: Path) -> dict:
@@ -126,8 +133,12 @@ def video_document(options: DemoOptions, videos: Path) -> dict:
 
 def _pack_for_training(directories: dict[str, str]) -> dict:
     pack = STAGES["pack"]
-    values = {"input": (directories["books"] + "/text", directories["video"] + "/video"),
-              "output": directories["train-pack"], "seq_len": TRAIN_SEQ_LEN, "overflow": "split"}  # fmt: skip
+    values = {
+        "input": (directories["books"] + "/text", directories["video"] + "/video"),
+        "output": directories["train-pack"],
+        "seq_len": TRAIN_SEQ_LEN,
+        "overflow": "split",
+    }
     manifest = pack.run(settings.build(pack.config, values), None)
     _check(directories["train-pack"])
     return manifest
@@ -152,10 +163,25 @@ def train(directory: Path, data: str, steps: int) -> list[float]:
     config, metrics = directory / "train.toml", directory / "metrics.jsonl"
     config.write_text(TRAIN_TOML)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "lwm_data.train", "--config", str(config), "--data", data, "--steps", str(steps),
-        "--metrics", str(metrics), "--checkpoint-dir", str(directory / "checkpoints"),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "lwm_data.train",
+        "--config",
+        str(config),
+        "--data",
+        data,
+        "--steps",
+        str(steps),
+        "--metrics",
+        str(metrics),
+        "--checkpoint-dir",
+        str(directory / "checkpoints"),
+    ]
     # One torch thread per process: two processes share the two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=env)
@@ -180,7 +206,15 @@ def summary_rows(result: DemoResult) -> list[tuple[str, ...]]:
         packing = manifest["packing"]
         tokens = sum(packing["tokens_by_kind"].values())
         label = f"{name}/pack" if upstream else name
-        rows.append((label, *_counts(manifest["counts"]), f"{packing['rows']:,}", f"{tokens:,}", f"{packing['fill_efficiency']:.2%}"))
+        rows.append(
+            (
+                label,
+                *_counts(manifest["counts"]),
+                f"{packing['rows']:,}",
+                f"{tokens:,}",
+                f"{packing['fill_efficiency']:.2%}",
+            )
+        )
     return rows
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -25,8 +26,19 @@ from lwm_data.pipelines.registry import STAGES, Stage
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 BEAM_OPTIONS = {"allow_extra_args": True, "ignore_unknown_options": True}
-_STANDARD_SECTIONS = {"stage", "lwm_data_version", "created", "seconds", "run", "config", "tokenizer", "counts",
-                      "stats", "files", "pipeline"}
+_STANDARD_SECTIONS = {
+    "stage",
+    "lwm_data_version",
+    "created",
+    "seconds",
+    "run",
+    "config",
+    "tokenizer",
+    "counts",
+    "stats",
+    "files",
+    "pipeline",
+}
 
 
 def print_manifest(manifest: dict) -> None:
@@ -57,8 +69,11 @@ def print_pipeline(pipeline: dict) -> None:
     for column in ("stage", "in", "out", "filtered", "dead-lettered", "balanced"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for stage, counts in pipeline["stages"].items():
-        table.add_row(stage, *(_number(counts[k]) for k in ("in", "out", "filtered_total", "dead_lettered")),
-                      "yes" if counts["balanced"] else "[red]no[/red]")
+        table.add_row(
+            stage,
+            *(_number(counts[k]) for k in ("in", "out", "filtered_total", "dead_lettered")),
+            "yes" if counts["balanced"] else "[red]no[/red]",
+        )
     console.print(table)
 
 
@@ -76,16 +91,18 @@ def _cli_parameter(option: Option) -> inspect.Parameter:
         annotation = bool
         decls = [f"--{option.name.replace('_', '-')}/--no-{option.name.replace('_', '-')}"]
     elif option.repeat:
-        annotation, decls = Optional[list[str]], option.cli_flags
+        annotation, decls = list[str] | None, option.cli_flags
         default = None if option.required else list(option.default) or None
     elif option.takes_text:
-        annotation, decls = Optional[str], option.cli_flags
+        annotation, decls = str | None, option.cli_flags
         default = default if default is ... else _as_text(option.default)
     else:
-        annotation = Optional[option.base_type] if option.optional else option.base_type
+        annotation = option.base_type | None if option.optional else option.base_type
         decls = option.cli_flags
     return inspect.Parameter(
-        option.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+        option.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=annotation,
         default=typer.Option(default, *decls, help=option.help, show_default=default is not None),
     )
 
@@ -96,7 +113,9 @@ def _as_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items())
     if isinstance(value, (tuple, list)):
-        return ",".join(map(str, value)) if value and all(isinstance(v, (int, float)) for v in value) else " ".join(value)
+        return (
+            ",".join(map(str, value)) if value and all(isinstance(v, (int, float)) for v in value) else " ".join(value)
+        )
     return str(value)
 
 
@@ -147,7 +166,9 @@ def run_pipeline(
     ctx: typer.Context,
     pipeline: str = typer.Argument(..., help="books (chunk -> qa -> chat + text -> pack) or video (video -> pack)."),
     config: str = typer.Option(..., "--config", help="TOML: one table per stage, keys as the stage's options."),
-    keep_intermediate: bool = typer.Option(False, "--keep-intermediate", help="Also keep every upstream stage's output."),
+    keep_intermediate: bool = typer.Option(
+        False, "--keep-intermediate", help="Also keep every upstream stage's output."
+    ),
 ) -> None:
     """A whole pipeline as ONE Beam job; `--<stage>.<option> VALUE` overrides the TOML, the rest goes to Beam."""
     from lwm_data.recipes import run
@@ -178,7 +199,7 @@ def validate(directory: str = typer.Argument(..., help="Any stage's output direc
 @app.command()
 def stats(
     directory: str = typer.Argument(..., help="Any stage's output directory."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also save figures to this PNG."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also save figures to this PNG."),
 ) -> None:
     """Counts and token totals of a stage's output; with --plot, its distributions."""
     from lwm_data.cli.stats import collect_stats
@@ -202,9 +223,13 @@ def stats(
 
 @app.command("export-lwm")
 def export_lwm(
-    input: str = typer.Option(..., "--input", help="Output directory of a stage of examples (chat, text, import-lwm, ...)."),
+    input: str = typer.Option(
+        ..., "--input", help="Output directory of a stage of examples (chat, text, import-lwm, ...)."
+    ),
     output: str = typer.Option(..., "--output", help="LWM JSONL file to write."),
-    tokenizer: Optional[str] = typer.Option(None, help="A copy of the input's tokenizer, where its recorded path is not reachable."),
+    tokenizer: str | None = typer.Option(
+        None, help="A copy of the input's tokenizer, where its recorded path is not reachable."
+    ),
 ) -> None:
     """Unpacked examples -> LWM JSONL (per-line `fields` spec), for LWM's own JAX loaders."""
     from lwm_data.pipelines import export_lwm as job
@@ -220,9 +245,11 @@ def export_lwm(
 
 @app.command("vision-decode")
 def vision_decode(
-    input: str = typer.Option(..., "--input", help="Output directory of vision-codes, video, image or vision-sequences."),
+    input: str = typer.Option(
+        ..., "--input", help="Output directory of vision-codes, video, image or vision-sequences."
+    ),
     output: str = typer.Option(..., "--output", help="Directory for the PNG frames / MP4s."),
-    vqgan: Optional[str] = typer.Option(None, help="VQ-GAN weights (default: the one the input's manifest names)."),
+    vqgan: str | None = typer.Option(None, help="VQ-GAN weights (default: the one the input's manifest names)."),
     vqgan_subfolder: str = typer.Option("", help="Subfolder of --vqgan holding the VQModel."),
     limit: int = typer.Option(8, help="Items to decode (0: all)."),
     mp4: bool = typer.Option(False, "--mp4", help="One MP4 per item instead of PNG frames."),
@@ -242,8 +269,10 @@ def vision_decode(
 @app.command("needle-score")
 def needle_score(
     needles: str = typer.Option(..., "--needles", help="Output directory of `lwm-data needle`."),
-    responses: str = typer.Option(..., "--responses", help='JSONL of model outputs: {"example_id": ..., "response": ...}.'),
-    png: Optional[str] = typer.Option(None, help="Heatmap to write (default: <responses>.accuracy.png)."),
+    responses: str = typer.Option(
+        ..., "--responses", help='JSONL of model outputs: {"example_id": ..., "response": ...}.'
+    ),
+    png: str | None = typer.Option(None, help="Heatmap to write (default: <responses>.accuracy.png)."),
 ) -> None:
     """Score model responses: print the context-by-depth accuracy grid and write its heatmap."""
     from lwm_data import files, outputs
@@ -263,7 +292,9 @@ def needle_score(
     for length in grid.context_lengths:
         table.add_column(str(length), justify="right")
     for j, depth in enumerate(grid.depths):
-        cells = ("-" if grid.counts[i, j] == 0 else f"{grid.accuracy[i, j]:.2f}" for i in range(len(grid.context_lengths)))
+        cells = (
+            "-" if grid.counts[i, j] == 0 else f"{grid.accuracy[i, j]:.2f}" for i in range(len(grid.context_lengths))
+        )
         table.add_row(f"{depth:.0%}", *cells)
     console.print(table)
     console.print(f"mean accuracy {sum(r['score'] for r in scored) / len(scored):.3f}")
@@ -277,7 +308,9 @@ def serve_llm(
     ctx: typer.Context,
     model: str = typer.Option(..., help="Model directory or Hugging Face name."),
     port: int = typer.Option(8000, help="Port on 127.0.0.1."),
-    vllm_python: Optional[str] = typer.Option(None, help="Python with vLLM installed (default: $LWM_VLLM_PYTHON or this one)."),
+    vllm_python: str | None = typer.Option(
+        None, help="Python with vLLM installed (default: $LWM_VLLM_PYTHON or this one)."
+    ),
 ) -> None:
     """Run vLLM's OpenAI server for `lwm-data qa --backend openai` (extra arguments go to vLLM)."""
     import os
@@ -296,8 +329,10 @@ def demo(
     words: int = typer.Option(30000, help="Mean words per book."),
     videos: int = typer.Option(6, help="Synthetic videos to generate."),
     steps: int = typer.Option(20, help="Training steps."),
-    endpoint: Optional[str] = typer.Option(None, help="OpenAI-compatible server (vLLM) for QA; default: the offline cloze backend."),
-    model: Optional[str] = typer.Option(None, help="The served model's name, with --endpoint."),
+    endpoint: str | None = typer.Option(
+        None, help="OpenAI-compatible server (vLLM) for QA; default: the offline cloze backend."
+    ),
+    model: str | None = typer.Option(None, help="The served model's name, with --endpoint."),
     seed: int = typer.Option(0),
 ) -> None:
     """Everything on synthetic data, offline: books -> 32K chat, videos -> VQ-GAN tokens, packing, training."""
@@ -313,7 +348,9 @@ def demo(
         table.add_row(*row)
     losses = result.losses
     console.print(table)
-    console.print(f"train: {len(losses)} steps of the tiny model over a ring of 2, loss {losses[0]:.2f} -> {losses[-1]:.2f}")
+    console.print(
+        f"train: {len(losses)} steps of the tiny model over a ring of 2, loss {losses[0]:.2f} -> {losses[-1]:.2f}"
+    )
     for name, directory in result.directories.items():
         console.print(f"{name:<11} {directory}")
     console.print(f"{'stats plot':<11} {result.plot}")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from rich.console import Console
 from rich.live import Live
@@ -32,7 +32,9 @@ def table(snapshot: dict[str, dict[str, int]], seconds: float) -> Table:
         view.add_row("(workers in other processes: counts at the end)", "", "", "", "")
     for stage, counts in snapshot.items():
         dead = sum(v for k, v in counts.items() if k.startswith("dead_lettered."))
-        stats = [f"{name} {counts[name]:,} ({counts[name] / max(seconds, 1e-9):,.0f}/s)" for name in RATES if name in counts]
+        stats = [
+            f"{name} {counts[name]:,} ({counts[name] / max(seconds, 1e-9):,.0f}/s)" for name in RATES if name in counts
+        ]
         if IN_FLIGHT in counts:
             stats.append(f"in flight {counts[IN_FLIGHT]:,}")
         view.add_row(stage, f"{counts.get('in', 0):,}", f"{counts.get('out', 0):,}", f"{dead:,}", "  ".join(stats))

@@ -64,7 +64,7 @@ def _upstream_dead_letters(manifest: dict) -> int:
     to the final output's errors/ (each names its stage)."""
     pipeline = manifest.get("pipeline") or {}
     return sum(
-        counts.get("dead_lettered", 0) for stage, counts in pipeline.get("stages", {}).items()
+        counts.get("dead_lettered", 0)
+        for stage, counts in pipeline.get("stages", {}).items()
         if stage not in pipeline.get("kept", {}) and stage != manifest.get("stage")
     )
-

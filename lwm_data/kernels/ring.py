@@ -194,9 +194,7 @@ def _ring_backward(ring, backend, queries, ids, keys, douts, outs, lses, active,
     for step in range(ring.size):
         transfer = ring.shift(keys) if step + 1 < ring.size else None
         block_grads = {
-            i: backend.backward(
-                douts[i], queries[i], k, v, outs[i], lses[i], ids[i], TokenIds(*k_ids), causal, scale
-            )
+            i: backend.backward(douts[i], queries[i], k, v, outs[i], lses[i], ids[i], TokenIds(*k_ids), causal, scale)
             for i, (k, v, *k_ids) in enumerate(keys)
             if active[i][step]
         }

@@ -140,8 +140,10 @@ def _forward_by_document(q, k, v, documents, causal, scale) -> tuple[Tensor, Ten
     for row, runs in enumerate(documents):
         for start, end in runs:
             doc = slice(start, end)
-            o, l = _FLASH(*_heads_major(*(x[row : row + 1, doc] for x in (q, k, v))), is_causal=causal, scale=scale)
-            out[row, doc], lse[row, :, doc] = o[0].transpose(0, 1), l[0]
+            o, doc_lse = _FLASH(
+                *_heads_major(*(x[row : row + 1, doc] for x in (q, k, v))), is_causal=causal, scale=scale
+            )
+            out[row, doc], lse[row, :, doc] = o[0].transpose(0, 1), doc_lse[0]
     return out, lse
 
 
@@ -152,7 +154,9 @@ def _fused_backward(dout, q, k, v, out, lse, q_ids, k_ids, causal, scale) -> tup
     bias, index_causal, _ = _additive_mask(q_ids, k_ids, causal, q.dtype)
     # Rows without a key: any finite lse gives p = exp(-inf - lse) = 0, as the kernel's forward assumed.
     finite_lse = lse.masked_fill(lse == float("-inf"), 0.0)
-    grads = _FLASH_BACKWARD(*_heads_major(dout, q, k, v, out), finite_lse, 0.0, index_causal, attn_mask=bias, scale=scale)
+    grads = _FLASH_BACKWARD(
+        *_heads_major(dout, q, k, v, out), finite_lse, 0.0, index_causal, attn_mask=bias, scale=scale
+    )
     return tuple(_heads_major(*grads))
 
 

@@ -17,8 +17,8 @@ A list of specs is resolved per line the way LWM does it, `random.Random(line_in
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from lwm_data.errors import Rejection
 

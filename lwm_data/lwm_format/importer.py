@@ -4,7 +4,7 @@ with the kind its fields make (`record_kind`) and a readable rendering.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from lwm_data.errors import Rejection
 from lwm_data.examples import Example

@@ -11,8 +11,9 @@ The tokenizer keeps its original behaviour (no BOS added by `encode`). Bad recor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,9 @@ class ProcessorConfig:
     add_bos_token: bool = setting(True, "Start every example with BOS (weight 0).")
     add_eos_token: bool = setting(True, "End every example with EOS (weight 1).")
     n_tokens_per_frame: int = setting(TOKENS_PER_FRAME, "Vision codes per frame.")
-    max_n_frames: int = setting(-1, "LWM's max_n_frames: keep this many frames, uniformly (-1: all).", flags=("--max-frames",))
+    max_n_frames: int = setting(
+        -1, "LWM's max_n_frames: keep this many frames, uniformly (-1: all).", flags=("--max-frames",)
+    )
     eof_token: int = setting(END_OF_FRAME, "Vision id after every frame but the last.")
     eov_token: int = setting(END_OF_VISION, "Vision id after the last frame.")
 

@@ -24,8 +24,8 @@ measures a 1.1M-token book: Python/numpy peak about 15x its token array (4T byte
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import apache_beam as beam
 import pyarrow as pa
@@ -51,7 +51,9 @@ class ChatStageConfig:
     chunks: str = setting(help="Chunk stage output directory.")
     qa: str = setting(help="QA stage output directory.")
     output: str = setting(help="Output directory.")
-    tokenizer: str | None = setting(None, "A copy of the chunk stage's tokenizer, where its recorded path is not reachable.")
+    tokenizer: str | None = setting(
+        None, "A copy of the chunk stage's tokenizer, where its recorded path is not reachable."
+    )
     flush_tokens: int = setting(1_000_000, "Examples are written in tables of about this many tokens.")
     chat: ChatConfig = nested(ChatConfig)
 
@@ -134,7 +136,8 @@ class Chat(beam.PTransform):
 
     def expand(self, inputs: dict[str, beam.PCollection]) -> StageOutput:
         by_book = {
-            name: inputs[name] | f"Split{name.title()}ByBook" >> beam.FlatMap(split_by_book) for name in ("chunks", "qa")
+            name: inputs[name] | f"Split{name.title()}ByBook" >> beam.FlatMap(split_by_book)
+            for name in ("chunks", "qa")
         }
         assembled = (
             by_book

@@ -10,8 +10,8 @@ dead-lettered: bad records (see lwm_data.text.books) and conflicting ids. Stats:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import apache_beam as beam
 import numpy as np
@@ -190,9 +190,12 @@ class Chunk(beam.PTransform):
         batch_chars = self.config.batch_chars
         tables = (
             unique.out
-            | "Batch" >> beam.BatchElements(
+            | "Batch"
+            >> beam.BatchElements(
                 # a fixed size (in characters): small batches would leave the tokenizer's threads idle
-                min_batch_size=batch_chars, max_batch_size=batch_chars, element_size_fn=lambda b: len(b.text)
+                min_batch_size=batch_chars,
+                max_batch_size=batch_chars,
+                element_size_fn=lambda b: len(b.text),
             )
             | "TokenizeAndChunk" >> route(self.stage, TokenizeAndChunk(self.stage, self.config, self.tokenizer))
         )

@@ -34,7 +34,8 @@ are passed through untouched.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 import pyarrow as pa
@@ -194,7 +195,10 @@ class WriteStage(beam.PTransform):
     def expand(self, output: StageOutput) -> beam.PCollection:
         output.errors | "WriteErrors" >> beam.io.WriteToText(self.run.errors_prefix, file_name_suffix=ERRORS_SUFFIX)
         return output.rows | "WriteShards" >> beam.io.WriteToParquetBatched(
-            self.run.shard_prefix, schema=self.schema, codec="zstd", file_name_suffix=SHARD_SUFFIX,
+            self.run.shard_prefix,
+            schema=self.schema,
+            codec="zstd",
+            file_name_suffix=SHARD_SUFFIX,
             num_shards=self.num_shards,
         )
 
@@ -254,7 +258,10 @@ class Job:
         run = OutputRun(directory)
         self._scratch.append(run)
         return rows | f"Scratch[{stage}]" >> beam.io.WriteToParquetBatched(
-            run.shard_prefix, schema=schema, codec="zstd", file_name_suffix=SHARD_SUFFIX,
+            run.shard_prefix,
+            schema=schema,
+            codec="zstd",
+            file_name_suffix=SHARD_SUFFIX,
         )
 
     def counts(self, stage: str) -> dict[str, Any]:

@@ -15,8 +15,8 @@ vision_tokens, loss_tokens.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import apache_beam as beam
 
@@ -98,7 +98,9 @@ class ProcessLines(TokenizerStep):
         path, line_index, line = numbered
         config = self.config
         try:  # the full path as source: example ids stay unique across folders with same-named files
-            example = example_from_line(line, path, line_index, self.processor, config.spec, config.fields_key, config.seed)
+            example = example_from_line(
+                line, path, line_index, self.processor, config.spec, config.fields_key, config.seed
+            )
         except Rejection as rejection:
             yield rejection.at(path, f"line {line_index + 1}", line)
             return
@@ -126,7 +128,8 @@ class ImportLwm(beam.PTransform):
         )
         tables = (
             processed.out
-            | "Batch" >> beam.BatchElements(
+            | "Batch"
+            >> beam.BatchElements(
                 min_batch_size=1, max_batch_size=self.config.batch_tokens, element_size_fn=lambda e: e.num_tokens
             )
             | "ToTable" >> beam.Map(examples_to_table)

@@ -27,8 +27,9 @@ Stats: frames, examples, tokens, vision_tokens, items by reader (reader.decord, 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -63,7 +64,9 @@ _PLACEHOLDER_CODES = np.zeros((1, TOKENS_PER_FRAME), np.int32)
 
 @dataclass(frozen=True)
 class FrameSampling:
-    max_frames: int = setting(30, "Frames per video, sampled as LWM does (linspace); 0: all. 30 frames fit an 8K context.")
+    max_frames: int = setting(
+        30, "Frames per video, sampled as LWM does (linspace); 0: all. 30 frames fit an 8K context."
+    )
     fps: float | None = setting(None, "Sample at this rate first (by presentation time), then cap at --max-frames.")
 
     def __post_init__(self):
@@ -152,7 +155,9 @@ def check_text(item: MediaItem) -> None:
 
 
 def _without_media(item: MediaItem) -> MediaItem:
-    return MediaItem(item.item_id, item.source, item.source, item.media_type, item.caption, item.conversations, item.meta)
+    return MediaItem(
+        item.item_id, item.source, item.source, item.media_type, item.caption, item.conversations, item.meta
+    )
 
 
 class VQGANHandler(ModelHandler[FrameBatch, np.ndarray, VQGAN]):
@@ -166,7 +171,9 @@ class VQGANHandler(ModelHandler[FrameBatch, np.ndarray, VQGAN]):
     def load_model(self) -> VQGAN:
         return VQGAN.from_settings(self.settings)
 
-    def run_inference(self, batch: Sequence[FrameBatch], model: VQGAN, inference_args: dict | None = None) -> Iterable[PredictionResult]:
+    def run_inference(
+        self, batch: Sequence[FrameBatch], model: VQGAN, inference_args: dict | None = None
+    ) -> Iterable[PredictionResult]:
         if not batch:
             return []
         frames = np.concatenate([b.frames for b in batch])
@@ -191,8 +198,16 @@ def assemble(grouped: tuple[str, dict[str, list]]) -> Iterable[CodedItem]:
     batches = sorted(parts["codes"], key=lambda indexed: indexed[0])
     codes = np.concatenate([c for _, c in batches]).astype(np.int32)
     item = header.item
-    yield CodedItem(item.item_id, item.source, item.media_type, codes, header.frame_indices,
-                    item.caption, item.conversations, header.meta)
+    yield CodedItem(
+        item.item_id,
+        item.source,
+        item.media_type,
+        codes,
+        header.frame_indices,
+        item.caption,
+        item.conversations,
+        header.meta,
+    )
 
 
 # ---- the chain ----
@@ -212,7 +227,10 @@ class EncodeMedia(beam.PTransform):
         decoded = (
             items
             | "SpreadItems" >> beam.Reshuffle()
-            | "DecodeFrames" >> route(self.stage, DecodeFrames(self.stage, self.frames, self.vqgan.batch_size, self.images_only), HEADERS)
+            | "DecodeFrames"
+            >> route(
+                self.stage, DecodeFrames(self.stage, self.frames, self.vqgan.batch_size, self.images_only), HEADERS
+            )
         )
         encode = RunInference(VQGANHandler(self.vqgan))
         if self.vqgan.accelerator:
@@ -257,8 +275,12 @@ class EncodedMedia:
 
 
 def encode_media(
-    media: MediaSettings, frames: FrameSampling, vqgan: VQGANSettings, stages: Stages,
-    beam_args: list[str] | None = None, images_only: bool = False,
+    media: MediaSettings,
+    frames: FrameSampling,
+    vqgan: VQGANSettings,
+    stages: Stages,
+    beam_args: list[str] | None = None,
+    images_only: bool = False,
 ) -> EncodedMedia:
     """Check the launch, describe the VQ-GAN (loudly, for random weights), and build read -> decode ->
     VQ-GAN -> assemble in a new job; `stages` count the items (several, when one job writes several

@@ -59,5 +59,3 @@ def run(config: NeedleStageConfig, beam_args: list[str] | None = None) -> dict:
     except BaseException:
         run.abort()
         raise
-
-

@@ -27,8 +27,9 @@ efficiency and segments per row.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, NamedTuple
+from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -219,7 +220,9 @@ class AssembleRows(beam.DoFn):
         lengths = np.array([s.length for s in segments], np.int64)
         pieces = [fragments[(s.row, s.segment)] for s in segments]
         tokens, weights, vision = (np.concatenate([getattr(p, c) for p in pieces]) for c in TOKEN_COLUMNS)
-        columns = build_rows(tokens, weights, vision, lengths, local_rows, len(row_ids), self.seq_len, self.loss_weighting)
+        columns = build_rows(
+            tokens, weights, vision, lengths, local_rows, len(row_ids), self.seq_len, self.loss_weighting
+        )
         kinds = [s.kind for s in segments]
         piece_starts = np.array([s.piece_start for s in segments], np.int64)
         table = packed_table(columns, [s.example_id for s in segments], kinds, piece_starts)
@@ -242,9 +245,8 @@ class Pack(beam.PTransform):
     def expand(self, shard_paths: beam.PCollection) -> StageOutput:
         stage, config = self.stage, self.config
         refs = shard_paths | "SpreadShards" >> beam.Reshuffle() | "ReadRefs" >> route(stage, ReadRefs(stage))
-        plan = (
-            self._partitions(refs.out)
-            | "Plan" >> beam.ParDo(Plan(stage, config)).with_outputs(Plan.REQUESTS, main="segments")
+        plan = self._partitions(refs.out) | "Plan" >> beam.ParDo(Plan(stage, config)).with_outputs(
+            Plan.REQUESTS, main="segments"
         )
         fragments = (
             plan[Plan.REQUESTS]
@@ -263,7 +265,9 @@ class Pack(beam.PTransform):
         """(partition, its refs): one group, or groups of about `partition_tokens` tokens."""
         partition_tokens = self.config.packing.partition_tokens
         if not partition_tokens:
-            return refs | "ToList" >> beam.combiners.ToList() | "OnePartition" >> beam.Map(lambda all_refs: (0, all_refs))
+            return (
+                refs | "ToList" >> beam.combiners.ToList() | "OnePartition" >> beam.Map(lambda all_refs: (0, all_refs))
+            )
         total = refs | "Lengths" >> beam.Map(lambda r: r.num_tokens) | "TotalTokens" >> beam.CombineGlobally(sum)
 
         def keyed(ref: ExampleRef, total_tokens: int) -> tuple[int, ExampleRef]:
@@ -315,7 +319,9 @@ def example_shards(directories: Iterable[str]) -> list[str]:
             with files.open(paths[0]) as f:
                 schema = pq.read_schema(f)
             if not schema.equals(EXAMPLE_SCHEMA):
-                raise ConfigError(f"{directory} (stage {manifest.get('stage')!r}) does not hold examples (EXAMPLE_SCHEMA)")
+                raise ConfigError(
+                    f"{directory} (stage {manifest.get('stage')!r}) does not hold examples (EXAMPLE_SCHEMA)"
+                )
         shards += paths
     return shards
 

@@ -29,9 +29,10 @@ import asyncio
 import logging
 import shlex
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -102,20 +103,29 @@ class QAConfig:
     pairs_per_chunk: int = setting(3, "Pairs asked for per chunk.")
     cache: str | None = setting(None, "Response cache directory (any Beam filesystem): reruns reuse answers.")
     prompt_version: str = setting(DEFAULT_PROMPT_VERSION, f"Built-in prompt: {', '.join(PROMPTS)}.")
-    prompt_file: str | None = setting(None, 'JSON prompt template {"version", "system", "user"}; overrides --prompt-version.')
+    prompt_file: str | None = setting(
+        None, 'JSON prompt template {"version", "system", "user"}; overrides --prompt-version.'
+    )
     max_asks: int = setting(3, "Requests per chunk, re-asks of invalid replies included.")
     constraints: str = setting(
-        "full", "Structured output: full (pair count, one '?' ending each question, lengths; for guidance), "
-        "folded (the same for xgrammar), lengths, json (any JSON object) or none. A server refusing one gets the next.")
+        "full",
+        "Structured output: full (pair count, one '?' ending each question, lengths; for guidance), "
+        "folded (the same for xgrammar), lengths, json (any JSON object) or none. A server refusing one gets the next.",
+    )
     min_grounding: float = setting(
-        0.0, "Drop pairs whose grounding (share of the answer's content words found in the chunk) is "
-        "lower; a chunk left without pairs is filtered as ungrounded.")
+        0.0,
+        "Drop pairs whose grounding (share of the answer's content words found in the chunk) is "
+        "lower; a chunk left without pairs is filtered as ungrounded.",
+    )
     server_wait: float = setting(600.0, "Seconds to wait for an --endpoint server that does not answer.")
     batch_tokens: int = setting(1_000_000, "RunInference batch size, in prompt + max_tokens tokens.")
     accelerator: str | None = setting(
-        None, "Beam resource hint for the QA step (its vllm server), e.g. 'type:nvidia-l4;count:1;install-nvidia-driver'."
+        None,
+        "Beam resource hint for the QA step (its vllm server), e.g. 'type:nvidia-l4;count:1;install-nvidia-driver'.",
     )
-    vllm_args: tuple[str, ...] = setting((), "Extra arguments for the vLLM server, one string (vllm backend).", parse=shell_words)
+    vllm_args: tuple[str, ...] = setting(
+        (), "Extra arguments for the vLLM server, one string (vllm backend).", parse=shell_words
+    )
     vllm_python: str | None = setting(None, "Python with vLLM installed (default: $LWM_VLLM_PYTHON or this one).")
     vllm_state_dir: str | None = setting(None, "Where machine-wide vLLM server state lives (default: the temp dir).")
     sampling: SamplingParams = nested(SamplingParams)
@@ -195,7 +205,7 @@ class ServerBackend:
     def __init__(self, config: QAConfig, server, stage: str = STAGE):
         self.config = config
         self.template = load_prompt(config)
-        self.levels = list(CONSTRAINTS[CONSTRAINTS.index(config.constraints):])
+        self.levels = list(CONSTRAINTS[CONSTRAINTS.index(config.constraints) :])
         self.loop = EventLoopThread()
         cache = ResponseCache(config.cache) if config.cache else None
         # The event loop's thread has no Beam metrics context: the gauge goes to the live view only.
@@ -212,7 +222,12 @@ class ServerBackend:
         return reply_format(self.config, constraints)
 
     def request_key(self, chunk: ChunkRequest, sampling: SamplingParams, ask: int, reply_format: dict | None) -> str:
-        params = {**sampling.to_dict(), "ask": ask, "pairs_per_chunk": self.config.pairs_per_chunk, "format": reply_format}
+        params = {
+            **sampling.to_dict(),
+            "ask": ask,
+            "pairs_per_chunk": self.config.pairs_per_chunk,
+            "format": reply_format,
+        }
         return cache_key(self.config.model, self.template.version, chunk.text, params)
 
     async def answer(self, chunk: ChunkRequest) -> Answer:
@@ -237,16 +252,21 @@ class ServerBackend:
             constraints = self.levels[0]
             reply_format = self.reply_format(constraints)
             try:
-                return await self.client.complete(messages, sampling, reply_format,
-                                                  self.request_key(chunk, sampling, ask, reply_format))
+                return await self.client.complete(
+                    messages, sampling, reply_format, self.request_key(chunk, sampling, ask, reply_format)
+                )
             except Rejection as failed:
                 if len(self.levels) == 1 or not refuses_constraints(failed):
                     raise
                 if self.levels[0] == constraints:  # concurrent asks may all have been refused
                     self.levels.pop(0)
                     self.client.usage["constraint_fallbacks"] += 1
-                    log.warning("the server refuses %s constraints (%s); asking with %s from now on",
-                                constraints, failed.detail[:300], self.levels[0])
+                    log.warning(
+                        "the server refuses %s constraints (%s); asking with %s from now on",
+                        constraints,
+                        failed.detail[:300],
+                        self.levels[0],
+                    )
 
 
 def request_tokens(chunk: ChunkRequest, max_tokens: int) -> int:
@@ -274,7 +294,9 @@ class QAModelHandler(ModelHandler[ChunkRequest, Answer, Any]):
         server.acquire()
         return ServerBackend(config, server, self.stage)
 
-    def run_inference(self, batch: Sequence[ChunkRequest], model, inference_args: dict | None = None) -> Iterable[PredictionResult]:
+    def run_inference(
+        self, batch: Sequence[ChunkRequest], model, inference_args: dict | None = None
+    ) -> Iterable[PredictionResult]:
         answers, usage = model.answer_batch(batch)
         for name, value in usage.items():
             self.count(name, value)
@@ -321,8 +343,12 @@ class AnswerRows:
             return
         self.count("out")
         self.count("pairs", len(pairs))
-        yield {"book_id": chunk.book_id, "chunk_index": chunk.chunk_index, "pairs": [p.to_dict() for p in pairs],
-               **self.identity}
+        yield {
+            "book_id": chunk.book_id,
+            "chunk_index": chunk.chunk_index,
+            "pairs": [p.to_dict() for p in pairs],
+            **self.identity,
+        }
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
@@ -345,7 +371,8 @@ class QA(beam.PTransform):
         answered = (
             requests.out
             | "AskForPairs" >> ask
-            | "ToRows" >> route(self.stage, AnswerRows(self.stage, output_identity(self.config), self.config.min_grounding))
+            | "ToRows"
+            >> route(self.stage, AnswerRows(self.stage, output_identity(self.config), self.config.min_grounding))
         )
         tables = (
             answered.out

@@ -10,8 +10,8 @@ the book). Stats: tokens.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import apache_beam as beam
 import pyarrow as pa
@@ -33,7 +33,9 @@ CHUNK_COLUMNS = ["book_id", "title", "chunk_index", "num_chunks", "num_tokens", 
 class TextConfig:
     input: str = setting(help="Chunk stage output directory.")
     output: str = setting(help="Output directory.")
-    tokenizer: str | None = setting(None, "A copy of the chunk stage's tokenizer, where its recorded path is not reachable.")
+    tokenizer: str | None = setting(
+        None, "A copy of the chunk stage's tokenizer, where its recorded path is not reachable."
+    )
 
 
 class BookText(TokenizerStep):

@@ -26,7 +26,9 @@ class VideoConfig(MediaJobConfig):
     frames: FrameSampling = nested(FrameSampling)
 
 
-def run_media(stage: str, config: MediaJobConfig, beam_args: list[str] | None = None, images_only: bool = False) -> dict:
+def run_media(
+    stage: str, config: MediaJobConfig, beam_args: list[str] | None = None, images_only: bool = False
+) -> dict:
     """A media -> examples job (`video`, `image`): the media chain | Sequences | write, and the codes
     when they are kept (counted in both stages' namespaces)."""
     stages = (stage, vision_codes.STAGE) if config.keep_codes else stage

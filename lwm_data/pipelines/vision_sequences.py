@@ -9,8 +9,8 @@ Counts (`in` = coded items): `out` = items turned into examples; dead-lettered: 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import apache_beam as beam
 import pyarrow as pa
@@ -77,7 +77,10 @@ class Sequences(beam.PTransform):
         built = coded | "BuildSequences" >> route(self.stage, BuildSequences(self.stage, self.settings, self.tokenizer))
         tables = (
             built.out
-            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_tokens, element_size_fn=lambda e: e.num_tokens)
+            | "Batch"
+            >> beam.BatchElements(
+                min_batch_size=1, max_batch_size=self.batch_tokens, element_size_fn=lambda e: e.num_tokens
+            )
             | "ToTable" >> beam.Map(examples_to_table)
         )
         return StageOutput(tables, built[ERRORS])

@@ -4,7 +4,8 @@ in scratch), then pack, whose manifest records every stage's counts.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 import pyarrow as pa
@@ -28,8 +29,13 @@ class Upstream(NamedTuple):
 
 
 def finish_with_pack(
-    job: Job, name: str, upstream: list[Upstream], pack_inputs: set[str], pack_config: pack.PackConfig,
-    tokenizer: dict | None, keep_intermediate: bool,
+    job: Job,
+    name: str,
+    upstream: list[Upstream],
+    pack_inputs: set[str],
+    pack_config: pack.PackConfig,
+    tokenizer: dict | None,
+    keep_intermediate: bool,
 ) -> Job:
     """Finish a whole-pipeline job: the upstream stages' outputs (each kept, or only what pack reads,
     in a scratch directory deleted when the job ends, their dead letters in pack's `errors/`), then
@@ -41,7 +47,9 @@ def finish_with_pack(
         else:
             errors.append(up.output.errors)
             scratch = files.join(pack_config.output, SCRATCH, up.stage)
-            written = job.write_scratch(up.stage, scratch, up.output.rows, up.schema) if up.stage in pack_inputs else None
+            written = (
+                job.write_scratch(up.stage, scratch, up.output.rows, up.schema) if up.stage in pack_inputs else None
+            )
         if up.stage in pack_inputs:
             shards.append(written)
     packed = tuple(shards) | "ExampleShards" >> beam.Flatten() | "Pack" >> pack.Pack(pack_config)

@@ -24,8 +24,9 @@ manifest; pack's manifest also holds every stage's counts (`pipeline.stages`).
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from lwm_data import config as settings
 from lwm_data.errors import ConfigError
@@ -90,7 +91,9 @@ def stage_configs(pipeline: WholePipeline, document: dict[str, Any], overrides: 
     """Each stage's config from the TOML document and the overrides, inputs wired."""
     unknown = sorted(set(document) - {"output", *pipeline.stages})
     if unknown:
-        raise ConfigError(f"unknown tables or keys {unknown}; `run {pipeline.name}` has: output, {', '.join(pipeline.stages)}")
+        raise ConfigError(
+            f"unknown tables or keys {unknown}; `run {pipeline.name}` has: output, {', '.join(pipeline.stages)}"
+        )
     root = document.get("output")
     values: Values = {}
     for stage in pipeline.stages:

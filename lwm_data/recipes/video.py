@@ -31,4 +31,6 @@ def job(configs: dict[str, Any], beam_args: list[str] | None = None, keep_interm
     encoded = encode_media(config.media, config.frames, config.vqgan, video.STAGE, beam_args)
     examples, tokenizer = media_examples(encoded, config, video.STAGE)
     upstream = [Upstream(video.STAGE, config, examples, EXAMPLE_SCHEMA, vqgan_section(encoded.vqgan))]
-    return finish_with_pack(encoded.job, "video", upstream, {video.STAGE}, configs[pack.STAGE], tokenizer, keep_intermediate)
+    return finish_with_pack(
+        encoded.job, "video", upstream, {video.STAGE}, configs[pack.STAGE], tokenizer, keep_intermediate
+    )

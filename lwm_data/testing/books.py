@@ -12,9 +12,16 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-FIRST_NAMES = "Mara Tobias Elin Joss Ada Corwin Ines Perrin Lotte Silas Wren Amos Hester Odile Fenn Cass Ruth Emeric Noor Bastian".split()
-SURNAMES = "Quill Harrow Vance Ashby Morrow Tull Fairweather Lindqvist Okafor Brandt Castell Pryce Hollis Dunmore Sato Varga".split()
-PLACES = "Velmont Cardell Oxhaven Brightwater Kestrel Point Lowmarsh Thornby Ellisport Marrow Hill Greywick Saltcombe Fennick".split(" ")
+FIRST_NAMES = (
+    "Mara Tobias Elin Joss Ada Corwin Ines Perrin Lotte Silas Wren Amos Hester Odile Fenn Cass Ruth Emeric Noor Bastian"
+).split()
+SURNAMES = (
+    "Quill Harrow Vance Ashby Morrow Tull Fairweather Lindqvist Okafor Brandt Castell Pryce Hollis Dunmore Sato Varga"
+).split()
+PLACES = (
+    "Velmont Cardell Oxhaven Brightwater Kestrel Point Lowmarsh Thornby Ellisport Marrow Hill Greywick Saltcombe"
+    " Fennick"
+).split(" ")
 OBJECTS = "lanterns letters maps clocks keys barrels books coins ledgers bottles".split()
 COLOURS = "green crimson grey silver amber blue white black".split()
 ADJECTIVES = "quiet narrow old bright cold distant heavy small crooked patient".split()
@@ -106,7 +113,10 @@ def generate_book(seed: int, num_words: int = 5000, book_id: str | None = None) 
 
 def generate_books(num_books: int, num_words: int = 5000, seed: int = 0) -> list[SyntheticBook]:
     rng = random.Random(seed)
-    return [generate_book(rng.getrandbits(48), int(num_words * rng.uniform(0.5, 1.5)), f"synthetic-{seed}-{i}") for i in range(num_books)]
+    return [
+        generate_book(rng.getrandbits(48), int(num_words * rng.uniform(0.5, 1.5)), f"synthetic-{seed}-{i}")
+        for i in range(num_books)
+    ]
 
 
 def write_books_jsonl(path: str | Path, books: list[SyntheticBook], with_facts: bool = False) -> Path:

@@ -23,8 +23,14 @@ def moving_square(index: int, width: int, height: int) -> np.ndarray:
 
 
 def make_video(
-    path: Path, frames: int = 24, width: int = 320, height: int = 240, fps: int = 10, codec: str = "libx264",
-    times_ms: list[int] | None = None, faststart: bool = False,
+    path: Path,
+    frames: int = 24,
+    width: int = 320,
+    height: int = 240,
+    fps: int = 10,
+    codec: str = "libx264",
+    times_ms: list[int] | None = None,
+    faststart: bool = False,
 ) -> Path:
     """An H.264 MP4 (by default) of a moving square; `times_ms` (each frame's presentation time) makes
     its frame rate variable."""
@@ -45,7 +51,9 @@ def make_video(
     return path
 
 
-def make_image(path: Path, width: int = 300, height: int = 200, mode: str = "RGB", exif_orientation: int | None = None) -> Path:
+def make_image(
+    path: Path, width: int = 300, height: int = 200, mode: str = "RGB", exif_orientation: int | None = None
+) -> Path:
     image = Image.fromarray(moving_square(3, width, height))
     if mode == "P":
         image = image.convert("P", palette=Image.Palette.ADAPTIVE)

@@ -11,8 +11,9 @@ sha256.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -45,7 +46,13 @@ def _without_compression(path: str) -> str:
 
 def input_format(path: str) -> str:
     name = _without_compression(path).lower()
-    for suffix, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".ndjson", "jsonl"), (".parquet", "parquet"), (".txt", "txt")):
+    for suffix, fmt in (
+        (".jsonl", "jsonl"),
+        (".json", "jsonl"),
+        (".ndjson", "jsonl"),
+        (".parquet", "parquet"),
+        (".txt", "txt"),
+    ):
         if name.endswith(suffix):
             return fmt
     return "unknown"
@@ -88,7 +95,9 @@ def book_from_fields(record: dict[str, Any], source: str, locator: str) -> Book 
     return book_from_text(text, source, locator, book_id, title)
 
 
-def book_from_text(text: str, source: str, locator: str, book_id: str | None = None, title: str | None = None) -> Book | Rejection:
+def book_from_text(
+    text: str, source: str, locator: str, book_id: str | None = None, title: str | None = None
+) -> Book | Rejection:
     if looks_binary(text):
         return Rejection("binary_content", "too many control characters", text, source, locator)
     text = normalize_text(text)

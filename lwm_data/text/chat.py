@@ -50,8 +50,8 @@ example does not depend on how a runner orders the work.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -72,7 +72,9 @@ class ChatConfig:
     pairs_per_example: int = setting(8, "QA turns per example (fewer when the window has fewer).")
     stride: float = setting(1.0, "Window step as a fraction of the window (1: no overlap, 0.5: half).")
     seed: int = setting(0, "Seed of the QA sampling.")
-    max_turn_tokens: int = setting(256, "Longer QA turns are not used (each example reserves room for k of the longest).")
+    max_turn_tokens: int = setting(
+        256, "Longer QA turns are not used (each example reserves room for k of the longest)."
+    )
     template: ChatTemplate = nested(ChatTemplate)
 
     def __post_init__(self):
@@ -108,7 +110,9 @@ class QATurn:
         return max(len(self.first_prompt_ids), len(self.next_prompt_ids)) + len(self.answer_ids) + 1
 
 
-def encode_turns(pairs: Sequence[tuple[int, str, str]], tokenizer: TextTokenizer, template: ChatTemplate) -> list[QATurn]:
+def encode_turns(
+    pairs: Sequence[tuple[int, str, str]], tokenizer: TextTokenizer, template: ChatTemplate
+) -> list[QATurn]:
     """Tokenize (chunk index, question, answer) triples in three batched calls."""
     if not pairs:
         return []

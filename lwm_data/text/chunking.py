@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -139,8 +139,7 @@ def cut_chunks(text: str, tokenized: TokenizedText, chunk_tokens: int = 1000, to
     token_cuts.append(n)
     char_cuts = [0] + [int(tokenized.char_ends[t - 1]) for t in token_cuts[1:-1]] + [len(text)]
     return [
-        Chunk(i, char_cuts[i], char_cuts[i + 1], token_cuts[i], token_cuts[i + 1])
-        for i in range(len(token_cuts) - 1)
+        Chunk(i, char_cuts[i], char_cuts[i + 1], token_cuts[i], token_cuts[i + 1]) for i in range(len(token_cuts) - 1)
     ]
 
 
@@ -189,8 +188,12 @@ def book_chunks_from_table(book_id: str, table: pa.Table) -> BookChunks:
     declared = pc.unique(table["num_chunks"]).to_pylist()
     if not np.array_equal(index, np.arange(len(index))) or declared != [len(index)]:
         shown = f"{index[:8].tolist()}{'...' if len(index) > 8 else ''}"
-        raise Rejection("incomplete_book", f"chunk indices {shown} are not 0..{declared[0] - 1} once each "
-                        f"({len(index)} rows, num_chunks {declared})", book_id, book_id)
+        raise Rejection(
+            "incomplete_book",
+            f"chunk indices {shown} are not 0..{declared[0] - 1} once each ({len(index)} rows, num_chunks {declared})",
+            book_id,
+            book_id,
+        )
     lengths = list_lengths(table["tokens"])
     if not np.array_equal(lengths, table["num_tokens"].to_numpy()):
         raise Rejection("incomplete_book", "a chunk's tokens do not match its num_tokens", book_id, book_id)
@@ -204,8 +207,16 @@ def text_example(book: BookChunks, bos_id: int, title: str | None = None) -> Exa
     weights = np.ones(len(tokens), np.float32)
     weights[0] = 0.0
     meta = {"num_chunks": book.num_chunks, **({"title": title} if title else {})}
-    return Example(book.book_id, TEXT, book.book_id, tokens, weights, np.zeros(len(tokens), np.bool_),
-                   "<s>" + "".join(book.texts), meta)
+    return Example(
+        book.book_id,
+        TEXT,
+        book.book_id,
+        tokens,
+        weights,
+        np.zeros(len(tokens), np.bool_),
+        "<s>" + "".join(book.texts),
+        meta,
+    )
 
 
 def split_by_book(batch: pa.Table | pa.RecordBatch) -> Iterable[tuple[str, pa.Table]]:

@@ -1,17 +1,17 @@
 """Talking to an OpenAI-compatible LLM server (vLLM, SGLang, TGI) from a Beam worker.
 
-    ChatClient      async chat completions: at most `concurrency` in flight, a per-request timeout,
-                    the API key from the environment variable `api_key_env` names,
-                    the openai client's own retries (exponential backoff with jitter on 408/409/429,
-                    5xx, connection errors and timeouts), then recovery: wait for the server (or
-                    restart it) and try again; a response cache; request/retry/token counts. A
-                    request that cannot succeed raises a `Rejection` (http_<status>, unreachable,
-                    bad_response); a server that refuses the model or key raises ServerRejected.
-    ResponseCache   one JSON file per request key on any Beam filesystem, written atomically.
-    Endpoint        an already running server: recovery waits until it answers again.
-    VLLMServer      a vLLM server this machine starts for a model, shared by all its processes
-                    (lock file + state file in a temp dir), restarted when it dies.
-    EventLoopThread runs the async client from synchronous Beam code, keeping connections warm.
+ChatClient      async chat completions: at most `concurrency` in flight, a per-request timeout,
+                the API key from the environment variable `api_key_env` names,
+                the openai client's own retries (exponential backoff with jitter on 408/409/429,
+                5xx, connection errors and timeouts), then recovery: wait for the server (or
+                restart it) and try again; a response cache; request/retry/token counts. A
+                request that cannot succeed raises a `Rejection` (http_<status>, unreachable,
+                bad_response); a server that refuses the model or key raises ServerRejected.
+ResponseCache   one JSON file per request key on any Beam filesystem, written atomically.
+Endpoint        an already running server: recovery waits until it answers again.
+VLLMServer      a vLLM server this machine starts for a model, shared by all its processes
+                (lock file + state file in a temp dir), restarted when it dies.
+EventLoopThread runs the async client from synchronous Beam code, keeping connections warm.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Coroutine, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from lwm_data import files
 from lwm_data.config import setting
@@ -136,8 +137,13 @@ class ResponseCache:
             if not files.exists(path):  # Beam filesystems report absence as OSError too
                 return None
             if not self._read_error_logged:
-                log.warning("response cache %s: reading %s failed (%s: %s); treating entries as misses",
-                            self.root, path, type(e).__name__, e)
+                log.warning(
+                    "response cache %s: reading %s failed (%s: %s); treating entries as misses",
+                    self.root,
+                    path,
+                    type(e).__name__,
+                    e,
+                )
                 self._read_error_logged = True
             return None
 
@@ -188,9 +194,13 @@ class Endpoint:
 class ClientConfig:
     concurrency: int = setting(8, "Requests in flight per worker.")
     timeout: float = setting(120.0, "Per-request timeout, seconds.")
-    max_retries: int = setting(4, "Retries per request on 429, 5xx, connection errors and timeouts (the openai client's).")
+    max_retries: int = setting(
+        4, "Retries per request on 429, 5xx, connection errors and timeouts (the openai client's)."
+    )
     max_recoveries: int = setting(2, "After the retries: times to wait for (or restart) the server and call again.")
-    api_key_env: str = setting("OPENAI_API_KEY", "Environment variable holding the server's API key (read on each worker).")
+    api_key_env: str = setting(
+        "OPENAI_API_KEY", "Environment variable holding the server's API key (read on each worker)."
+    )
 
 
 NO_KEY = "EMPTY"  # what a server without keys (vLLM without --api-key) accepts
@@ -213,9 +223,13 @@ class ChatClient:
     """Chat completions against one server, `concurrency` at a time. Use from one event loop."""
 
     def __init__(
-        self, model: str, config: ClientConfig, server: Server, cache: ResponseCache | None = None,
+        self,
+        model: str,
+        config: ClientConfig,
+        server: Server,
+        cache: ResponseCache | None = None,
         in_flight: Callable[[int], None] | None = None,
-    ):  # fmt: skip
+    ):
         """`in_flight(+1 / -1)` hears each request as it goes out and comes back (a live gauge)."""
         import openai
 
@@ -230,8 +244,11 @@ class ChatClient:
         http_client = openai.DefaultAsyncHttpxClient(event_hooks={"request": [self._on_request]})
         self._key = api_key(config.api_key_env)
         self._openai = openai.AsyncOpenAI(
-            base_url=server.ensure_ready(), api_key=self._key, timeout=config.timeout,
-            max_retries=config.max_retries, http_client=http_client,
+            base_url=server.ensure_ready(),
+            api_key=self._key,
+            timeout=config.timeout,
+            max_retries=config.max_retries,
+            http_client=http_client,
         )
 
     async def _on_request(self, request) -> None:
@@ -239,7 +256,9 @@ class ChatClient:
         if request.headers.get("x-stainless-retry-count", "0") != "0":
             self.usage["retries"] += 1
 
-    async def complete(self, messages: list[dict], sampling: SamplingParams, response_format: dict | None, key: str) -> Completion:
+    async def complete(
+        self, messages: list[dict], sampling: SamplingParams, response_format: dict | None, key: str
+    ) -> Completion:
         """The server's completion for this request, from the cache when it was asked before."""
         if self.cache is not None:
             cached = await asyncio.to_thread(self.cache.get, key)
@@ -253,7 +272,9 @@ class ChatClient:
             await asyncio.to_thread(self.cache.put, key, completion)
         return completion
 
-    async def _request(self, messages: list[dict], sampling: SamplingParams, response_format: dict | None) -> Completion:
+    async def _request(
+        self, messages: list[dict], sampling: SamplingParams, response_format: dict | None
+    ) -> Completion:
         import openai
 
         extra = {"response_format": response_format} if response_format else {}
@@ -354,9 +375,18 @@ def free_port() -> int:
 def vllm_command(model: str, port: int, python: str | None = None, extra_args: tuple[str, ...] = ()) -> list[str]:
     """vLLM's OpenAI server on the loopback interface, with compact structured output."""
     return [
-        python or default_vllm_python(), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", model, "--host", LOOPBACK, "--port", str(port),
-        "--structured-outputs-config", VLLM_STRUCTURED_OUTPUTS, *extra_args,
+        python or default_vllm_python(),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+        "--structured-outputs-config",
+        VLLM_STRUCTURED_OUTPUTS,
+        *extra_args,
     ]
 
 
@@ -382,8 +412,14 @@ class VLLMServer:
     the server; `ensure_ready` restarts it when its process has died; the last `release` stops it.
     """
 
-    def __init__(self, model: str, extra_args: tuple[str, ...] = (), python: str | None = None,
-                 state_root: str | None = None, ready_timeout_s: float = 900.0):
+    def __init__(
+        self,
+        model: str,
+        extra_args: tuple[str, ...] = (),
+        python: str | None = None,
+        state_root: str | None = None,
+        ready_timeout_s: float = 900.0,
+    ):
         self.model = model
         self.extra_args = tuple(extra_args)
         self.python = python or default_vllm_python()
@@ -474,8 +510,9 @@ class VLLMServer:
         command = vllm_command(self.model, port, self.python, self.extra_args)
         log.info("starting vLLM: %s", " ".join(command))
         with open(self.log_path, "ab") as out:
-            child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+            child = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         self._children[child.pid] = child
         state = {"pid": child.pid, "port": port, "started": time.time()}
         self._write_state(state)

@@ -21,8 +21,8 @@ Protocol (LWM's scripts/eval_needle*.py, with its flaws fixed):
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 

@@ -23,8 +23,9 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 from lwm_data.config import setting
 from lwm_data.errors import Rejection
@@ -139,12 +140,16 @@ def fitted_limits(num_pairs: int, limits: PairLimits, max_tokens: int) -> PairLi
     if longest <= text_budget:
         return limits
     scale = max(0, text_budget) / longest
-    return replace(limits, max_question_chars=max(limits.min_question_chars, int(limits.max_question_chars * scale)),
-                   max_answer_chars=max(limits.min_answer_chars, int(limits.max_answer_chars * scale)))
+    return replace(
+        limits,
+        max_question_chars=max(limits.min_question_chars, int(limits.max_question_chars * scale)),
+        max_answer_chars=max(limits.min_answer_chars, int(limits.max_answer_chars * scale)),
+    )
 
 
-def reply_schema(num_pairs: int, limits: PairLimits, constraints: str = "full",
-                 max_tokens: int | None = None) -> dict[str, Any] | None:
+def reply_schema(
+    num_pairs: int, limits: PairLimits, constraints: str = "full", max_tokens: int | None = None
+) -> dict[str, Any] | None:
     """JSON schema of a reply, {"pairs": [{"question", "answer"}, ...]}, as strict as `constraints`:
 
     full     exactly num_pairs pairs; questions with one "?", at the end (QUESTION_PATTERN), and
@@ -171,8 +176,10 @@ def reply_schema(num_pairs: int, limits: PairLimits, constraints: str = "full",
         if limits.require_question_mark and constraints == "full":
             question = {**question, "pattern": QUESTION_PATTERN}
         elif limits.require_question_mark:
-            question = {"type": "string",
-                        "pattern": folded_question_pattern(limits.min_question_chars, limits.max_question_chars)}
+            question = {
+                "type": "string",
+                "pattern": folded_question_pattern(limits.min_question_chars, limits.max_question_chars),
+            }
     pair = {
         "type": "object",
         "properties": {"question": question, "answer": text(limits.min_answer_chars, limits.max_answer_chars)},
@@ -254,7 +261,9 @@ def parse_pairs(content: str) -> list[QAPair]:
         raise ValueError('expected an object with a "pairs" list')
     pairs = []
     for item in items:
-        if not (isinstance(item, dict) and isinstance(item.get("question"), str) and isinstance(item.get("answer"), str)):
+        if not (
+            isinstance(item, dict) and isinstance(item.get("question"), str) and isinstance(item.get("answer"), str)
+        ):
             raise ValueError("expected every pair to have string question and answer")
         pairs.append(QAPair(item["question"], item["answer"]))
     return pairs
@@ -282,7 +291,8 @@ def judge_reply(content: str | None, finish_reason: str | None, limits: PairLimi
 # --- grounding: how much of an answer the chunk supports ---------------------------------------
 
 # Closed-class words carry no content: an answer is grounded by its names, numbers, nouns and verbs.
-FUNCTION_WORDS = frozenset("""
+FUNCTION_WORDS = frozenset(
+    """
 a an the this that these those some any each every all both no not nor none
 and or but so yet if then than as because though although while whereas
 of to in on at by for with from into onto upon about above below over under between among through
@@ -292,7 +302,8 @@ can could shall should will would may might must
 i me my mine we us our ours you your yours he him his she her hers it its they them their theirs
 who whom whose which what when where why how there here
 yes just only also very too
-""".split())
+""".split()
+)
 _WORD = re.compile(r"\w+(?:['\u2019]\w+)*")
 _POSSESSIVE = re.compile(r"['\u2019]s$")
 
@@ -339,7 +350,7 @@ _ENDS = re.escape(SENTENCE_END_MARKS)
 _CLOSING = re.escape(CLOSING_QUOTES)
 _SENTENCE = re.compile(
     f"(?:^|(?<=[{_ENDS}]\\s)|(?<=[{_ENDS}][{_CLOSING}]\\s)|(?<=\\n\\n))"
-    f"(?:[\u201c\"](?=[A-Z])|[A-Z])(?:[^{_ENDS}\\n]|\\n(?![ \\t]*\\n))*[{_ENDS}]"
+    f'(?:[\u201c"](?=[A-Z])|[A-Z])(?:[^{_ENDS}\\n]|\\n(?![ \\t]*\\n))*[{_ENDS}]'
 )
 _NUMBER = re.compile(r"\b\d+(?:,\d{3})*\b")
 _NAME = re.compile(r"\b[A-Z][a-z]+(?:\s[A-Z][a-z]+)*\b")

@@ -10,6 +10,10 @@ from lwm_data.tokenizers.text import (
 )
 
 __all__ = [
-    "TextTokenizer", "TokenizedText", "TokenizerMismatch", "default_tokenizer_path", "load_tokenizer",
+    "TextTokenizer",
+    "TokenizedText",
+    "TokenizerMismatch",
+    "default_tokenizer_path",
+    "load_tokenizer",
     "resolve_tokenizer",
 ]

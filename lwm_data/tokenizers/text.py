@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import sentencepiece as spm
@@ -206,8 +207,10 @@ def load_tokenizer(path: str | None = None) -> TextTokenizer:
         return HuggingFaceTokenizer(files.read_bytes(hf_json), path)
     if files.exists(path):
         return SentencePieceTokenizer(files.read_bytes(path), path)
-    raise ConfigError(f"no tokenizer at {path}: expected a SentencePiece .model file or a directory with "
-                      "tokenizer.model or tokenizer.json")
+    raise ConfigError(
+        f"no tokenizer at {path}: expected a SentencePiece .model file or a directory with "
+        "tokenizer.model or tokenizer.json"
+    )
 
 
 class TokenizerMismatch(ConfigError):
@@ -229,8 +232,10 @@ def resolve_tokenizer(entry: dict[str, Any] | None, requested: str | None = None
     if requested is not None:
         tokenizer = load_tokenizer(requested)
         if entry and tokenizer.sha256 != entry.get("sha256"):
-            raise TokenizerMismatch(f"tokenizer {requested} (sha256 {tokenizer.sha256[:12]}...) is not the one "
-                                    f"that made this input's tokens: {describe_entry(entry)}")
+            raise TokenizerMismatch(
+                f"tokenizer {requested} (sha256 {tokenizer.sha256[:12]}...) is not the one "
+                f"that made this input's tokens: {describe_entry(entry)}"
+            )
         return tokenizer
     if not entry:
         raise ConfigError("the input's manifest records no tokenizer: pass --tokenizer")
@@ -240,9 +245,13 @@ def resolve_tokenizer(entry: dict[str, Any] | None, requested: str | None = None
     if tokenizer.sha256 != entry.get("sha256"):
         if path is None or located:
             changed = "the embedded default tokenizer" if path is None else f"the tokenizer at {path}"
-            raise TokenizerMismatch(f"{changed} has changed since it made this input's tokens (sha256 now "
-                                    f"{tokenizer.sha256[:12]}..., recorded {entry.get('sha256', '?')[:12]}...): "
-                                    "pass --tokenizer with the original model")
-        raise TokenizerMismatch(f"the tokenizer that made this input, {describe_entry(entry)}, is not at that path "
-                                "here: pass --tokenizer with a copy of it")
+            raise TokenizerMismatch(
+                f"{changed} has changed since it made this input's tokens (sha256 now "
+                f"{tokenizer.sha256[:12]}..., recorded {entry.get('sha256', '?')[:12]}...): "
+                "pass --tokenizer with the original model"
+            )
+        raise TokenizerMismatch(
+            f"the tokenizer that made this input, {describe_entry(entry)}, is not at that path "
+            "here: pass --tokenizer with a copy of it"
+        )
     return tokenizer

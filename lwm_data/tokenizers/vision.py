@@ -73,10 +73,13 @@ class VQGANSettings:
     """Which VQ-GAN, where it runs, how it is fed."""
 
     vqgan: str | None = setting(
-        None, "VQ-GAN weights: a diffusers VQModel dir (any Beam filesystem). Default: RANDOM weights (codes mean nothing)."
+        None,
+        "VQ-GAN weights: a diffusers VQModel dir (any Beam filesystem). Default: RANDOM weights (codes mean nothing).",
     )
     vqgan_subfolder: str = setting("", "Subfolder of --vqgan holding the VQModel (amused/amused-256: vqvae).")
-    random_config: str = setting("amused", "Shape of random weights when no --vqgan: amused (full) or reduced (CPU tests).")
+    random_config: str = setting(
+        "amused", "Shape of random weights when no --vqgan: amused (full) or reduced (CPU tests)."
+    )
     pixel_range: str = setting("0,1", "Pixel range the checkpoint expects: 0,1 (aMUSEd) or -1,1 (LWM's JAX VQ-GAN).")
     device: str = setting("cpu", "cpu or cuda.")
     batch_size: int = setting(16, "Frames per VQ-GAN batch (and per decoded batch of a video).")
@@ -107,7 +110,9 @@ class VQGANSettings:
 class VQGAN:
     """A diffusers VQModel used as a tokenizer: batched, under `torch.inference_mode`."""
 
-    def __init__(self, model, entry: dict[str, Any], pixel_range: str = "0,1", device: str = "cpu", compile: bool = True):
+    def __init__(
+        self, model, entry: dict[str, Any], pixel_range: str = "0,1", device: str = "cpu", compile: bool = True
+    ):
         import torch
 
         self.device = torch.device(device)
@@ -144,7 +149,11 @@ class VQGAN:
 
         local = _local_copy(os.path.join(path, subfolder) if subfolder else path)
         model = VQModel.from_pretrained(local)
-        return cls(model, {"path": path, "subfolder": subfolder, "sha256": _weights_sha256(local), "random_weights": False}, **kwargs)
+        return cls(
+            model,
+            {"path": path, "subfolder": subfolder, "sha256": _weights_sha256(local), "random_weights": False},
+            **kwargs,
+        )
 
     @classmethod
     def from_settings(cls, settings: VQGANSettings) -> VQGAN:
@@ -188,7 +197,10 @@ class VQGAN:
 def random_entry(reduced: bool, seed: int = RANDOM_SEED) -> dict[str, Any]:
     """The manifest entry of random weights: enough to rebuild the same model (decoding needs it)."""
     return {
-        "name": "random", "config": "reduced" if reduced else "amused", "seed": seed, "random_weights": True,
+        "name": "random",
+        "config": "reduced" if reduced else "amused",
+        "seed": seed,
+        "random_weights": True,
         "note": "RANDOM VQ-GAN weights: these codes mean nothing",
     }
 
@@ -199,8 +211,12 @@ def describe(settings: VQGANSettings) -> dict[str, Any]:
         _warn_random_weights()
         return random_entry(settings.random_config == "reduced")
     path = os.path.join(settings.vqgan, settings.vqgan_subfolder) if settings.vqgan_subfolder else settings.vqgan
-    return {"path": settings.vqgan, "subfolder": settings.vqgan_subfolder, "sha256": _weights_sha256(_local_copy(path)),
-            "random_weights": False}
+    return {
+        "path": settings.vqgan,
+        "subfolder": settings.vqgan_subfolder,
+        "sha256": _weights_sha256(_local_copy(path)),
+        "random_weights": False,
+    }
 
 
 @lru_cache(maxsize=1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -23,14 +23,16 @@ def _flag(option: Option) -> inspect.Parameter:
     """A flag whose absence leaves the TOML's value (default None)."""
     dashed = option.name.replace("_", "-")
     decls = [f"--{dashed}/--no-{dashed}"] if option.base_type is bool else option.cli_flags
-    annotation = Optional[bool] if option.base_type is bool else Optional[option.base_type]
+    annotation = (bool if option.base_type is bool else option.base_type) | None
     return inspect.Parameter(
-        option.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+        option.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=annotation,
         default=typer.Option(None, *decls, help=f"{option.help} [config default: {option.default}]"),
-    )  # fmt: skip
+    )
 
 
-def command(config: Optional[str] = None, **values: Any) -> None:
+def command(config: str | None = None, **values: Any) -> None:
     """Train LLaMA (with LWM's vision heads) on packed shards: data x ring parallel, progressive context."""
     from lwm_data.train.trainer import train
 
@@ -42,9 +44,13 @@ def command(config: Optional[str] = None, **values: Any) -> None:
 
 
 _config = inspect.Parameter(
-    "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-    default=typer.Option(None, "--config", help="TOML job config: keys are the flags' names, plus the [[phases]] tables."),
-)  # fmt: skip
+    "config",
+    inspect.Parameter.KEYWORD_ONLY,
+    annotation=str | None,
+    default=typer.Option(
+        None, "--config", help="TOML job config: keys are the flags' names, plus one table per context phase."
+    ),
+)
 command.__signature__ = inspect.Signature([_config] + [_flag(o) for o in options()])
 
 

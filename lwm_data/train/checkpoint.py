@@ -43,9 +43,10 @@ def latest(directory: str) -> str | None:
     if not os.path.isdir(directory):
         return None
     steps = [
-        int(m.group(1)) for name in os.listdir(directory)
+        int(m.group(1))
+        for name in os.listdir(directory)
         if (m := STEP_DIR.match(name)) and os.path.exists(os.path.join(directory, name, ".metadata"))
-    ]  # fmt: skip
+    ]
     return step_path(directory, max(steps)) if steps else None
 
 
@@ -57,9 +58,17 @@ def read_progress(path: str) -> dict[str, int]:
     return {"phase": progress.get("phase", progress.get("stage", 0)), "step": progress["step"]}
 
 
-def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, int], data: dict[str, Any]) -> None:
+def save(
+    path: str, model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, int], data: dict[str, Any]
+) -> None:
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state, "progress": progress, "data": data, "rng": torch.get_rng_state()}
+    state = {
+        "model": model_state,
+        "optimizer": optim_state,
+        "progress": progress,
+        "data": data,
+        "rng": torch.get_rng_state(),
+    }
     dcp.save(state, checkpoint_id=path)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         with open(os.path.join(path, "progress.json"), "w") as f:
@@ -71,7 +80,13 @@ def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, data: di
     model_state, optim_state = get_state_dict(model, optimizer)
     with open(os.path.join(path, "progress.json")) as f:
         progress = json.load(f)  # the keys it was saved with
-    state = {"model": model_state, "optimizer": optim_state, "progress": progress, "data": data, "rng": torch.get_rng_state()}
+    state = {
+        "model": model_state,
+        "optimizer": optim_state,
+        "progress": progress,
+        "data": data,
+        "rng": torch.get_rng_state(),
+    }
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     torch.set_rng_state(state["rng"])
@@ -104,18 +119,33 @@ def hf_name(name: str) -> str:
 
 def hf_config(config: ModelConfig, rope_theta: float, max_positions: int) -> dict[str, Any]:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": config.dim, "intermediate_size": config.mlp_dim, "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
-        "vocab_size": config.vocab_size, "rms_norm_eps": config.norm_eps, "max_position_embeddings": max_positions,
-        "rope_theta": rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
-        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": config.dim,
+        "intermediate_size": config.mlp_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "rms_norm_eps": config.norm_eps,
+        "max_position_embeddings": max_positions,
+        "rope_theta": rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32",
         "lwm_vision_vocab_size": config.vision_vocab_size,
-    }  # fmt: skip
+    }
 
 
-def export_safetensors(directory: str, model: nn.Module, config: ModelConfig, rope_theta: float, max_positions: int) -> None:
+def export_safetensors(
+    directory: str, model: nn.Module, config: ModelConfig, rope_theta: float, max_positions: int
+) -> None:
     """Full weights gathered to rank 0 and written there (every rank must call this)."""
     from safetensors.torch import save_file
 

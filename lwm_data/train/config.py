@@ -79,8 +79,11 @@ class TrainConfig:
     phases: tuple[PhaseConfig, ...] = ()
 
     def model_config(self) -> ModelConfig:
-        return preset(self.model, vision_vocab_size=PRESETS[self.model].vision_vocab_size if self.vision else 0,
-                      attention_backend=self.attention_backend)
+        return preset(
+            self.model,
+            vision_vocab_size=PRESETS[self.model].vision_vocab_size if self.vision else 0,
+            attention_backend=self.attention_backend,
+        )
 
     def phase_lr(self, phase: PhaseConfig) -> float:
         return phase.lr if phase.lr is not None else self.lr
@@ -89,9 +92,13 @@ class TrainConfig:
         """Phases with the job-wide data and steps applied."""
         phases = []
         for i, phase in enumerate(self.phases, start=1):
-            phase = replace(phase, data=self.data or phase.data, steps=self.steps if self.steps is not None else phase.steps)
+            phase = replace(
+                phase, data=self.data or phase.data, steps=self.steps if self.steps is not None else phase.steps
+            )
             if not phase.data:
-                raise ConfigError(f"phase {i} (seq_len {phase.seq_len}) names no data: set its `data` or pass --data DIR")
+                raise ConfigError(
+                    f"phase {i} (seq_len {phase.seq_len}) names no data: set its `data` or pass --data DIR"
+                )
             phases.append(phase)
         return tuple(phases)
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -60,7 +61,9 @@ def list_packed_shards(directory: str) -> tuple[pafs.FileSystem, list[str]]:
         raise NotAStageOutput(f"{directory} has no {MANIFEST}: it is not the output of a finished lwm-data stage")
     with fs.open_input_stream(manifest_path) as f:
         manifest = json.loads(f.read())
-    shards = sorted(posixpath.join(root, f["path"]) for f in manifest.get("files", []) if f["path"].endswith(SHARD_SUFFIX))
+    shards = sorted(
+        posixpath.join(root, f["path"]) for f in manifest.get("files", []) if f["path"].endswith(SHARD_SUFFIX)
+    )
     return fs, shards
 
 
@@ -259,9 +262,12 @@ class PackedLoader:
         while True:
             self.dataset.load_state_dict(self._state)
             loader = DataLoader(
-                self.dataset, batch_size=self.dataset.batch_size, num_workers=self.num_workers,
-                persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
-            )  # fmt: skip
+                self.dataset,
+                batch_size=self.dataset.batch_size,
+                num_workers=self.num_workers,
+                persistent_workers=False,
+                prefetch_factor=2 if self.num_workers else None,
+            )
             for batch in loader:
                 self._state = self.dataset.state_at(int(batch["epoch"][0]), int(batch["next"][0]))
                 yield batch

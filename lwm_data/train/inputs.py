@@ -5,8 +5,8 @@ becomes a next-token task. The model and the parallel layer take `ModelInputs`; 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Callable
 
 import torch
 from torch import Tensor

@@ -9,16 +9,16 @@ Meta/LWM checkpoints rotate adjacent pairs; loading one would need the usual per
 q/k projection rows (Hugging Face's convert_llama_weights_to_hf `permute`), which the trainer does
 not do: it starts from its own initialisation or its own checkpoints.
 
-LWM's vision variant: a second embedding (vision vocab 8448 = 8192 codes + 256, <eof> 8192 and
-<eov> 8193 among them; lwm_data.lwm_format.layout) and a second output head; `vision_mask` picks the embedding of each input,
-`target_vision` the head of each prediction. `vision_vocab_size = 0` is the plain text model.
+LWM's vision variant (lwm_data.lwm_format.layout): a second embedding (vision vocab 8448 = 8192 codes
++ 256, <eof> 8192 and <eov> 8193 among them) and a second output head; `vision_mask` picks the
+embedding of each input, `target_vision` the head of each prediction. `vision_vocab_size = 0` is the plain text model.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,9 +104,16 @@ def block_attend(backend: str = "auto") -> AttentionFn:
 
     def attend(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, segment_ids: Tensor) -> Tensor:
         out, _ = block_attention(
-            q, k, v, q_positions=positions, k_positions=positions, q_segment_ids=segment_ids,
-            k_segment_ids=segment_ids, causal=True, backend=backend,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            q_positions=positions,
+            k_positions=positions,
+            q_segment_ids=segment_ids,
+            k_segment_ids=segment_ids,
+            causal=True,
+            backend=backend,
+        )
         return out
 
     return attend
@@ -170,7 +177,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.vision_head = nn.Linear(config.dim, config.vision_vocab_size, bias=False) if config.vision_vocab_size else None
+        self.vision_head = (
+            nn.Linear(config.dim, config.vision_vocab_size, bias=False) if config.vision_vocab_size else None
+        )
 
     def init_weights(self, seed: int) -> None:
         """LLaMA-style init from `seed`: normal(0, 0.02), output projections scaled by 1/sqrt(2 * layers)."""

@@ -81,9 +81,13 @@ def setup(ring_size: int) -> Parallel:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
     mesh = init_device_mesh(device.type, (world_size // ring_size, ring_size), mesh_dim_names=("dp", "ring"))
     return Parallel(
-        device, mesh, dp_rank=mesh["dp"].get_local_rank(), dp_size=mesh["dp"].size(),
-        ring_rank=mesh["ring"].get_local_rank(), ring_size=ring_size,
-    )  # fmt: skip
+        device,
+        mesh,
+        dp_rank=mesh["dp"].get_local_rank(),
+        dp_size=mesh["dp"].size(),
+        ring_rank=mesh["ring"].get_local_rank(),
+        ring_size=ring_size,
+    )
 
 
 def teardown(parallel: Parallel) -> None:
@@ -100,7 +104,9 @@ def ring_attend(group: dist.ProcessGroup, backend: str) -> AttentionFn:
     return attend
 
 
-def parallelize(model: Transformer, parallel: Parallel, dtype: torch.dtype, activation_checkpointing: bool) -> nn.Module:
+def parallelize(
+    model: Transformer, parallel: Parallel, dtype: torch.dtype, activation_checkpointing: bool
+) -> nn.Module:
     """The model made ready for `parallel`: ring attention, activation checkpointing, FSDP2."""
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper

@@ -18,8 +18,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -95,9 +96,12 @@ class MetricsLog:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
                 TextColumn("{task.fields[status]}"),
-            )  # fmt: skip
+            )
             self.progress.start()
             self.task = self.progress.add_task("train", total=total_steps, completed=first_step, status="")
 
@@ -159,9 +163,17 @@ def _train(config: TrainConfig, phases: tuple[PhaseConfig, ...], par: Parallel) 
     try:
         for index in range(start["phase"], len(phases)):
             records += run_phase(
-                model, model_config, config, phases, index, par, dtype, log,
-                resume_from if index == start["phase"] else None, offsets[index],
-            )  # fmt: skip
+                model,
+                model_config,
+                config,
+                phases,
+                index,
+                par,
+                dtype,
+                log,
+                resume_from if index == start["phase"] else None,
+                offsets[index],
+            )
         if config.export:
             checkpoint.export_safetensors(config.export, model, model_config, phases[-1].rope_theta, phases[-1].seq_len)
     finally:
@@ -188,9 +200,13 @@ def run_phase(
     phase = phases[index]
     model.rope_theta = phase.rope_theta
     dataset = PackedDataset(
-        phase.data, seq_len=phase.seq_len, seed=config.seed + index, batch_size=config.batch_size,
-        rank=par.dp_rank, world_size=par.dp_size,
-    )  # fmt: skip
+        phase.data,
+        seq_len=phase.seq_len,
+        seed=config.seed + index,
+        batch_size=config.batch_size,
+        rank=par.dp_rank,
+        world_size=par.dp_size,
+    )
     loader = PackedLoader(dataset, config.num_workers)
     optimizer = make_optimizer(model, config)
     first = 0
@@ -233,10 +249,19 @@ def run_phase(
         loss_value, step_flops, step_tokens = totals.tolist()
         mfu = step_flops / elapsed / (config.peak_tflops * 1e12 * par.world_size) if config.peak_tflops else None
         record = {
-            "step": step_offset + step + 1, "phase": index + 1, "phase_step": step + 1, "seq_len": phase.seq_len,
-            "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": int(step_tokens),
-            "tokens_per_s": step_tokens / elapsed, "flops": step_flops, "mfu": mfu, "seconds": elapsed,
-        }  # fmt: skip
+            "step": step_offset + step + 1,
+            "phase": index + 1,
+            "phase_step": step + 1,
+            "seq_len": phase.seq_len,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": int(step_tokens),
+            "tokens_per_s": step_tokens / elapsed,
+            "flops": step_flops,
+            "mfu": mfu,
+            "seconds": elapsed,
+        }
         records.append(record)
         log.write(record)
         done = step + 1 == phase.steps

@@ -28,9 +28,10 @@ import queue
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -46,7 +47,7 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", "
 
 
 def media_type(name: str) -> str | None:
-    """"image", "video" or None (not a media file), from the name's extension."""
+    """ "image", "video" or None (not a media file), from the name's extension."""
     extension = os.path.splitext(name)[1].lower()
     return "image" if extension in IMAGE_EXTENSIONS else "video" if extension in VIDEO_EXTENSIONS else None
 
@@ -172,12 +173,19 @@ class VideoFrames:
 
     @property
     def meta(self) -> dict:
-        return {"reader": self.reader, "num_frames": self.num_frames, "fps": round(self.fps, 3),
-                "width": self.width, "height": self.height}
+        return {
+            "reader": self.reader,
+            "num_frames": self.num_frames,
+            "fps": round(self.fps, 3),
+            "width": self.width,
+            "height": self.height,
+        }
 
 
 @contextmanager
-def video_frames(media: Media, max_frames: int = 0, fps: float | None = None, batch_size: int = 16) -> Iterator[VideoFrames]:
+def video_frames(
+    media: Media, max_frames: int = 0, fps: float | None = None, batch_size: int = 16
+) -> Iterator[VideoFrames]:
     """Open a video and plan its frames; read them with `.batches()` inside the `with`."""
     with opened(media) as source:
         width, height, codec_error = _probe(source)
@@ -225,7 +233,9 @@ def _decord_frames(source, width, height, max_frames, fps, batch_size) -> VideoF
         count = len(reader)
         rate = float(reader.get_avg_fps())
         # presentation times only matter for --fps; LWM's linspace needs just the count
-        timestamps = reader.get_frame_timestamp(np.arange(count))[:, 0] if fps and count else np.arange(count) / max(rate, 1e-9)
+        timestamps = (
+            reader.get_frame_timestamp(np.arange(count))[:, 0] if fps and count else np.arange(count) / max(rate, 1e-9)
+        )
     except (decord.DECORDError, RuntimeError, ValueError) as error:
         raise _DecordFailed(str(error)) from None
     if not count:

@@ -24,8 +24,9 @@ import json
 import os
 import posixpath
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -42,10 +43,14 @@ PATH_KEYS = ("path", "image", "video")
 
 @dataclass(frozen=True)
 class MediaSettings:
-    input: str = setting(help="Media: a manifest (.jsonl/.json/.csv/.parquet), WebDataset .tar shards, or a folder/glob of files.")
+    input: str = setting(
+        help="Media: a manifest (.jsonl/.json/.csv/.parquet), WebDataset .tar shards, or a folder/glob of files."
+    )
     media_root: str | None = setting(None, "Base of relative paths in a manifest (default: the manifest's directory).")
     caption_key: str = setting("caption", "Manifest column / WebDataset JSON key holding the caption.")
-    allow_uncaptioned: bool = setting(False, "Keep items without a caption as vision-only examples (else dead-lettered).")
+    allow_uncaptioned: bool = setting(
+        False, "Keep items without a caption as vision-only examples (else dead-lettered)."
+    )
 
     @property
     def form(self) -> str:
@@ -110,7 +115,9 @@ class MediaReader:
             return  # a sidecar caption, read with its media
         kind = media_type(path)
         if kind is None:
-            yield Rejection("unsupported_media_type", f"not an image or video extension: {os.path.basename(path)}").at(path, path)
+            yield Rejection("unsupported_media_type", f"not an image or video extension: {os.path.basename(path)}").at(
+                path, path
+            )
             return
         caption = None
         sidecar = os.path.splitext(path)[0] + ".txt"
@@ -130,7 +137,9 @@ class MediaReader:
                 continue
             media = next((row[k] for k in PATH_KEYS if isinstance(row.get(k), str) and row[k]), None)
             if media is None:
-                yield Rejection("missing_media_path", f"no {'/'.join(PATH_KEYS)} key").at(path, locator, json.dumps(row)[:500])
+                yield Rejection("missing_media_path", f"no {'/'.join(PATH_KEYS)} key").at(
+                    path, locator, json.dumps(row)[:500]
+                )
                 continue
             if not (media.startswith("/") or "://" in media):
                 media = files.join(root, media)
@@ -142,8 +151,13 @@ class MediaReader:
             conversations = row.get("conversations")
             extra = {k: v for k, v in row.items() if k in ("id", "url") and v is not None}
             yield MediaItem(
-                f"{path}#L{line_number}", media, media, kind, caption if isinstance(caption, str) else None,
-                conversations if conversations is not None else None, {"input": extra} if extra else {},
+                f"{path}#L{line_number}",
+                media,
+                media,
+                kind,
+                caption if isinstance(caption, str) else None,
+                conversations if conversations is not None else None,
+                {"input": extra} if extra else {},
             )
 
     # ---- WebDataset ----
@@ -160,7 +174,9 @@ class MediaReader:
         source = f"{path}#{key}"
         media = next(((ext, data) for ext, data in members.items() if media_type("x." + ext)), None)
         if media is None:
-            return Rejection("unsupported_media_type", f"no image or video member among {sorted(members)}").at(path, key)
+            return Rejection("unsupported_media_type", f"no image or video member among {sorted(members)}").at(
+                path, key
+            )
         caption = None
         if "txt" in members:
             caption = members["txt"].decode("utf-8", "replace").strip()

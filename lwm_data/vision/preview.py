@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -63,7 +63,9 @@ def vision_blocks(tokens: np.ndarray, vision_mask: np.ndarray) -> list[np.ndarra
     return blocks
 
 
-def write_pictures(directory: str, output: str, vqgan: VQGAN, limit: int = 0, as_video: bool = False, fps: float = 4.0) -> list[str]:
+def write_pictures(
+    directory: str, output: str, vqgan: VQGAN, limit: int = 0, as_video: bool = False, fps: float = 4.0
+) -> list[str]:
     """Decode an output's vision blocks into PNG frames or MP4s under `output`; returns what was written."""
     from PIL import Image
 

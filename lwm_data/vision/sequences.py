@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,9 @@ HUMAN, ASSISTANT = frozenset({"human", "user"}), frozenset({"gpt", "assistant"})
 @dataclass(frozen=True)
 class SequenceSettings:
     direction: str = setting("understand", "understand (vision -> caption), generate (caption -> vision) or both.")
-    caption_question: str = setting("", "Question before ASSISTANT: in understanding examples (e.g. 'Describe the video.').")
+    caption_question: str = setting(
+        "", "Question before ASSISTANT: in understanding examples (e.g. 'Describe the video.')."
+    )
     one_vocabulary: bool = setting(False, "Offset vision ids after the text vocabulary instead of a vision mask.")
     template: ChatTemplate = nested(ChatTemplate)
 
@@ -74,9 +77,13 @@ class CodedItem:
 
     def to_row(self) -> dict[str, Any]:
         return {
-            "item_id": self.item_id, "source": self.source, "media_type": self.media_type,
-            "num_frames": len(self.codes), "codes": self.codes.astype(np.uint16).reshape(-1),
-            "frame_indices": np.asarray(self.frame_indices, np.int32), "caption": self.caption,
+            "item_id": self.item_id,
+            "source": self.source,
+            "media_type": self.media_type,
+            "num_frames": len(self.codes),
+            "codes": self.codes.astype(np.uint16).reshape(-1),
+            "frame_indices": np.asarray(self.frame_indices, np.int32),
+            "caption": self.caption,
             "conversations": None if self.conversations is None else json.dumps(self.conversations, ensure_ascii=False),
             "meta": json.dumps(self.meta, sort_keys=True),
         }
@@ -84,9 +91,13 @@ class CodedItem:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> CodedItem:
         return cls(
-            row["item_id"], row["source"], row["media_type"],
-            np.asarray(row["codes"], np.int32).reshape(-1, TOKENS_PER_FRAME), np.asarray(row["frame_indices"], np.int32),
-            row["caption"], json.loads(row["conversations"]) if row["conversations"] else None,
+            row["item_id"],
+            row["source"],
+            row["media_type"],
+            np.asarray(row["codes"], np.int32).reshape(-1, TOKENS_PER_FRAME),
+            np.asarray(row["frame_indices"], np.int32),
+            row["caption"],
+            json.loads(row["conversations"]) if row["conversations"] else None,
             json.loads(row["meta"]) if row["meta"] else {},
         )
 
@@ -187,10 +198,18 @@ def vision_examples(item: CodedItem, processor: LwmProcessor, settings: Sequence
             tokens = np.where(vision, tokens + processor.tokenizer.vocab_size, tokens).astype(np.int32)
             vision = np.zeros_like(vision)
             meta["vision_offset"] = processor.tokenizer.vocab_size
-        examples.append(Example(
-            example_id=f"{item.item_id}#{name}", kind=kind, source=item.source, tokens=tokens,
-            loss_weights=weights, vision_mask=vision, text=render_text(record, spec, processor), meta=meta,
-        ))
+        examples.append(
+            Example(
+                example_id=f"{item.item_id}#{name}",
+                kind=kind,
+                source=item.source,
+                tokens=tokens,
+                loss_weights=weights,
+                vision_mask=vision,
+                text=render_text(record, spec, processor),
+                meta=meta,
+            )
+        )
     return examples
 
 
