@@ -53,23 +53,31 @@ def latest(directory: str) -> str | None:
 def read_progress(path: str) -> dict[str, int]:
     """(phase, step) a checkpoint was taken at, from the small JSON written beside it (checkpoints
     written before phases were named so call the phase `stage`)."""
-    with open(os.path.join(path, "progress.json")) as f:
-        progress = json.load(f)
+    progress = _saved_progress(path)
     return {"phase": progress.get("phase", progress.get("stage", 0)), "step": progress["step"]}
 
 
-def save(
-    path: str, model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, int], data: dict[str, Any]
-) -> None:
+def _saved_progress(path: str) -> dict[str, int]:
+    with open(os.path.join(path, "progress.json")) as f:
+        return json.load(f)
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, int], data: dict[str, Any]) -> dict:
+    """What a checkpoint holds; DCP fills it in place on load."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {
+    return {
         "model": model_state,
         "optimizer": optim_state,
         "progress": progress,
         "data": data,
         "rng": torch.get_rng_state(),
     }
-    dcp.save(state, checkpoint_id=path)
+
+
+def save(
+    path: str, model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, int], data: dict[str, Any]
+) -> None:
+    dcp.save(_state(model, optimizer, progress, data), checkpoint_id=path)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         with open(os.path.join(path, "progress.json"), "w") as f:
             json.dump(progress, f)
@@ -77,16 +85,7 @@ def save(
 
 def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, data: dict[str, Any]) -> dict[str, Any]:
     """Restore model, optimizer and RNG in place; return the saved progress and data position."""
-    model_state, optim_state = get_state_dict(model, optimizer)
-    with open(os.path.join(path, "progress.json")) as f:
-        progress = json.load(f)  # the keys it was saved with
-    state = {
-        "model": model_state,
-        "optimizer": optim_state,
-        "progress": progress,
-        "data": data,
-        "rng": torch.get_rng_state(),
-    }
+    state = _state(model, optimizer, _saved_progress(path), data)  # progress under the keys it was saved with
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     torch.set_rng_state(state["rng"])
