@@ -3,13 +3,14 @@
 A stage is a command, a manifest `stage`, an output schema, the checks `lwm-data validate` runs on
 it, the collector `lwm-data stats` uses, its settings dataclass (the command's options and TOML keys
 derive from it), its stand-alone job, and its Beam transform. The CLI, `validate`, `stats` and the
-README's stage table follow from this list; adding a stage is one module plus one entry here.
+README's stage table follow from this list; adding a stage is its core (text/, vision/), one module
+in pipelines/ and one entry here.
 
 How a stage is written: a config dataclass of `setting(...)` fields (lwm_data.config); a composite
 `PTransform` from its input records to a `StageOutput` (rows + dead letters), its per-record work in
 steps run by `route` (lwm_data.pipelines.common); and `run(config, beam_args)`, the stand-alone job
-(`Read | Stage | WriteStage`, then `run_stage` counts and commits). Fused pipelines compose the
-transforms.
+(`Read | Stage | WriteStage`, then `run_stage` counts and commits). Whole pipelines
+(lwm_data.recipes) compose the transforms.
 """
 
 from __future__ import annotations

@@ -1,1 +1,3 @@
-"""Vision: frames from images and videos (frames), media inputs (media), LWM's vision sequences (sequences)."""
+"""The vision cores, plain functions on one item (no Beam): frames from images and videos (frames),
+media inputs (media), VQ-GAN codes + text in LWM's vision layout (sequences), codes back to pictures
+(preview)."""
