@@ -43,7 +43,7 @@ def test_encode_shape_range_and_determinism(vqgan, frames):
 
 def test_nearest_code_lookup_matches_the_models_quantizer(vqgan, frames):
     """Same codes as diffusers' quantizer, up to float32 near-ties (random codebooks are dense)."""
-    pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+    pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1  # the default range, LWM's
     with torch.inference_mode():
         latents = vqgan.model.encode(pixels).latents
         expected = vqgan.model.quantize(latents)[2][2].numpy()
@@ -86,10 +86,21 @@ def test_weights_load_from_a_beam_filesystem(tmp_path, vqgan, frames):
 
 
 def test_pixel_range_is_a_setting(frames):
-    zero_one, minus_one_one = VQGAN.random(reduced=True), VQGAN.random(reduced=True, pixel_range="-1,1")
+    minus_one_one, zero_one = VQGAN.random(reduced=True), VQGAN.random(reduced=True, pixel_range="0,1")
     assert not np.array_equal(zero_one.encode(frames), minus_one_one.encode(frames))
     with pytest.raises(ConfigError):
         VQGANSettings(pixel_range="0,255")
+
+
+def test_precision_is_a_setting_recorded_with_the_codes(frames):
+    assert describe(VQGANSettings(random_config="reduced"))["precision"] == "fp32"  # auto on cpu
+    assert describe(VQGANSettings(random_config="reduced", device="cuda"))["precision"] == "bf16"  # auto on cuda
+    half = VQGAN.random(reduced=True, precision="bf16")
+    assert half.dtype == torch.bfloat16 and half.entry["precision"] == "bf16"
+    codes, exact = half.encode(frames), VQGAN.random(reduced=True, precision="fp32").encode(frames)
+    assert codes.shape == exact.shape and (codes == exact).mean() > 0.8  # bf16 moves near-ties only
+    with pytest.raises(ConfigError, match="--precision"):
+        VQGANSettings(precision="fp16")
 
 
 def test_random_weights_are_said_loudly_once_and_recorded(caplog):

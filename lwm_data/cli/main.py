@@ -266,6 +266,21 @@ def vision_decode(
     console.print(f"{len(written)} files written to {output}")
 
 
+@app.command("convert-vqgan")
+def convert_vqgan(
+    input: str = typer.Option(
+        ..., "--input", help="LWM's VQ-GAN checkpoint: the `vqgan` params pickle of its JAX release."
+    ),
+    output: str = typer.Option(..., "--output", help="Directory for the diffusers VQModel (any Beam filesystem)."),
+) -> None:
+    """LWM's VQ-GAN (JAX) -> a diffusers VQModel directory that --vqgan loads, encoder and decoder."""
+    from lwm_data.tokenizers.lwm_vqgan import convert
+
+    with user_errors():
+        provenance = convert(input, output)
+    console.print(f"{provenance['tensors']} tensors converted from {input} to {output}; pixels in [-1, 1] (recorded)")
+
+
 @app.command("needle-score")
 def needle_score(
     needles: str = typer.Option(..., "--needles", help="Output directory of `lwm-data needle`."),

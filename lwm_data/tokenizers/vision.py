@@ -9,9 +9,13 @@ The shape is aMUSEd's (docs/lwm-format.md): five DownEncoderBlock2D blocks of [1
 same layout with fewer channels, for CPU tests) with random weights: its codes have the right shape
 and range but mean nothing, which the run says loudly, once, and records in its manifest (`entry`).
 
-Pixel range: the checkpoint decides. aMUSEd's VQ-GAN was trained on [0, 1] (diffusers' aMUSEd
-pipeline feeds it unnormalized pixels), so that is the default; LWM's own JAX VQ-GAN takes [-1, 1],
-so weights converted from it need `pixel_range="-1,1"`.
+Pixel range: the checkpoint decides. LWM's VQ-GAN takes [-1, 1] (`x / 127.5 - 1` in float32, as LWM
+computes it); a directory made by `lwm-data convert-vqgan` records that (lwm_data_vqgan.json), and
+it is the default for any other weights. aMUSEd's own VQ-GAN was trained on [0, 1] (diffusers' aMUSEd
+pipeline feeds it unnormalized pixels): pass `pixel_range="0,1"` for an amused-256 snapshot.
+
+Precision: `auto` runs the encoder in bf16 on cuda (fast) and float32 on cpu; `fp32` is float32 with
+TF32 off on cuda too, for codes equal to a float32 reference; `bf16` forces bf16.
 
 The nearest-code lookup is done here in float32 (`||z||^2 - 2 z.E + ||E||^2`, one matmul) rather
 than by the model's quantizer: the encoder may run in bf16 on a GPU, where distances in bf16 would
@@ -21,6 +25,7 @@ pick wrong codes, and a single matmul compiles well. It gives the quantizer's co
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -37,6 +42,9 @@ from lwm_data.lwm_format.layout import CODEBOOK_SIZE, CODES_SIDE, FRAME_PIXELS
 
 LATENT_CHANNELS = 64
 PIXEL_RANGES = {"0,1": (0.0, 1.0), "-1,1": (-1.0, 1.0)}
+LWM_PIXEL_RANGE = "-1,1"
+PRECISIONS = ("auto", "bf16", "fp32")
+PROVENANCE_FILE = "lwm_data_vqgan.json"  # written by `lwm-data convert-vqgan` beside the weights
 RANDOM_CONFIGS = ("amused", "reduced")
 RANDOM_SEED = 0
 
@@ -80,7 +88,11 @@ class VQGANSettings:
     random_config: str = setting(
         "amused", "Shape of random weights when no --vqgan: amused (full) or reduced (CPU tests)."
     )
-    pixel_range: str = setting("0,1", "Pixel range the checkpoint expects: 0,1 (aMUSEd) or -1,1 (LWM's JAX VQ-GAN).")
+    pixel_range: str | None = setting(
+        None,
+        "Pixels the weights expect: -1,1 (LWM) or 0,1 (aMUSEd's snapshot). Default: the weights' record, else -1,1.",
+    )
+    precision: str = setting("auto", "auto (bf16 on cuda, fp32 on cpu), bf16, or fp32 (TF32 off: exact codes).")
     device: str = setting("cpu", "cpu or cuda.")
     batch_size: int = setting(16, "Frames per VQ-GAN batch (and per decoded batch of a video).")
     compile: bool = setting(True, "torch.compile the encoder on cuda (ignored on cpu).")
@@ -89,8 +101,10 @@ class VQGANSettings:
     )
 
     def __post_init__(self):
-        if self.pixel_range not in PIXEL_RANGES:
+        if self.pixel_range is not None and self.pixel_range not in PIXEL_RANGES:
             raise ConfigError(f"--pixel-range must be one of {', '.join(PIXEL_RANGES)}, not {self.pixel_range!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.random_config not in RANDOM_CONFIGS:
             raise ConfigError(f"--random-config must be one of {', '.join(RANDOM_CONFIGS)}")
         if self.device not in ("cpu", "cuda"):
@@ -111,17 +125,28 @@ class VQGAN:
     """A diffusers VQModel used as a tokenizer: batched, under `torch.inference_mode`."""
 
     def __init__(
-        self, model, entry: dict[str, Any], pixel_range: str = "0,1", device: str = "cpu", compile: bool = True
+        self,
+        model,
+        entry: dict[str, Any],
+        pixel_range: str = LWM_PIXEL_RANGE,
+        device: str = "cpu",
+        compile: bool = True,
+        precision: str = "auto",
     ):
         import torch
 
         self.device = torch.device(device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.precision = resolved_precision(precision, self.device.type)
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        if precision == "fp32" and self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         self.model = model.to(self.device).eval()
         if self.dtype != torch.float32:
             self.model = self.model.to(self.dtype)
         self.low, self.high = PIXEL_RANGES[pixel_range]
-        self.entry = entry
+        self.pixel_divisor = 255.0 / (self.high - self.low)  # 127.5 for [-1, 1]: x / 127.5 - 1, as LWM
+        self.entry = {**entry, "pixel_range": pixel_range, "precision": self.precision}
         codebook = self.model.quantize.embedding.weight.detach().float()
         self._codebook = codebook
         self._codebook_sq = (codebook * codebook).sum(1)
@@ -140,24 +165,28 @@ class VQGAN:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = VQModel(**amused_vqgan_config(reduced))
+        kwargs["pixel_range"] = kwargs.get("pixel_range") or LWM_PIXEL_RANGE
         return cls(model, random_entry(reduced, seed), **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str, subfolder: str = "", **kwargs) -> VQGAN:
-        """Weights saved by `save_pretrained` (or a Hub snapshot) in a local dir or on any Beam filesystem."""
+    def from_pretrained(cls, path: str, subfolder: str = "", pixel_range: str | None = None, **kwargs) -> VQGAN:
+        """Weights saved by `save_pretrained` (or a Hub snapshot, or `lwm-data convert-vqgan`) in a local
+        dir or on any Beam filesystem; `pixel_range` None: the one the directory records, else LWM's."""
         from diffusers import VQModel
 
         local = _local_copy(os.path.join(path, subfolder) if subfolder else path)
+        entry = pretrained_entry(path, subfolder, local)
         model = VQModel.from_pretrained(local)
-        return cls(
-            model,
-            {"path": path, "subfolder": subfolder, "sha256": _weights_sha256(local), "random_weights": False},
-            **kwargs,
-        )
+        return cls(model, entry, pixel_range=checked_pixel_range(pixel_range, entry, path), **kwargs)
 
     @classmethod
     def from_settings(cls, settings: VQGANSettings) -> VQGAN:
-        kwargs = dict(pixel_range=settings.pixel_range, device=settings.device, compile=settings.compile)
+        kwargs = dict(
+            pixel_range=settings.pixel_range,
+            device=settings.device,
+            compile=settings.compile,
+            precision=settings.precision,
+        )
         if settings.vqgan is None:
             return cls.random(settings.random_config == "reduced", **kwargs)
         return cls.from_pretrained(settings.vqgan, settings.vqgan_subfolder, **kwargs)
@@ -178,7 +207,7 @@ class VQGAN:
             raise ValueError(f"frames must be (B, {FRAME_PIXELS}, {FRAME_PIXELS}, 3), got {frames.shape}")
         with torch.inference_mode():
             pixels = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2)
-            pixels = pixels.to(self.dtype) * ((self.high - self.low) / 255.0) + self.low
+            pixels = (pixels.float() / self.pixel_divisor + self.low).to(self.dtype)
             return self._encoder(pixels).to("cpu", torch.int32).numpy()
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
@@ -188,7 +217,7 @@ class VQGAN:
         codes = np.asarray(codes).reshape(-1, CODES_SIDE, CODES_SIDE)
         with torch.inference_mode():
             indices = torch.from_numpy(codes.astype(np.int64)).to(self.device).reshape(-1)
-            shape = (len(codes), CODES_SIDE, CODES_SIDE, LATENT_CHANNELS)
+            shape = (len(codes), CODES_SIDE, CODES_SIDE, self._codebook.shape[1])
             pixels = self.model.decode(indices, force_not_quantize=True, shape=shape).sample.float()
             scaled = ((pixels - self.low) / (self.high - self.low)).clamp(0, 1) * 255
             return scaled.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -207,16 +236,42 @@ def random_entry(reduced: bool, seed: int = RANDOM_SEED) -> dict[str, Any]:
 
 def describe(settings: VQGANSettings) -> dict[str, Any]:
     """The manifest entry of the VQ-GAN a job will use, said before the job runs (loudly, for random weights)."""
+    precision = resolved_precision(settings.precision, settings.device)
     if settings.vqgan is None:
         _warn_random_weights()
-        return random_entry(settings.random_config == "reduced")
+        entry = random_entry(settings.random_config == "reduced")
+        return {**entry, "pixel_range": settings.pixel_range or LWM_PIXEL_RANGE, "precision": precision}
     path = os.path.join(settings.vqgan, settings.vqgan_subfolder) if settings.vqgan_subfolder else settings.vqgan
-    return {
-        "path": settings.vqgan,
-        "subfolder": settings.vqgan_subfolder,
-        "sha256": _weights_sha256(_local_copy(path)),
-        "random_weights": False,
-    }
+    entry = pretrained_entry(settings.vqgan, settings.vqgan_subfolder, _local_copy(path))
+    pixel_range = checked_pixel_range(settings.pixel_range, entry, settings.vqgan)
+    return {**entry, "pixel_range": pixel_range, "precision": precision}
+
+
+def resolved_precision(precision: str, device: str) -> str:
+    """bf16 or fp32: `auto` is bf16 on cuda, fp32 elsewhere."""
+    return ("bf16" if device == "cuda" else "fp32") if precision == "auto" else precision
+
+
+def pretrained_entry(path: str, subfolder: str, local: str) -> dict[str, Any]:
+    """The manifest entry of weights in a directory, with the provenance `convert-vqgan` recorded."""
+    entry = {"path": path, "subfolder": subfolder, "sha256": _weights_sha256(local), "random_weights": False}
+    provenance = os.path.join(local, PROVENANCE_FILE)
+    if os.path.exists(provenance):
+        with open(provenance) as f:
+            entry["converted_from"] = json.load(f)
+    return entry
+
+
+def checked_pixel_range(requested: str | None, entry: dict[str, Any], path: str) -> str:
+    """The pixel range to feed: the one asked for, else the one the weights record, else LWM's. Asking
+    for another range than the weights record is an error, not a silent override."""
+    recorded = entry.get("converted_from", {}).get("pixel_range")
+    if requested and recorded and requested != recorded:
+        raise ConfigError(
+            f"the VQ-GAN at {path} expects pixels in [{recorded}] (it says so in {PROVENANCE_FILE}), "
+            f"not --pixel-range {requested}"
+        )
+    return requested or recorded or LWM_PIXEL_RANGE
 
 
 @lru_cache(maxsize=1)

@@ -29,9 +29,10 @@ def vqgan_of(manifest: dict, vqgan_path: str | None = None, subfolder: str = "",
     entry = manifest.get("vqgan")
     if not entry:
         raise ConfigError("the output's manifest names no VQ-GAN: pass --vqgan")
+    pixel_range = entry.get("pixel_range", "0,1")  # outputs made before it was recorded fed [0, 1]
     if entry.get("random_weights"):
-        return VQGAN.random(entry["config"] == "reduced", entry["seed"], device=device)
-    return VQGAN.from_pretrained(entry["path"], entry.get("subfolder", ""), device=device)
+        return VQGAN.random(entry["config"] == "reduced", entry["seed"], device=device, pixel_range=pixel_range)
+    return VQGAN.from_pretrained(entry["path"], entry.get("subfolder", ""), device=device, pixel_range=pixel_range)
 
 
 def coded_items(directory: str) -> Iterator[tuple[str, np.ndarray]]:
