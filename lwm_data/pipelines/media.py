@@ -113,22 +113,24 @@ class DecodeFrames:
     """Step: a MediaItem -> its frame batches, then its header (tagged HEADERS); a Rejection for bad
     text (checked first, so no frame of a bad record is decoded) or bad media."""
 
-    def __init__(self, stage: Stages, frames: FrameSampling, batch_size: int, images_only: bool):
+    def __init__(self, stage: Stages, frames: FrameSampling, batch_size: int, images_only: bool, path: str = "lwm"):
         self.count = Counters(stage)
         self.frames = frames
         self.batch_size = batch_size
         self.images_only = images_only
+        self.path = path
 
     def __call__(self, item: MediaItem) -> Iterable[FrameBatch | beam.pvalue.TaggedOutput | Rejection]:
         try:
             check_text(item)
             if item.media_type == "image":
-                batches, indices, meta = [image_frame(item.media)], np.zeros(1, np.int32), {"reader": "pil"}
+                batches, indices, meta = [image_frame(item.media, self.path)], np.zeros(1, np.int32), {"reader": "pil"}
                 yield from self._emit(item, batches, indices, meta)
             elif self.images_only:
                 raise Rejection("not_an_image", "a video: `lwm-data video` reads videos")
             else:
-                with video_frames(item.media, self.frames.max_frames, self.frames.fps, self.batch_size) as video:
+                sampling = self.frames
+                with video_frames(item.media, sampling.max_frames, sampling.fps, self.batch_size, self.path) as video:
                     yield from self._emit(item, prefetched(video.batches()), video.indices, video.meta)
         except Rejection as rejection:
             yield rejection.at(item.source, item.item_id)
@@ -216,12 +218,15 @@ def assemble(grouped: tuple[str, dict[str, list]]) -> Iterable[CodedItem]:
 class EncodeMedia(beam.PTransform):
     """MediaItems -> CodedItems: decode, VQ-GAN, assemble. Returns (coded items, dead letters)."""
 
-    def __init__(self, frames: FrameSampling, vqgan: VQGANSettings, stage: Stages, images_only: bool = False):
+    def __init__(
+        self, frames: FrameSampling, vqgan: VQGANSettings, stage: Stages, images_only: bool = False, path: str = "lwm"
+    ):
         super().__init__()
         self.frames = frames
         self.vqgan = vqgan
         self.stage = stage
         self.images_only = images_only
+        self.path = path
 
     def expand(self, items: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         decoded = (
@@ -229,7 +234,9 @@ class EncodeMedia(beam.PTransform):
             | "SpreadItems" >> beam.Reshuffle()
             | "DecodeFrames"
             >> route(
-                self.stage, DecodeFrames(self.stage, self.frames, self.vqgan.batch_size, self.images_only), HEADERS
+                self.stage,
+                DecodeFrames(self.stage, self.frames, self.vqgan.batch_size, self.images_only, self.path),
+                HEADERS,
             )
         )
         encode = RunInference(VQGANHandler(self.vqgan))
@@ -289,7 +296,7 @@ def encode_media(
     entry = describe(vqgan)
     job = Job(beam_args)
     items = job.pipeline | "ReadMedia" >> read_media(media, stages)
-    coded, decode_errors = items.records | "Encode" >> EncodeMedia(frames, vqgan, stages, images_only)
+    coded, decode_errors = items.records | "Encode" >> EncodeMedia(frames, vqgan, stages, images_only, media.frames)
     return EncodedMedia(job, coded, merge_errors(items.errors, decode_errors, label="MediaErrors"), entry)
 
 

