@@ -54,7 +54,7 @@ def test_understanding_layout_token_by_token(processor):
 def test_generation_puts_loss_on_the_vision_block(processor):
     coded = item(1)
     (example,) = vision_examples(coded, processor, SequenceSettings(direction="generate"))
-    prompt = encode(processor, f"You are a helpful assistant. USER: {coded.caption} ASSISTANT:")
+    prompt = encode(processor, f"You are a helpful assistant. USER: Generate an image of {coded.caption} ASSISTANT:")
     assert example.tokens[1 : 1 + len(prompt)].tolist() == prompt
     assert example.kind == IMAGE_TEXT
     assert (example.loss_weights[: 1 + len(prompt)] == 0).all() and (example.loss_weights[1 + len(prompt) :] == 1).all()
@@ -78,14 +78,18 @@ def test_llava_conversation(processor):
         {"from": "human", "value": "Where does it go?"},
         {"from": "gpt", "value": "To the right."},
     ]
-    (example,) = vision_examples(item(4, None, turns), processor, SequenceSettings())
+    coded = item(4, None, turns)
+    (example,) = vision_examples(coded, processor, SequenceSettings())
     assert example.kind == VIDEO_CHAT
-    text_ids = example.tokens[~example.vision_mask].tolist()
-    rendered = processor.tokenizer.decode(text_ids)
-    assert rendered == (
-        "You are a helpful assistant. USER: What is in the video? <vision> </vision> ASSISTANT: A red square. "
-        "USER: Where does it go? ASSISTANT: To the right."
-    )
+    eos = processor.tokenizer.eos_id
+    block = [*coded.codes[0], 8192, *coded.codes[1], 8192, *coded.codes[2], 8192, *coded.codes[3], 8193]
+    expected = [  # the first turn asks in LWM's understanding form: the question, a newline, the block
+        processor.tokenizer.bos_id, *encode(processor, "You are a helpful assistant. USER: What is in the video?\n"),
+        *encode(processor, "<vision>"), *block, *encode(processor, "</vision>"), *encode(processor, " ASSISTANT:"),
+        *encode(processor, "A red square."), eos, *encode(processor, "USER: Where does it go? ASSISTANT:"),
+        *encode(processor, "To the right."), eos,
+    ]  # fmt: skip
+    assert example.tokens.tolist() == expected
     weighted = example.tokens[example.loss_weights > 0].tolist()
     eos = processor.tokenizer.eos_id
     assert weighted == [*encode(processor, "A red square."), eos, *encode(processor, "To the right."), eos]
@@ -156,6 +160,49 @@ def test_llama2_ids_of_the_vision_tags(llama2_tokenizer_path):
     start = ids.index(8193) - 256
     assert ids[start - 3 : start] == [529, 4924, 29958] and ids[start + 257 : start + 260] == [1533, 4924, 29958]
     assert ids[1:10] == [887, 526, 263, 8444, 20255, 29889, 3148, 1001, 29901]
+
+
+SYSTEM = [887, 526, 263, 8444, 20255, 29889, 3148, 1001, 29901]  # "You are a helpful assistant. USER:"
+VISION_START, VISION_END = [529, 4924, 29958], [1533, 4924, 29958]  # "<vision>", "</vision>"
+ASSISTANT = [29871, 319, 1799, 9047, 13566, 29901]  # " ASSISTANT:" (LWM's tail, with its space)
+NEWLINE = 13
+
+
+def test_lwms_understanding_prompt_token_for_token(llama2_tokenizer_path):
+    """LWM's vision_chat.py: `<s>You are a helpful assistant. USER: {question}\\n`, the vision block,
+    ` ASSISTANT:`; then the answer and EOS."""
+    tokenizer = load_tokenizer(str(llama2_tokenizer_path))
+    coded = item(2, caption="Boats.")
+    settings = SequenceSettings(caption_question="What is in the video?")
+    (example,) = vision_examples(coded, LwmProcessor(tokenizer), settings)
+    question = [1724, 338, 297, 278, 4863, 29973]  # " What is in the video?"
+    block = [*coded.codes[0], 8192, *coded.codes[1], 8193]
+    boats = [1952, 1446, 29889]  # "Boats."
+    expected = [1, *SYSTEM, *question, NEWLINE, *VISION_START, *block, *VISION_END, *ASSISTANT, *boats, 2]
+    assert tokenizer.encode("You are a helpful assistant. USER: What is in the video?\n") == [
+        *SYSTEM,
+        *question,
+        NEWLINE,
+    ]
+    assert tokenizer.encode("Boats.") == boats
+    assert example.tokens.tolist() == expected
+    assert example.loss_weights.tolist() == [0.0] * (len(expected) - 4) + [1.0] * 4  # the answer and its EOS
+
+
+@pytest.mark.parametrize("frames, noun", [(1, "an image"), (3, "a video")])
+def test_lwms_generation_prompt_token_for_token(llama2_tokenizer_path, frames, noun):
+    """LWM's vision_generation.py: `<s>You are a helpful assistant. USER: Generate {noun} of {caption}
+    ASSISTANT: <vision>`, tokenized as one string there; then the frames, `</vision>`, EOS."""
+    tokenizer = load_tokenizer(str(llama2_tokenizer_path))
+    coded = item(frames, caption="Boats.")
+    (example,) = vision_examples(coded, LwmProcessor(tokenizer), SequenceSettings(direction="generate"))
+    lwm_prompt = tokenizer.encode(f"You are a helpful assistant. USER: Generate {noun} of Boats. ASSISTANT: <vision>")
+    assert lwm_prompt[:9] == SYSTEM and lwm_prompt[-3:] == VISION_START
+    ends = [8192] * (frames - 1) + [8193]
+    block = [code for frame, end in zip(coded.codes, ends) for code in [*frame, end]]
+    assert example.tokens.tolist() == [1, *lwm_prompt, *block, *VISION_END, 2]
+    prompt_length = 1 + len(lwm_prompt) - len(VISION_START)
+    assert (example.loss_weights[:prompt_length] == 0).all() and (example.loss_weights[prompt_length:] == 1).all()
 
 
 def test_codes_row_round_trip():

@@ -6,15 +6,20 @@ the last frame, whose codes are followed by 8193 (end of vision), then `</vision
 an LWM record (text fields, vision fields, a field spec) and tokenized by `LwmProcessor`, the code
 import-lwm runs, so what this stage writes is what LWM's loaders make of its export, token for token.
 
-Every example is a conversation in LWM's chat form (lwm_data.lwm_format.chat.ChatTemplate; BOS, the system prompt
+Every example is a conversation in LWM's chat form (lwm_data.lwm_format.chat; BOS, the system prompt
 "You are a helpful assistant. USER:", each question then "ASSISTANT:", each answer then EOS; loss on
-the answers and their EOS only):
+the answers and their EOS only), with LWM's own prompts, token for token:
 
-    understand  USER: <vision>..</vision> {caption_question} ASSISTANT: {caption}</s>     loss: caption
-    generate    USER: {caption} ASSISTANT: <vision>..</vision></s>                        loss: vision block
-    vision only <vision>..</vision></s> (no caption, with --allow-uncaptioned)           loss: vision block
-    LLaVA chat  the record's turns; the vision block stands where `<image>`/`<video>` is in a human turn
-                (at the start of the first turn when there is none)                       loss: gpt turns
+    understand, with a question (--caption-question; LWM's vision_chat.py):
+        You are a helpful assistant. USER: {question}\n<vision>..</vision> ASSISTANT: {caption}</s>
+    understand, without one (a caption pair):
+        You are a helpful assistant. USER:<vision>..</vision>ASSISTANT: {caption}</s>        loss: caption
+    generate (LWM's vision_generation.py; "Generate a video of" for several frames):
+        You are a helpful assistant. USER: Generate an image of {caption} ASSISTANT: <vision>..</vision></s>
+                                                                                     loss: vision block
+    vision only: <vision>..</vision></s> (no caption, with --allow-uncaptioned)     loss: vision block
+    LLaVA chat: the record's turns; the turn holding `<image>`/`<video>` (the first when none does) asks
+        in the understanding form, its text then a newline then the vision block      loss: gpt turns
 
 Kinds: image_text / video_text for captions (one frame / several, as import-lwm names them), image_chat
 / video_chat for conversations. With `one_vocabulary`, vision ids are moved after the text vocabulary
@@ -34,7 +39,7 @@ import numpy as np
 from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection
 from lwm_data.examples import IMAGE_CHAT, IMAGE_TEXT, VIDEO_CHAT, VIDEO_TEXT, Example
-from lwm_data.lwm_format.chat import ChatTemplate
+from lwm_data.lwm_format.chat import GENERATE_IMAGE, GENERATE_VIDEO, ChatTemplate
 from lwm_data.lwm_format.grammar import EOS_FIELD, FieldSpec, format_field_spec
 from lwm_data.lwm_format.layout import TOKENS_PER_FRAME
 from lwm_data.lwm_format.processor import LwmProcessor, render_text
@@ -109,16 +114,33 @@ Turn = tuple[Sequence[Part], Sequence[Part]]  # (question parts, answer parts)
 def chat_record(turns: Sequence[Turn], template: ChatTemplate) -> tuple[dict[str, Any], str]:
     """An LWM record + field spec for a conversation whose questions and answers mix text and vision.
 
-    Adjacent texts of one weight are joined by a space and tokenized as one field, so a text-only turn
-    tokenizes as lwm_data.text.chat's turns do; vision parts become vision fields of their turn's weight."""
+    A text question is one field, `{system} {question} ASSISTANT:` (later turns: `USER: {question}
+    ASSISTANT:`), so a text-only turn tokenizes as lwm_data.text.chat's turns do; a question with a
+    vision block is asked in LWM's understanding form (`question_with_vision`); answers, text or
+    vision, are fields of weight 1, each followed by EOS."""
     pieces: list[tuple[Part, float]] = []
     for i, (question, answer) in enumerate(turns):
         head, tail = (template.first_question if i == 0 else template.next_question).split("{question}")
-        prompt = ([template.system] if i == 0 else []) + [head, *question, tail]
-        pieces += [(p, 0.0) for p in prompt] + [(a, 1.0) for a in answer]
+        if i == 0:
+            head = f"{template.system} {head}"
+        text = " ".join(p.strip() for p in question if isinstance(p, str) and p.strip())
+        vision = [p for p in question if not isinstance(p, str)]
+        if vision:
+            pieces += [(p, 0.0) for p in question_with_vision(head, text, vision[0], tail)]
+        else:
+            pieces.append((f"{head}{text}{tail}", 0.0))
+        pieces += [(a.strip() if isinstance(a, str) else a, 1.0) for a in answer]
         if i < len(turns) - 1:
             pieces.append((EOS_FIELD, 1.0))  # the processor adds the last answer's EOS
     return _fields(pieces)
+
+
+def question_with_vision(head: str, question: str, codes: np.ndarray, tail: str) -> list[Part]:
+    """A question about a vision block: LWM's understanding form (vision_chat.py), the question, a
+    newline, then the block, then ` ASSISTANT:`; with no question, the block in its place."""
+    if question:
+        return [f"{head}{question}\n", codes, tail]
+    return [head.strip(), codes, tail.strip()]
 
 
 def _fields(pieces: list[tuple[Part, float]]) -> tuple[dict[str, Any], str]:
@@ -127,7 +149,7 @@ def _fields(pieces: list[tuple[Part, float]]) -> tuple[dict[str, Any], str]:
     texts: list[str] = []
 
     def flush(weight: float) -> None:
-        text = " ".join(t.strip() for t in texts if t.strip())
+        text = "".join(texts)  # texts arrive as exact strings
         texts.clear()
         if text:
             key = f"text_{len(fields)}"
@@ -218,4 +240,5 @@ def caption_record(item: CodedItem, direction: str, settings: SequenceSettings) 
         return _fields([(item.codes, 1.0)])
     if direction == "understand":
         return chat_record([([item.codes, settings.caption_question], [item.caption])], settings.template)
-    return chat_record([([item.caption], [item.codes])], settings.template)
+    prompt = GENERATE_IMAGE if len(item.codes) == 1 else GENERATE_VIDEO
+    return chat_record([([prompt.format(caption=item.caption.strip())], [item.codes])], settings.template)
