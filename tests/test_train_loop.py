@@ -253,9 +253,9 @@ def test_loss_is_half_text_half_vision_or_text_alone():
         "vision_mask": torch.tensor([[0, 0, 1, 1, 0, 0]], dtype=torch.bool),
     }
     inputs = model_inputs(batch)  # targets 1..5: vision at 1 and 2, text at 0, 3, 4 (5 predicts nothing)
-    assert loss_coefficients([inputs], par) == (0.5 / 3, 0.5 / 2)
+    assert loss_coefficients([inputs], par).tolist() == [0.5 / 3, 0.5 / 2]
     text_only = model_inputs({**batch, "vision_mask": torch.zeros(1, 6, dtype=torch.bool)})
-    assert loss_coefficients([text_only, text_only], par) == (1 / 10, 0.0)
+    assert loss_coefficients([text_only, text_only], par).tolist() == [1 / 10, 0.0]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from lwm_data.arrays import flagged_per_list, flat_values, list_lengths
 from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection
 from lwm_data.examples import example_problems, splittable, tokens_by_kind
+from lwm_data.lwm_format.layout import VISION_VOCAB_SIZE
 from lwm_data.packing import (
     PackOptions,
     build_rows,
@@ -61,6 +62,7 @@ from lwm_data.pipelines.common import (
     upstream_tokenizer,
 )
 from lwm_data.schemas import EXAMPLE_SCHEMA, PACKED_SCHEMA
+from lwm_data.tokenizers import resolve_tokenizer
 
 STAGE = "pack"
 TOKENS_PER_BATCH = 1 << 22  # rows are assembled and written in batches of about this many tokens
@@ -280,8 +282,9 @@ class Pack(beam.PTransform):
         )
 
 
-def packing_summary(manifest: dict, seq_len: int) -> dict:
-    """The manifest's `packing` section: fill efficiency, segments per row, tokens by kind, overflow."""
+def packing_summary(manifest: dict, seq_len: int, vocabulary: dict[str, int] | None = None) -> dict:
+    """The manifest's `packing` section: fill efficiency, segments per row, tokens by kind, overflow, and
+    the vocabularies the rows' ids belong to (the trainer checks them against its model's)."""
     stats, counts = manifest["stats"], manifest["counts"]
     rows = stats.get("rows", 0)
     return {
@@ -295,12 +298,21 @@ def packing_summary(manifest: dict, seq_len: int) -> dict:
         "truncated_tokens": stats.get("truncated_tokens", 0),
         "split": stats.get("split", 0),
         "split_pieces": stats.get("split_pieces", 0),
+        "vocabulary": vocabulary,
     }
 
 
-def packing_section(config: PackConfig) -> Callable[[dict], dict]:
+def vocabulary(tokenizer: dict | None) -> dict[str, int] | None:
+    """Text ids come from the examples' tokenizer, vision ids from LWM's layout."""
+    if tokenizer is None:
+        return None
+    return {"text": resolve_tokenizer(tokenizer).vocab_size, "vision": VISION_VOCAB_SIZE}
+
+
+def packing_section(config: PackConfig, tokenizer: dict | None) -> Callable[[dict], dict]:
     """The manifest's extra section, for `Job.write`'s summary."""
-    return lambda manifest: {"packing": packing_summary(manifest, config.packing.seq_len)}
+    sizes = vocabulary(tokenizer)
+    return lambda manifest: {"packing": packing_summary(manifest, config.packing.seq_len, sizes)}
 
 
 def example_shards(directories: Iterable[str]) -> list[str]:
@@ -334,4 +346,6 @@ def run(config: PackConfig, beam_args: list[str] | None = None) -> dict:
     def build(pipeline: beam.Pipeline) -> StageOutput:
         return pipeline | "Shards" >> beam.Create(shards) | "Pack" >> Pack(config)
 
-    return run_stage(STAGE, config, build, PACKED_SCHEMA, beam_args, tokenizer, summary=packing_section(config))
+    return run_stage(
+        STAGE, config, build, PACKED_SCHEMA, beam_args, tokenizer, summary=packing_section(config, tokenizer)
+    )

@@ -55,7 +55,7 @@ def finish_with_pack(
     packed = tuple(shards) | "ExampleShards" >> beam.Flatten() | "Pack" >> pack.Pack(pack_config)
     final = StageOutput(packed.rows, merge_errors(packed.errors, *errors, label="AllErrors"))
     kept = {up.stage: up.config.output for up in upstream} if keep_intermediate else {}
-    packing = pack.packing_section(pack_config)
+    packing = pack.packing_section(pack_config, tokenizer)
 
     def summary(manifest: dict) -> dict:
         stages = {up.stage: job.counts(up.stage) for up in upstream}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -32,8 +33,11 @@ def _flag(option: Option) -> inspect.Parameter:
     )
 
 
-def command(config: str | None = None, **values: Any) -> None:
-    """Train LLaMA (with LWM's vision heads) on packed shards: data x ring parallel, progressive context."""
+def command(ctx: typer.Context, config: str | None = None, **values: Any) -> None:
+    """Train LLaMA (with LWM's vision heads) on packed shards: data x ring parallel, progressive context.
+    `lwm-train plot METRICS.jsonl --output FIG.png` draws a run's metrics."""
+    if ctx.invoked_subcommand is not None:
+        return
     from lwm_data.train.trainer import train
 
     try:
@@ -43,6 +47,7 @@ def command(config: str | None = None, **values: Any) -> None:
         raise typer.Exit(2) from None
 
 
+_context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
 _config = inspect.Parameter(
     "config",
     inspect.Parameter.KEYWORD_ONLY,
@@ -51,11 +56,27 @@ _config = inspect.Parameter(
         None, "--config", help="TOML job config: keys are the flags' names, plus one table per context phase."
     ),
 )
-command.__signature__ = inspect.Signature([_config] + [_flag(o) for o in options()])
+command.__signature__ = inspect.Signature([_context, _config] + [_flag(o) for o in options()])
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-app.command(context_settings={"help_option_names": ["-h", "--help"]})(command)
+app.callback(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})(command)
+
+
+@app.command()
+def plot(
+    metrics: Path = typer.Argument(..., help="A run's metrics JSONL (--metrics)."),
+    output: Path = typer.Option(..., "--output", help="PNG to write."),
+) -> None:
+    """Training and eval loss by step, and the eval loss by position per evaluation, in one PNG."""
+    from lwm_data.train.plot import plot_metrics
+
+    try:
+        titles = plot_metrics(metrics, output)
+    except (OSError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    console.print(f"{output}: {', '.join(titles)}")
 
 
 def main() -> None:

@@ -134,7 +134,7 @@ def hf_config(config: ModelConfig, rope_theta: float, max_positions: int) -> dic
         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": 1,
         "eos_token_id": 2,
         "torch_dtype": "float32",
@@ -153,7 +153,12 @@ def export_safetensors(
         return
     os.makedirs(directory, exist_ok=True)
     state = {name: tensor.detach().float().contiguous() for name, tensor in state.items()}
-    text = {hf_name(name): t for name, t in state.items() if name not in VISION_NAMES}
+    tied = config.tie_embeddings  # the head is the embedding: written once, as Hugging Face does
+    text = {
+        hf_name(name): t
+        for name, t in state.items()
+        if name not in VISION_NAMES and not (tied and name == "head.weight")
+    }
     save_file(text, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     vision = {name: t for name, t in state.items() if name in VISION_NAMES}
     if vision:

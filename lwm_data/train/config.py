@@ -37,7 +37,9 @@ class PhaseConfig:
 
     seq_len: int = setting(help="Tokens per row (the packed shards' length).")
     steps: int = setting(help="Optimizer steps in this phase.")
-    rope_theta: float = setting(10_000.0, "RoPE base for this phase (LWM: 1e6 at 32K ... 5e7 at 1M).")
+    rope_theta: float | None = setting(
+        None, "RoPE base for this phase (LWM: 1e6 at 32K ... 5e7 at 1M); default: the model's (init_from's)."
+    )
     lr: float | None = setting(None, "Peak learning rate for this phase (default: the job's lr).")
     data: str = setting("", "Packed directory of this phase (default: the job's data).")
 
@@ -45,8 +47,13 @@ class PhaseConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # model
-    model: str = setting("tiny", f"Model preset: {', '.join(PRESETS)}.")
-    vision: bool = setting(True, "LWM's vision embedding and head (vision vocab 8448); off for a text-only model.")
+    model: str = setting("tiny", f"Model preset: {', '.join(PRESETS)} (ignored with init_from).")
+    init_from: str = setting(
+        "", "Hugging Face LLaMA checkpoint dir to start from (config.json + safetensors): the model's shape too."
+    )
+    vision: bool = setting(
+        True, "LWM's vision embedding and head (vision vocab 8448); on a text-only init_from, LWM's Stage II."
+    )
     attention_backend: str = setting("auto", "block/ring attention backend: auto, torch or triton.")
     # parallelism
     ring_size: int = setting(1, "Ranks per ring (sequence parallel); data-parallel ranks = world size / ring_size.")
@@ -73,12 +80,23 @@ class TrainConfig:
     checkpoint_every: int = setting(0, "Checkpoint every N steps as well as at each phase's end (0: ends only).")
     resume: bool = setting(False, "Continue from the latest checkpoint in checkpoint_dir.")
     metrics: str = setting("", "JSONL file: one line per optimizer step (step, loss, tokens_per_s, mfu, ...).")
+    log_every: int = setting(1, "Gather metrics (a host sync) every N steps; they are still written for each step.")
+    eval_data: str = setting(
+        "", "Packed directory of held-out rows: eval loss at step 0, every eval_every, each phase end."
+    )
+    eval_every: int = setting(0, "Evaluate every N steps (0: only at step 0 and at each phase's end).")
+    eval_batches: int = setting(0, "Global batches per evaluation (0: every row).")
     peak_tflops: float | None = setting(None, "Peak TFLOP/s of one device, for MFU (e.g. 989 for H100/H200 bf16).")
     export: str = setting("", "Directory for the final weights as safetensors (Hugging Face LLaMA layout).")
     progress: bool = setting(True, "Progress bar on rank 0.")
     phases: tuple[PhaseConfig, ...] = ()
 
     def model_config(self) -> ModelConfig:
+        """The init_from checkpoint's shape, else the preset's."""
+        if self.init_from:
+            from lwm_data.train import pretrained
+
+            return pretrained.model_config(self.init_from, self.vision, self.attention_backend)
         return preset(
             self.model,
             vision_vocab_size=PRESETS[self.model].vision_vocab_size if self.vision else 0,
@@ -107,8 +125,10 @@ class TrainConfig:
             raise ConfigError(f"model must be one of {sorted(PRESETS)}, got {self.model!r}")
         if self.schedule not in SCHEDULES or self.dtype not in DTYPES:
             raise ConfigError(f"schedule must be one of {SCHEDULES} and dtype one of {DTYPES}")
-        if min(self.ring_size, self.batch_size, self.grad_accum) < 1 or self.num_workers < 0:
-            raise ConfigError("ring_size, batch_size and grad_accum must be >= 1 and num_workers >= 0")
+        if min(self.ring_size, self.batch_size, self.grad_accum, self.log_every) < 1 or self.num_workers < 0:
+            raise ConfigError("ring_size, batch_size, grad_accum and log_every must be >= 1 and num_workers >= 0")
+        if min(self.eval_every, self.eval_batches) < 0:
+            raise ConfigError("eval_every and eval_batches must be >= 0")
         if not self.phases:
             raise ConfigError("the config lists no [[phases]]")
         for i, phase in enumerate(self.resolved_phases(), start=1):

@@ -53,18 +53,35 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
-def list_packed_shards(directory: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The shards the manifest of a committed packed output names, in name order."""
+def read_manifest(directory: str) -> dict[str, Any]:
+    """A committed output's manifest, through pyarrow's filesystems."""
     fs, root = filesystem(directory)
     manifest_path = posixpath.join(root, MANIFEST)
     if fs.get_file_info(manifest_path).type == pafs.FileType.NotFound:
         raise NotAStageOutput(f"{directory} has no {MANIFEST}: it is not the output of a finished lwm-data stage")
     with fs.open_input_stream(manifest_path) as f:
-        manifest = json.loads(f.read())
+        return json.loads(f.read())
+
+
+def list_packed_shards(directory: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The shards the manifest of a committed packed output names, in name order."""
+    fs, root = filesystem(directory)
+    manifest = read_manifest(directory)
     shards = sorted(
         posixpath.join(root, f["path"]) for f in manifest.get("files", []) if f["path"].endswith(SHARD_SUFFIX)
     )
     return fs, shards
+
+
+def check_vocabulary(manifest: dict[str, Any], vocabulary: tuple[int, int], directory: str) -> None:
+    """The packed output's recorded vocabulary (pack's manifest) fits the model's."""
+    recorded = (manifest.get("packing") or {}).get("vocabulary") or {}
+    text = recorded.get("text")
+    if text is not None and text > vocabulary[0]:
+        raise ConfigError(
+            f"{directory} was tokenized with a vocabulary of {text} ids; the model embeds {vocabulary[0]}: "
+            "tokenize the data with the model's tokenizer (--tokenizer DIR), or start from a model that has it"
+        )
 
 
 def check_packed_schema(schema: pa.Schema, path: str) -> None:
@@ -84,7 +101,11 @@ class PackedDataset(IterableDataset):
     of the row) and `next` (stream index after its step).
 
     Rows shorter than `seq_len` are padded (segment id 0, weight 0); longer rows are a ConfigError.
-    `rank` and `world_size` are the data-parallel ones (default: torch.distributed's world).
+    `rank` and `world_size` are the data-parallel ones (default: torch.distributed's world). With
+    `vocabulary` (the model's text and vision vocabulary sizes), a row holding an id the model has no
+    embedding for is a ConfigError naming the row, before it reaches the model; so is a packed output
+    whose manifest records a larger text vocabulary. Each row also carries `example_ids`, its
+    segments' example ids joined by newlines (for messages about the rows of a step).
     """
 
     def __init__(
@@ -96,6 +117,7 @@ class PackedDataset(IterableDataset):
         batch_size: int = 1,
         rank: int | None = None,
         world_size: int | None = None,
+        vocabulary: tuple[int, int] | None = None,
     ):
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
@@ -105,6 +127,9 @@ class PackedDataset(IterableDataset):
                 f"need 0 <= rank < world_size and batch_size >= 1, got {self.rank}, {self.world_size}, {batch_size}"
             )
         self.directory, self.seed, self.shuffle, self.batch_size = directory, seed, shuffle, batch_size
+        self.vocabulary = vocabulary
+        if vocabulary is not None:
+            check_vocabulary(read_manifest(directory), vocabulary, directory)
         self.fs, self.shards = list_packed_shards(directory)
         self.rows = np.array([self._metadata(p).num_rows for p in self.shards], np.int64)
         self.seq_len = seq_len if seq_len is not None else self._first_row_length()
@@ -217,7 +242,8 @@ class _ShardReader:
         if group != self.group:
             self._load(group)
         in_group = file_row - int(self.group_starts[group])
-        return {name: torch.from_numpy(column[in_group]) for name, column in self.columns.items()}
+        row = {name: torch.from_numpy(column[in_group]) for name, column in self.columns.items()}
+        return {**row, "example_ids": self.example_ids[in_group]}
 
     def _enter(self, shard: int) -> None:
         self.path = self.dataset.shard_path(shard)
@@ -232,7 +258,7 @@ class _ShardReader:
 
     def _load(self, group: int) -> None:
         with self.dataset.fs.open_input_file(self.path) as f:
-            table = pq.ParquetFile(f).read_row_group(group, columns=list(TOKEN_COLUMNS))
+            table = pq.ParquetFile(f).read_row_group(group, columns=[*TOKEN_COLUMNS, "example_ids"])
         row_len = len(table["tokens"][0]) if table.num_rows else 0
         seq_len = self.dataset.seq_len
         if row_len > seq_len:
@@ -244,7 +270,32 @@ class _ShardReader:
         for name in TOKEN_COLUMNS:
             rows = pc.list_flatten(table[name]).to_numpy(zero_copy_only=False).reshape(-1, row_len)
             self.columns[name] = np.pad(rows, ((0, 0), (0, seq_len - row_len)))  # zeros: padding
+        self.example_ids = ["\n".join(ids) for ids in table["example_ids"].to_pylist()]
+        if self.dataset.vocabulary is not None:
+            self._check_ids(group)
         self.group = group
+
+    def _check_ids(self, group: int) -> None:
+        """Every id has an embedding: text ids below the text vocabulary, vision ids below the vision one."""
+        text_size, vision_size = self.dataset.vocabulary
+        tokens, vision = self.columns["tokens"], self.columns["vision_mask"].astype(bool)
+        bad_text = (tokens >= text_size) & ~vision | (tokens < 0)
+        bad_vision = vision & (tokens >= vision_size)
+        for bad, what in ((bad_text, f"text ids >= the model's {text_size}"), (bad_vision, "vision ids")):
+            if bad.any():
+                row = int(np.argmax(bad.any(axis=1)))
+                example = self.example_ids[row].split("\n")[0]
+                hint = (
+                    "the model has no vision embedding: train with vision = true"
+                    if what == "vision ids" and vision_size == 0
+                    else f"vision ids >= {vision_size}"
+                    if what == "vision ids"
+                    else "tokenize the data with the model's tokenizer (--tokenizer DIR at chunk/import-lwm/video)"
+                )
+                raise ConfigError(
+                    f"{self.path} row group {group}, row {row} (example {example}): {what} "
+                    f"(largest {int(tokens[bad].max())}); {hint}"
+                )
 
 
 class PackedLoader:

@@ -4,10 +4,10 @@ RMSNorm, SwiGLU, no biases, grouped-query attention, RoPE with a configurable th
 `block_attention` with the rows' positions and segment ids, so a packed row's examples never attend
 to each other; the parallel layer (parallel.py) swaps in `ring_attention` without touching this file.
 
-RoPE layout: rotate_half (Hugging Face's), so the text model exports to `LlamaForCausalLM` as is.
-Meta/LWM checkpoints rotate adjacent pairs; loading one would need the usual permutation of the
-q/k projection rows (Hugging Face's convert_llama_weights_to_hf `permute`), which the trainer does
-not do: it starts from its own initialisation or its own checkpoints.
+RoPE layout: rotate_half (Hugging Face's), so Hugging Face LLaMA checkpoints load as they are
+(lwm_data.train.pretrained) and the text model exports to `LlamaForCausalLM`. (Meta's original
+checkpoints rotate adjacent pairs; Hugging Face's converted ones, LWM's included, do not.)
+`tie_embeddings` shares the input embedding with the output head, as `tie_word_embeddings` does.
 
 LWM's vision variant (lwm_data.lwm_format.layout): a second embedding (vision vocab 8448 = 8192 codes
 + 256, <eof> 8192 and <eov> 8193 among them) and a second output head; `vision_mask` picks the
@@ -39,8 +39,9 @@ class ModelConfig:
     vocab_size: int = 32000  # LLaMA-2's
     vision_vocab_size: int = VISION_VOCAB_SIZE  # LWM's VQ-GAN codes + specials; 0 for a text-only model
     norm_eps: float = 1e-5
-    rope_theta: float = 10_000.0  # training phases set their own
+    rope_theta: float = 10_000.0  # a training phase may set its own
     attention_backend: str = "auto"  # block_attention's: auto, torch, triton
+    tie_embeddings: bool = False  # the head is the input embedding (Hugging Face's tie_word_embeddings)
 
     def __post_init__(self):
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
@@ -177,6 +178,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
         self.vision_head = (
             nn.Linear(config.dim, config.vision_vocab_size, bias=False) if config.vision_vocab_size else None
         )
@@ -207,25 +210,35 @@ class Transformer(nn.Module):
             x = layer(x, rope, inputs.positions, inputs.segment_ids)
         return self.norm(x)
 
-    def forward(self, inputs: ModelInputs) -> tuple[Tensor, Tensor]:
+    def forward(self, inputs: ModelInputs, per_token: bool = False) -> tuple[Tensor, Tensor] | Tensor:
         """Weighted sums of the cross-entropy over text targets (text head) and over vision targets
-        (vision head). Heads run only where a target has weight; the loop normalises the sums."""
+        (vision head); the loop normalises them. Heads run only where a target has weight. With
+        `per_token`, each position's unweighted cross-entropy instead (B, S), 0 where the weight is:
+        what evaluation buckets by position."""
         h = self.hidden(inputs)
         counted = inputs.weights != 0
-        text_sum = self._weighted_ce(self.head, h, inputs, counted & ~inputs.target_vision)
-        if self.vision_head is None:
-            if (counted & inputs.target_vision).any():
-                raise ValueError("vision targets in the batch, but the model has no vision head")
+        text, vision = counted & ~inputs.target_vision, counted & inputs.target_vision
+        if self.vision_head is None and vision.any():
+            raise ValueError("vision targets in the batch, but the model has no vision head")
+        text_ce = self._cross_entropy(self.head, h, inputs, text)
+        vision_ce = self._cross_entropy(self.vision_head, h, inputs, vision) if self.vision_head else None
+        if per_token:
+            losses = torch.zeros(inputs.weights.shape, dtype=torch.float32, device=h.device)
+            losses[text] = text_ce
+            if vision_ce is not None:
+                losses[vision] = vision_ce
+            return losses
+        text_sum = (text_ce * inputs.weights[text]).sum()
+        if vision_ce is None:
             return text_sum, torch.zeros_like(text_sum)
-        return text_sum, self._weighted_ce(self.vision_head, h, inputs, counted & inputs.target_vision)
+        return text_sum, (vision_ce * inputs.weights[vision]).sum()
 
     @staticmethod
-    def _weighted_ce(head: nn.Linear, h: Tensor, inputs: ModelInputs, where: Tensor) -> Tensor:
+    def _cross_entropy(head: nn.Linear, h: Tensor, inputs: ModelInputs, where: Tensor) -> Tensor:
         # Selecting positions first keeps a 32K-vocab head off prompts and padding. An empty selection
         # still runs the head, so every rank's backward reaches the same parameters (FSDP needs that).
         logits = head(h[where]).float()
-        losses = F.cross_entropy(logits, inputs.targets[where], reduction="none")
-        return (losses * inputs.weights[where]).sum()
+        return F.cross_entropy(logits, inputs.targets[where], reduction="none")
 
 
 # -------------------------------------------------------------------------------------------------

@@ -107,7 +107,12 @@ def ring_attend(group: dist.ProcessGroup, backend: str) -> AttentionFn:
 def parallelize(
     model: Transformer, parallel: Parallel, dtype: torch.dtype, activation_checkpointing: bool
 ) -> nn.Module:
-    """The model made ready for `parallel`: ring attention, activation checkpointing, FSDP2."""
+    """The model made ready for `parallel`, in torchtitan's order: ring attention swapped into each
+    block, then activation checkpointing wraps the blocks, then FSDP2 shards them."""
+    if parallel.ring_size > 1:
+        ring_group = parallel.mesh["ring"].get_group()
+        for block in model.layers:
+            block.attention.attend = ring_attend(ring_group, model.config.attention_backend)
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -117,11 +122,6 @@ def parallelize(
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if parallel.ring_size > 1:
-        ring_group = parallel.mesh["ring"].get_group()
-        for block in model.layers:
-            attention = block.attention if hasattr(block, "attention") else block._checkpoint_wrapped_module.attention
-            attention.attend = ring_attend(ring_group, model.config.attention_backend)
     # HSDP wants (replicate, shard) = ("ring", "dp"): the same ranks, dimensions swapped (a slice can't reorder).
     hsdp_mesh = DeviceMesh(parallel.device.type, parallel.mesh.mesh.T, mesh_dim_names=("ring", "dp"))
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
