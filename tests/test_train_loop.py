@@ -56,7 +56,8 @@ def job(data: str, out: Path, **overrides):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The training steps' records (held-out evaluations are records of their own)."""
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
 
 
 def free_port() -> int:
@@ -303,10 +304,13 @@ def test_command_line_prints_errors_and_exits_2(tmp_path):
 
 @pytest.fixture(scope="module")
 def gloo_runs(packed, tmp_path_factory) -> dict[str, Path]:
+    """2 x 2 also evaluates (steps 0, 4, 8) between its steps and checkpoints: FSDP2 must reshard after
+    the forwards without backward, and evaluating must not change what is trained."""
     runs = {}
     for name, nproc, batch in (("1x2", 2, GLOBAL_BATCH), ("2x2", 4, GLOBAL_BATCH // 2)):
         out = tmp_path_factory.mktemp(name)
-        torchrun(nproc, packed, out, "--batch-size", str(batch))
+        evals = ("--eval-data", packed, "--eval-every", "4", "--eval-batches", "2") if name == "2x2" else ()
+        torchrun(nproc, packed, out, "--batch-size", str(batch), *evals)
         runs[name] = out
     return runs
 
@@ -322,6 +326,9 @@ def test_ring_runs_match_world_one(gloo_runs, world_one, name):
     assert losses == pytest.approx(expected, rel=1e-4)
     assert losses[-1] < losses[0] - 0.5
     assert records[0]["tokens"] == GLOBAL_BATCH * SEQ_LEN
+    if name == "2x2":
+        evals = [json.loads(line) for line in (gloo_runs[name] / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in evals if "eval_loss" in r] == [0, 4, 8]
 
 
 @pytest.mark.slow

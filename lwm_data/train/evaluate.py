@@ -27,6 +27,14 @@ from lwm_data.train.parallel import Parallel
 BUCKETS = 40  # positions up to 2^40
 
 
+def reshard(model: nn.Module) -> None:
+    """Free FSDP2's unsharded parameters after forwards with no backward: it keeps the root's unsharded
+    after a forward (for the backward it expects), and they would stand in for the sharded ones."""
+    for module in model.modules():
+        if hasattr(module, "reshard"):
+            module.reshard()
+
+
 def position_buckets(positions: Tensor) -> Tensor:
     """The bucket of a target at `positions + 1`: floor(log2(position)), i.e. 1 | 2-3 | 4-7 | ..."""
     return torch.log2((positions + 1).double()).floor().long().clamp(0, BUCKETS - 1)
@@ -52,6 +60,7 @@ class Evaluator:
                 with autocast:
                     losses = model(shard, per_token=True).double()
                 sums += self._sums(shard, losses, rows)
+        reshard(model)
         values = par.all_reduce(sums).tolist()
         text, text_weight, vision, vision_weight, rows = values[:5]
         means = [s / w for s, w in ((text, text_weight), (vision, vision_weight)) if w > 0]
