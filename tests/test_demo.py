@@ -10,10 +10,21 @@ from lwm_data.cli.main import app
 from lwm_data.cli.validate import validate
 
 
+def test_inputs_only_writes_the_synthetic_inputs(tmp_path):
+    result = CliRunner().invoke(
+        app, ["demo", "--output", str(tmp_path), "--inputs-only", "--books", "2", "--videos", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "inputs" / "books.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "inputs" / "heldout.jsonl").read_text().splitlines()) == 1
+    assert {p.suffix for p in (tmp_path / "inputs" / "videos").iterdir()} == {".mp4", ".txt"}
+    assert not (tmp_path / "books").exists()
+
+
 def test_demo_runs_everything_into_valid_outputs_and_trains(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--output", str(out), "--books", "3", "--words", "30000", "--videos", "2", "--steps", "3"]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})  # one summary line each
     assert result.exit_code == 0, result.output
     for directory in (
         "books/chunk",
@@ -35,8 +46,11 @@ def test_demo_runs_everything_into_valid_outputs_and_trains(tmp_path):
     kinds = {kind for row in rows["kinds"].to_pylist() for kind in row}
     assert "text" in kinds and kinds & {"video_text", "text_video"}
 
-    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [r for r in records if "loss" in r]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["loss"] > 0 for m in metrics)
-    assert (out / "stats.png").stat().st_size > 0
-    for name in ("books/pack", "video/pack", "train-pack", "loss", str(out / "train")):
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 3]  # the held-out book, before and after
+    assert (out / "stats.png").stat().st_size > 0 and (out / "train" / "loss.png").stat().st_size > 0
+    assert not validate(str(out / "heldout" / "pack"))
+    for name in ("books/pack", "video/pack", "train-pack", "loss", "held-out loss", str(out / "train")):
         assert name in result.output

@@ -3,7 +3,9 @@
     synthetic books  -> run books: chunk -> qa (cloze) -> chat (32K) -> text -> pack (32K)   books/
     synthetic videos -> run video: decode -> VQ-GAN (RANDOM reduced weights) -> pack (1K)     video/
     text examples + video examples -> pack (1K rows, text split)                              train-pack/
-    -> 20 steps of the tiny model, ring attention over 2 CPU processes (torchrun, gloo)      train/
+    one more book, held out -> chunk -> text -> pack (1K rows)                               heldout/
+    -> 20 steps of the tiny model, ring attention over 2 CPU processes (torchrun, gloo), the
+       held-out loss at step 0, every 10 steps and at the end, and its plot                  train/
 
 Every output is validated as it is made. The configs are the same TOML tables `lwm-data run` reads, so
 each step here is one command a user could type; `endpoint` swaps the cloze QA for a real model.
@@ -70,17 +72,29 @@ class DemoResult:
     manifests: dict[str, dict]  # step name -> the manifest of its final output
     directories: dict[str, str]  # step name -> output directory
     losses: list[float]  # the training run's loss per step
-    plot: Path | None
+    eval_losses: list[float]  # the held-out loss at each evaluation
+    plot: Path | None  # the books' stats
+    train_plot: Path | None  # lwm-train plot of the run's metrics
+
+
+def write_inputs(root: Path, options: DemoOptions) -> tuple[Path, Path, Path]:
+    """Synthetic books (JSONL), one more book held out, and captioned clips, under root/inputs."""
+    books = generate_books(options.books + 1, options.words, options.seed)
+    books_in = write_books_jsonl(root / "inputs" / "books.jsonl", books[:-1])
+    heldout_in = write_books_jsonl(root / "inputs" / "heldout.jsonl", books[-1:])
+    return books_in, heldout_in, write_videos(root / "inputs" / "videos", options.videos)
 
 
 def run_demo(options: DemoOptions, report: Callable[[str], None] = print) -> DemoResult:
     """Run every step under `options.output`; `report` hears what is starting."""
     root = options.output
-    books_in = write_books_jsonl(
-        root / "inputs" / "books.jsonl", generate_books(options.books, options.words, options.seed)
-    )
-    videos_in = write_videos(root / "inputs" / "videos", options.videos)
-    directories = {"books": str(root / "books"), "video": str(root / "video"), "train-pack": str(root / "train-pack")}
+    books_in, heldout_in, videos_in = write_inputs(root, options)
+    directories = {
+        "books": str(root / "books"),
+        "video": str(root / "video"),
+        "train-pack": str(root / "train-pack"),
+        "heldout": str(root / "heldout"),
+    }
     manifests = {}
 
     report("run books: chunk -> qa -> chat -> text -> pack (one Beam job)")
@@ -89,11 +103,20 @@ def run_demo(options: DemoOptions, report: Callable[[str], None] = print) -> Dem
     manifests["video"] = _checked(run.run("video", video_document(options, videos_in), [], True), directories["video"])
     report(f"pack: text and video examples into {TRAIN_SEQ_LEN}-token training rows")
     manifests["train-pack"] = _pack_for_training(directories)
+    report("held out: one more book -> chunk -> text -> pack, the evaluation rows")
+    manifests["heldout"] = _heldout(heldout_in, directories["heldout"])
 
     report(f"train: {options.train_steps} steps, tiny model, ring attention over 2 CPU processes (torchrun)")
-    losses = train(root / "train", directories["train-pack"], options.train_steps)
+    metrics = train(root / "train", directories["train-pack"], directories["heldout"] + "/pack", options.train_steps)
     directories["train"] = str(root / "train")
-    return DemoResult(manifests, directories, losses, _plot(directories["books"] + "/pack", root / "stats.png"))
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    eval_losses = [r["eval_loss"] for r in records if "eval_loss" in r]
+    from lwm_data.train.plot import plot_metrics
+
+    plot_metrics(metrics, root / "train" / "loss.png")
+    stats = _plot(directories["books"] + "/pack", root / "stats.png")
+    return DemoResult(manifests, directories, losses, eval_losses, stats, root / "train" / "loss.png")
 
 
 def write_videos(directory: Path, count: int) -> Path:
@@ -144,6 +167,21 @@ def _pack_for_training(directories: dict[str, str]) -> dict:
     return manifest
 
 
+def _heldout(books: Path, directory: str) -> dict:
+    """The held-out book as packed rows: the chunk, text and pack stages, one after the other."""
+    chunk, text, pack = (STAGES[name] for name in ("chunk", "text", "pack"))
+    steps = [
+        (chunk, {"input": str(books), "output": f"{directory}/chunk"}),
+        (text, {"input": f"{directory}/chunk", "output": f"{directory}/text"}),
+        (pack, {"input": (f"{directory}/text",), "output": f"{directory}/pack", "seq_len": TRAIN_SEQ_LEN,
+                "overflow": "split"}),
+    ]  # fmt: skip
+    for stage, values in steps:
+        manifest = stage.run(settings.build(stage.config, values), None)
+        _check(values["output"])
+    return manifest
+
+
 def _checked(manifests: list[dict], root: str) -> dict:
     """Validate every output of a whole-pipeline run under `root`; returns its final (pack's) manifest."""
     for manifest in manifests:
@@ -157,8 +195,8 @@ def _check(directory: str) -> None:
         raise RuntimeError(f"{directory} is invalid: {dict(violations)}")
 
 
-def train(directory: Path, data: str, steps: int) -> list[float]:
-    """`torchrun --nproc-per-node 2 -m lwm_data.train` on `data`; the losses from its metrics file."""
+def train(directory: Path, data: str, heldout: str, steps: int) -> Path:
+    """`torchrun --nproc-per-node 2 -m lwm_data.train` on `data`, evaluated on `heldout`; its metrics file."""
     directory.mkdir(parents=True, exist_ok=True)
     config, metrics = directory / "train.toml", directory / "metrics.jsonl"
     config.write_text(TRAIN_TOML)
@@ -181,11 +219,15 @@ def train(directory: Path, data: str, steps: int) -> list[float]:
         str(metrics),
         "--checkpoint-dir",
         str(directory / "checkpoints"),
+        "--eval-data",
+        heldout,
+        "--eval-every",
+        "10",
     ]
     # One torch thread per process: two processes share the two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=env)
-    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines() if line.strip()]
+    return metrics
 
 
 def _plot(directory: str, path: Path) -> Path:

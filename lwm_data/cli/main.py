@@ -349,11 +349,16 @@ def demo(
     ),
     model: str | None = typer.Option(None, help="The served model's name, with --endpoint."),
     seed: int = typer.Option(0),
+    inputs_only: bool = typer.Option(False, "--inputs-only", help="Only write the synthetic books and videos."),
 ) -> None:
     """Everything on synthetic data, offline: books -> 32K chat, videos -> VQ-GAN tokens, packing, training."""
-    from lwm_data.cli.demo import DemoOptions, run_demo, summary_rows
+    from lwm_data.cli.demo import DemoOptions, run_demo, summary_rows, write_inputs
 
     options = DemoOptions(output.resolve(), books, words, videos, steps, endpoint, model, seed)
+    if inputs_only:
+        for path in write_inputs(options.output, options):
+            console.print(str(path))
+        return
     with user_errors(), progress.live():
         result = run_demo(options, report=lambda step: console.print(f"[bold]{step}[/bold]"))
     table = Table(title="lwm-data demo")
@@ -363,12 +368,15 @@ def demo(
         table.add_row(*row)
     losses = result.losses
     console.print(table)
+    evals = result.eval_losses
     console.print(
-        f"train: {len(losses)} steps of the tiny model over a ring of 2, loss {losses[0]:.2f} -> {losses[-1]:.2f}"
+        f"train: {len(losses)} steps of the tiny model over a ring of 2, loss {losses[0]:.2f} -> {losses[-1]:.2f}, "
+        f"held-out loss {evals[0]:.2f} -> {evals[-1]:.2f}"
     )
     for name, directory in result.directories.items():
         console.print(f"{name:<11} {directory}")
     console.print(f"{'stats plot':<11} {result.plot}")
+    console.print(f"{'train plot':<11} {result.train_plot}")
 
 
 def main() -> None:
