@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 
 from lwm_data import outputs
 from lwm_data.errors import ConfigError
+from lwm_data.testing.models import tiny_llama
 from lwm_data.train.__main__ import app
 from lwm_data.train.config import PhaseConfig, TrainConfig
 from lwm_data.train.data import PackedDataset
@@ -36,18 +38,7 @@ transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 128
 CPU = Parallel(torch.device("cpu"), None)
-
-
-def hf_checkpoint(directory: Path, tie: bool = True, vocab: int = 256, seed: int = 0, **shape) -> Path:
-    """A small LlamaForCausalLM with GQA, saved as Hugging Face saves it."""
-    config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=shape.get("dim", 64), intermediate_size=shape.get("mlp", 160),
-        num_hidden_layers=shape.get("layers", 2), num_attention_heads=4, num_key_value_heads=2,
-        rms_norm_eps=1e-6, rope_theta=5e5, tie_word_embeddings=tie, max_position_embeddings=4096,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+VOCAB = 256  # the rows of write_packed_rows hold ids below 200
 
 
 def hf_model(directory: Path):
@@ -83,11 +74,11 @@ def packed(tmp_path_factory) -> str:
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_logits_equal_transformers(tmp_path, tie):
-    directory = hf_checkpoint(tmp_path, tie=tie)
+    directory = tiny_llama(tmp_path, vocab=VOCAB, tie=tie)
     config = job(directory, "")
     model = build_model(config.model_config(), config, CPU, torch.float32)
     assert (model.head.weight is model.embed.weight) == tie and model.rope_theta == 5e5
-    tokens = torch.randint(3, 256, (2, 40))
+    tokens = torch.randint(3, VOCAB, (2, 40))
     inputs = model_inputs({
         "tokens": tokens, "vision_mask": torch.zeros_like(tokens, dtype=torch.bool), "loss_weights": torch.ones(2, 40),
         "segment_ids": torch.ones_like(tokens), "positions": torch.arange(40).expand(2, -1),
@@ -99,7 +90,7 @@ def test_logits_equal_transformers(tmp_path, tie):
 
 
 def test_step_zero_eval_loss_is_transformers_loss_on_the_packed_rows(tmp_path, packed):
-    directory = hf_checkpoint(tmp_path / "model", tie=True)
+    directory = tiny_llama(tmp_path / "model", vocab=VOCAB, tie=True)
     records = train(job(directory, packed, steps=2, eval_data=packed, metrics=str(tmp_path / "m.jsonl")))
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 2]  # before the first step, and at the phase's end
@@ -112,14 +103,14 @@ def test_step_zero_eval_loss_is_transformers_loss_on_the_packed_rows(tmp_path, p
 
 
 def test_eval_every_and_batches(tmp_path, packed):
-    directory = hf_checkpoint(tmp_path / "model")
+    directory = tiny_llama(tmp_path / "model", vocab=VOCAB)
     records = train(job(directory, packed, steps=4, eval_data=packed, eval_every=2, eval_batches=3))
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 2, 4] and evals[0]["eval_rows"] == 3 * 2
 
 
 def test_gathering_metrics_every_n_steps_changes_nothing_but_when(tmp_path, packed):
-    directory = hf_checkpoint(tmp_path / "model")
+    directory = tiny_llama(tmp_path / "model", vocab=VOCAB)
     every_step = train(job(directory, packed, steps=5))
     every_third = train(job(directory, packed, steps=5, log_every=3))
     assert [r["step"] for r in every_third] == [1, 2, 3, 4, 5]
@@ -130,8 +121,8 @@ def test_gathering_metrics_every_n_steps_changes_nothing_but_when(tmp_path, pack
 def test_lwm_stage_two_adds_the_vision_embedding_and_head(tmp_path, packed):
     """A text-only checkpoint trained with vision = true: the vision weights are new, normal(0, 0.02) as
     LWM's vision_llama.py initialises them; the text weights are the checkpoint's. Our export, vision
-    included, loads back as it was saved."""
-    directory = hf_checkpoint(tmp_path / "model")
+    included, loads back as it was saved, beside the checkpoint's generation config and positions."""
+    directory = tiny_llama(tmp_path / "model", vocab=VOCAB)
     config = job(directory, packed, vision=True)
     model = build_model(config.model_config(), config, CPU, torch.float32)
     assert model.vision_embed.weight.shape == (8448, 64)
@@ -145,17 +136,21 @@ def test_lwm_stage_two_adds_the_vision_embedding_and_head(tmp_path, packed):
     saved = load_file(tmp_path / "export" / "vision.safetensors")
     assert torch.equal(reloaded.vision_head.weight, saved["vision_head.weight"])
     assert not torch.equal(saved["vision_head.weight"], model.vision_head.weight)  # it was trained
+    assert (tmp_path / "export" / "generation_config.json").read_text() == (
+        directory / "generation_config.json"
+    ).read_text()
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["max_position_embeddings"] == 32768
 
 
 def test_a_phase_without_rope_theta_keeps_the_checkpoints(tmp_path, packed):
-    directory = hf_checkpoint(tmp_path / "model")
+    directory = tiny_llama(tmp_path / "model", vocab=VOCAB)
     trainer = Trainer(job(directory, packed, steps=1), CPU)
     trainer.fit(trainer.config.resolved_phases())
     assert trainer.model.rope_theta == 5e5
 
 
 def test_what_the_model_does_not_implement_is_refused(tmp_path):
-    directory = hf_checkpoint(tmp_path / "model")
+    directory = tiny_llama(tmp_path / "model", vocab=VOCAB)
     config_json = directory / "config.json"
     original = json.loads(config_json.read_text())
     for change, message in [
@@ -172,7 +167,7 @@ def test_what_the_model_does_not_implement_is_refused(tmp_path):
 
 
 def test_rows_the_model_has_no_embedding_for_are_refused(tmp_path, packed):
-    small = hf_checkpoint(tmp_path / "model", vocab=100)  # the rows hold ids up to 199
+    small = tiny_llama(tmp_path / "model", vocab=100)  # the rows hold ids up to 199
     with pytest.raises(
         ConfigError, match="text ids >= the model's 100 .* tokenize the data with the model's tokenizer"
     ):
@@ -188,7 +183,8 @@ def test_rows_the_model_has_no_embedding_for_are_refused(tmp_path, packed):
 
 
 def test_a_non_finite_step_stops_training_naming_its_rows(tmp_path, packed):
-    """A NaN loss weight in one row: the step that holds it stops before its update, naming the row."""
+    """A NaN loss weight in one row stops training at the next check (before the update of the step that
+    holds it when that is the step checked), naming the step and the row; every step checked, always."""
     import pyarrow as pa
 
     from tests.helpers import write_output
@@ -201,11 +197,14 @@ def test_a_non_finite_step_stops_training_naming_its_rows(tmp_path, packed):
         tmp_path / "bad", "pack", table.set_column(column, "loss_weights", pa.array(weights, pa.list_(pa.float32())))
     )
     first_id = table["example_ids"][3].as_py()[0]
-    directory = hf_checkpoint(tmp_path / "model")
-    with pytest.raises(
-        TrainingDiverged, match=rf"step \d+ \(phase 1\): loss nan.*before this step's update.*{first_id}"
-    ):
+    directory = tiny_llama(tmp_path / "model", vocab=VOCAB)
+    with pytest.raises(TrainingDiverged, match=rf"step (\d+) \(phase 1\): loss nan.*{first_id}") as checked_at_three:
         train(job(directory, bad, steps=8, log_every=3))
+    bad_step = int(re.search(r"step (\d+)", str(checked_at_three.value)).group(1))
+    later = min(check for check in (3, 6, 8) if check >= bad_step) - bad_step  # checks: every 3rd step, the last
+    assert ("before this step's update" if later == 0 else f"{later} steps later") in str(checked_at_three.value)
+    with pytest.raises(TrainingDiverged, match=rf"step {bad_step} .*before this step's update.*{first_id}"):
+        train(job(directory, bad, steps=8, log_every=1))
 
 
 def test_flop_count_with_a_checkpoints_shape(tmp_path):
@@ -214,14 +213,14 @@ def test_flop_count_with_a_checkpoints_shape(tmp_path):
 
     from lwm_data.kernels.reference import dense_attention
 
-    directory = hf_checkpoint(tmp_path, tie=True)
+    directory = tiny_llama(tmp_path, vocab=VOCAB, tie=True)
     config = job(directory, "")
     model = build_model(config.model_config(), config, CPU, torch.float32)
     for block in model.layers:
         block.attention.attend = lambda q, k, v, p, s: dense_attention(
             q, k, v, q_positions=p, k_positions=p, q_segment_ids=s, k_segment_ids=s, causal=False
         )[0]
-    tokens = torch.randint(3, 256, (2, 32))
+    tokens = torch.randint(3, VOCAB, (2, 32))
     inputs = model_inputs({
         "tokens": tokens, "vision_mask": torch.zeros_like(tokens, dtype=torch.bool), "loss_weights": torch.ones(2, 32),
         "segment_ids": torch.ones_like(tokens), "positions": torch.arange(32).expand(2, -1),
@@ -249,7 +248,7 @@ def torchrun(nproc: int, *args: str, module: str = "lwm_data.train", cwd: Path =
 def test_each_rank_holds_and_reads_only_its_shards(tmp_path):
     """A 70M-parameter checkpoint (280 MB): at world 2 each rank's shards and its peak memory growth
     while loading are about half of world 1's; both give transformers' losses."""
-    directory = hf_checkpoint(tmp_path / "model", tie=False, vocab=8192, dim=768, mlp=2048, layers=8)
+    directory = tiny_llama(tmp_path / "model", tie=False, vocab=8192, dim=768, mlp=2048, layers=8)
     tokens = torch.randint(3, 8192, (1, 24))
     rows = {"tokens": tokens.tolist(), "vision_mask": [[False] * 24], "loss_weights": [[1.0] * 24],
             "segment_ids": [[1] * 24], "positions": [list(range(24))]}  # fmt: skip
@@ -272,7 +271,7 @@ def test_each_rank_holds_and_reads_only_its_shards(tmp_path):
 def test_resume_and_ring_from_a_checkpoint(tmp_path, packed):
     """With init_from: resumed from its step-2 checkpoint, the same losses bit for bit; over a ring of 2
     (torchrun, gloo), the losses of world 1."""
-    directory = hf_checkpoint(tmp_path / "model")
+    directory = tiny_llama(tmp_path / "model", vocab=VOCAB)
     flags = dict(steps=4, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2, batch_size=4)
     uninterrupted = train(job(directory, packed, **flags))
     import shutil

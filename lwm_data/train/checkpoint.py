@@ -9,7 +9,8 @@ the new split.
 
 `export_safetensors` writes the text model in Hugging Face's LLaMA layout (model.safetensors +
 config.json, loadable by `transformers.LlamaForCausalLM`), and LWM's vision embedding and head beside
-it in vision.safetensors.
+it in vision.safetensors. Continuing a checkpoint (`init_from`), the export also carries that
+checkpoint's tokenizer and generation config: the directory loads as a whole model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from typing import Any
 
 import torch
@@ -32,6 +34,11 @@ from torch.distributed.checkpoint.state_dict import (
 from lwm_data.train.model import ModelConfig
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+# What a Hugging Face model directory holds besides its weights and config.json.
+COMPANION_FILES = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "generation_config.json",
+)  # fmt: skip
 
 
 def step_path(directory: str, step: int) -> str:
@@ -143,9 +150,15 @@ def hf_config(config: ModelConfig, rope_theta: float, max_positions: int) -> dic
 
 
 def export_safetensors(
-    directory: str, model: nn.Module, config: ModelConfig, rope_theta: float, max_positions: int
+    directory: str,
+    model: nn.Module,
+    config: ModelConfig,
+    rope_theta: float,
+    max_positions: int,
+    companions_from: str | None = None,
 ) -> None:
-    """Full weights gathered to rank 0 and written there (every rank must call this)."""
+    """Full weights gathered to rank 0 and written there (every rank must call this), with the
+    tokenizer and generation config of `companions_from` (the checkpoint the run started from)."""
     from safetensors.torch import save_file
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -165,3 +178,8 @@ def export_safetensors(
         save_file(vision, os.path.join(directory, "vision.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf_config(config, rope_theta, max_positions), f, indent=2)
+    if companions_from:
+        for name in COMPANION_FILES:
+            source = os.path.join(companions_from, name)
+            if os.path.exists(source):
+                shutil.copyfile(source, os.path.join(directory, name))

@@ -80,7 +80,7 @@ class TrainConfig:
     checkpoint_every: int = setting(0, "Checkpoint every N steps as well as at each phase's end (0: ends only).")
     resume: bool = setting(False, "Continue from the latest checkpoint in checkpoint_dir.")
     metrics: str = setting("", "JSONL file: one line per optimizer step (step, loss, tokens_per_s, mfu, ...).")
-    log_every: int = setting(1, "Gather metrics (a host sync) every N steps; they are still written for each step.")
+    log_every: int = setting(10, "Gather metrics (a host sync) every N steps; they are still written for each step.")
     eval_data: str = setting(
         "", "Packed directory of held-out rows: eval loss at step 0, every eval_every, each phase end."
     )

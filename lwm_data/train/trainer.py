@@ -125,12 +125,17 @@ class MetricsLog:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-        if self.progress and "eval_loss" in record:
-            self.progress.console.print(f"step {record['step']}: eval loss {record['eval_loss']:.4f}")
+        if "eval_loss" in record:
+            self.say(f"step {record['step']}: eval loss {record['eval_loss']:.4f}")
         elif self.progress:
             mfu = f" mfu {record['mfu']:.1%}" if record["mfu"] is not None else ""
             status = f"loss {record['loss']:.4f} {record['tokens_per_s']:,.0f} tok/s{mfu}"
             self.progress.update(self.task, advance=1, status=status)
+
+    def say(self, text: str) -> None:
+        """A line above the progress bar (none with --no-progress)."""
+        if self.progress:
+            self.progress.console.print(text)
 
     def close(self) -> None:
         if self.file:
@@ -220,13 +225,21 @@ class Trainer:
                 resumed = resume_from if index == start["phase"] else None
                 self.run_phase(phases, index, resumed, offsets[index])
             if config.export:
-                last = phases[-1]
-                checkpoint.export_safetensors(
-                    config.export, self.model, self.model_config, self.model.rope_theta, last.seq_len
-                )
+                self.export(phases[-1])
         finally:
             self.log.close()
         return self.records
+
+    def export(self, last: PhaseConfig) -> None:
+        """The final weights in Hugging Face's layout, with the starting checkpoint's tokenizer."""
+        config, positions = self.config, last.seq_len
+        if config.init_from:  # never fewer positions than the model came with
+            positions = max(positions, pretrained.read_config(config.init_from).get("max_position_embeddings", 0))
+        checkpoint.export_safetensors(
+            config.export, self.model, self.model_config, self.model.rope_theta, positions, config.init_from
+        )
+        vision = ", LWM's vision weights in vision.safetensors" if self.model_config.vision_vocab_size else ""
+        self.log.say(f"exported {config.export}: Hugging Face's LLaMA layout{vision}")
 
     def run_phase(self, phases: tuple[PhaseConfig, ...], index: int, resume_from: str | None, offset: int) -> None:
         config, phase = self.config, phases[index]
@@ -261,13 +274,14 @@ class Trainer:
             save = bool(config.checkpoint_dir) and (done or self._every(config.checkpoint_every, step + 1))
             evaluate = self.evaluator is not None and (done or self._every(config.eval_every, offset + step + 1))
             if save or evaluate or done or len(pending) == config.log_every:
-                self.flush(pending, time.perf_counter() - window)  # raises on a non-finite step, before its update
+                self.flush(pending, time.perf_counter() - window)  # raises on a non-finite step
                 pending = []
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if save:
                 path = checkpoint.step_path(config.checkpoint_dir, offset + step + 1)
                 checkpoint.save(path, self.model, optimizer, {"phase": index, "step": step + 1}, loader.state_dict())
+                self.log.say(f"checkpoint {path}")
             if evaluate:
                 self.evaluate(offset + step + 1, phase)
             if not pending:
@@ -315,11 +329,7 @@ class Trainer:
         values, grad_norms = totals.tolist(), norms.tolist()
         for result, (loss, _, _), norm in zip(pending, values, grad_norms):
             if not (math.isfinite(loss) and math.isfinite(norm)):
-                rows = "; ".join(ids.replace("\n", ", ") for ids in result.example_ids)[:2000]
-                raise TrainingDiverged(
-                    f"step {result.step} (phase {result.phase}): loss {loss}, gradient norm {norm}: training stopped "
-                    f"before this step's update. Rows of this rank: {rows}. Lower the learning rate, or check them."
-                )
+                raise TrainingDiverged(self._divergence(result, loss, norm, pending[-1].step - result.step))
         window_flops, window_tokens = sum(v[1] for v in values), sum(v[2] for v in values)
         peak = self.config.peak_tflops
         for result, (loss, flops, tokens), norm in zip(pending, values, grad_norms):
@@ -339,6 +349,19 @@ class Trainer:
             }
             self.records.append(record)
             self.log.write(record)
+
+    @staticmethod
+    def _divergence(result: StepResult, loss: float, norm: float, steps_since: int) -> str:
+        rows = "; ".join(ids.replace("\n", ", ") for ids in result.example_ids)[:2000]
+        when = (
+            "before this step's update"
+            if steps_since == 0
+            else f"{steps_since} steps later (steps are checked every log_every), and no checkpoint holds them"
+        )
+        return (
+            f"step {result.step} (phase {result.phase}): loss {loss}, gradient norm {norm}: training stopped {when}. "
+            f"Rows of this rank: {rows}. Lower the learning rate, or check them."
+        )
 
     def evaluate(self, step: int, phase: PhaseConfig) -> None:
         if self.evaluator is None:
