@@ -50,12 +50,14 @@ def print_manifest(manifest: dict) -> None:
             table.add_row(f"filtered: {reason}", str(n))
     for reason, n in counts["dead_lettered_by_reason"].items():
         table.add_row(f"dead-lettered: {reason}", str(n))
-    for name, value in manifest.get("stats", {}).items():
+    stats = manifest.get("stats", {})
+    for name, value in stats.items():
         table.add_row(name, _number(value))
     for section, values in manifest.items():  # stage-specific sections, e.g. pack's `packing`
         if section not in _STANDARD_SECTIONS and isinstance(values, dict):
             for name, value in values.items():
-                table.add_row(f"{section}: {name}", _number(value))
+                if stats.get(name) != value:  # a figure the stats above already show is not repeated
+                    table.add_row(f"{section}: {name}", _number(value))
     if "seconds" in manifest:
         table.add_row("seconds", str(manifest["seconds"]))
     console.print(table)
@@ -357,7 +359,7 @@ def demo(
     options = DemoOptions(output.resolve(), books, words, videos, steps, endpoint, model, seed)
     if inputs_only:
         for path in write_inputs(options.output, options):
-            console.print(str(path))
+            console.print(str(output / path.relative_to(options.output)))  # as the user named it
         return
     with user_errors(), progress.live():
         result = run_demo(options, report=lambda step: console.print(f"[bold]{step}[/bold]"))

@@ -278,7 +278,8 @@ def checked_pixel_range(requested: str | None, entry: dict[str, Any], path: str)
 def _warn_random_weights() -> None:
     log.warning(
         "VQ-GAN has RANDOM weights (no --vqgan given): its codes mean nothing; fine for trying the pipeline, "
-        "useless for training. Pass --vqgan amused-256 weights (e.g. a local snapshot, --vqgan-subfolder vqvae)."
+        "useless for training. Pass --vqgan: LWM's own (made by `lwm-data convert-vqgan`) or aMUSEd-256's "
+        "(a local snapshot, with --vqgan-subfolder vqvae)."
     )
 
 
