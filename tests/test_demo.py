@@ -15,8 +15,8 @@ def test_inputs_only_writes_the_synthetic_inputs(tmp_path):
         app, ["demo", "--output", str(tmp_path), "--inputs-only", "--books", "2", "--videos", "1"]
     )
     assert result.exit_code == 0, result.output
-    assert len((tmp_path / "inputs" / "books.jsonl").read_text().splitlines()) == 2
-    assert len((tmp_path / "inputs" / "heldout.jsonl").read_text().splitlines()) == 1
+    assert len(list((tmp_path / "inputs" / "books").glob("*.txt"))) == 2
+    assert len(list((tmp_path / "inputs" / "heldout").glob("*.txt"))) == 1
     assert {p.suffix for p in (tmp_path / "inputs" / "videos").iterdir()} == {".mp4", ".txt"}
     assert not (tmp_path / "books").exists()
 

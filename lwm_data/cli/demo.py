@@ -26,7 +26,7 @@ from lwm_data.cli.validate import validate
 from lwm_data.packing import LWM_TEXT_SHARE
 from lwm_data.pipelines.registry import STAGES
 from lwm_data.recipes import run
-from lwm_data.testing.books import generate_books, write_books_jsonl
+from lwm_data.testing.books import generate_books, write_books_txt
 from lwm_data.testing.media import make_video
 
 CONTEXT = 32768
@@ -78,10 +78,11 @@ class DemoResult:
 
 
 def write_inputs(root: Path, options: DemoOptions) -> tuple[Path, Path, Path]:
-    """Synthetic books (JSONL), one more book held out, and captioned clips, under root/inputs."""
+    """Under root/inputs: a folder of synthetic books (.txt), a folder with one more book held out, and
+    a folder of captioned clips (.mp4 beside a .txt caption)."""
     books = generate_books(options.books + 1, options.words, options.seed)
-    books_in = write_books_jsonl(root / "inputs" / "books.jsonl", books[:-1])
-    heldout_in = write_books_jsonl(root / "inputs" / "heldout.jsonl", books[-1:])
+    books_in = write_books_txt(root / "inputs" / "books", books[:-1])
+    heldout_in = write_books_txt(root / "inputs" / "heldout", books[-1:])
     return books_in, heldout_in, write_videos(root / "inputs" / "videos", options.videos)
 
 
@@ -132,7 +133,7 @@ def books_document(options: DemoOptions, books: Path) -> dict:
     qa = {"backend": "openai", "endpoint": options.endpoint, "model": options.model} if options.endpoint else {}
     return {
         "output": str(options.output / "books"),
-        "chunk": {"input": str(books)},
+        "chunk": {"input": f"{books}/*.txt"},
         "qa": {k: v for k, v in qa.items() if v is not None},
         "chat": {"context_lengths": [CONTEXT], "seed": options.seed},
         "text": {},
@@ -171,7 +172,7 @@ def _heldout(books: Path, directory: str) -> dict:
     """The held-out book as packed rows: the chunk, text and pack stages, one after the other."""
     chunk, text, pack = (STAGES[name] for name in ("chunk", "text", "pack"))
     steps = [
-        (chunk, {"input": str(books), "output": f"{directory}/chunk"}),
+        (chunk, {"input": f"{books}/*.txt", "output": f"{directory}/chunk"}),
         (text, {"input": f"{directory}/chunk", "output": f"{directory}/text"}),
         (pack, {"input": (f"{directory}/text",), "output": f"{directory}/pack", "seq_len": TRAIN_SEQ_LEN,
                 "overflow": "split"}),

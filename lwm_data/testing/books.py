@@ -119,6 +119,15 @@ def generate_books(num_books: int, num_words: int = 5000, seed: int = 0) -> list
     ]
 
 
+def write_books_txt(directory: str | Path, books: list[SyntheticBook]) -> Path:
+    """A folder of plain-text books, one `<id>.txt` per book (the chunk stage titles each by its name)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for book in books:
+        (directory / f"{book.id}.txt").write_text(book.text, encoding="utf-8")
+    return directory
+
+
 def write_books_jsonl(path: str | Path, books: list[SyntheticBook], with_facts: bool = False) -> Path:
     """Books3/PG-19-style JSONL: one {"id", "title", "text"[, "facts"]} object per line."""
     path = Path(path)
