@@ -16,6 +16,9 @@
    masks): tokens/s and MFU against 989 TFLOP/s for the ~1B preset at 32K, with and without
    activation checkpointing (goal MFU >= 45%; anchor: plain PyTorch LLaMA-1.24B, causal SDPA, no
    masks, 43.6% without / 34.4% with activation checkpointing on an H200).
+5. The trainer continuing a checkpoint (`init_from`) of the ~1B shape, which the script saves first in
+   Hugging Face's layout (random weights, text only; `vision = true` adds LWM's heads, Stage II): the
+   seconds to build and load it, and tokens/s and MFU at 32K as in 4 (goal MFU >= 45%).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 import traceback
 
 import torch
@@ -37,8 +41,10 @@ from bench_train import write_packed  # noqa: E402
 
 from lwm_data.kernels import block_attention  # noqa: E402
 from lwm_data.kernels.reference import random_packing  # noqa: E402
+from lwm_data.train import checkpoint, parallel  # noqa: E402
 from lwm_data.train.config import PhaseConfig, TrainConfig  # noqa: E402
-from lwm_data.train.trainer import train  # noqa: E402
+from lwm_data.train.model import Transformer  # noqa: E402
+from lwm_data.train.trainer import Trainer, train  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100/H200 dense bf16
 BOUNDS = {"out": 2e-2, "lse": 1e-3, "dq": 5e-2, "dk": 5e-2, "dv": 5e-2}
@@ -130,39 +136,84 @@ def attention_speed(setup: attention.Setup) -> None:
     )
 
 
+def trainer_config(model: str, data: str, seq_len: int, steps: int, checkpointing: bool, **values) -> TrainConfig:
+    phase = PhaseConfig(seq_len=seq_len, steps=steps, rope_theta=1e6, data=data)
+    config = TrainConfig(
+        model=model,
+        attention_backend="auto",
+        dtype="auto",
+        batch_size=1,
+        num_workers=2,
+        activation_checkpointing=checkpointing,
+        progress=False,
+        peak_tflops=PEAK_TFLOPS,
+        lr=1e-4,
+        phases=(phase,),
+        **values,
+    )
+    config.validate()
+    return config
+
+
+def packed_rows(directory: str, steps: int, seq_len: int) -> str:
+    return write_packed(os.path.join(directory, "packed"), steps + 1, seq_len, doc_tokens=(seq_len // 16, seq_len // 4))
+
+
+def add_mfu(label: str, records: list[dict], small: bool, note: str = "") -> None:
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in records)
+    mfu = statistics.median(r["mfu"] for r in records)
+    add(
+        label,
+        f"{note}{tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%} of {PEAK_TFLOPS:.0f}"
+        + (" (CPU: not a GPU figure)" if small else ""),
+        "MFU >= 45%",
+        None if small else mfu >= 0.45,
+    )
+
+
 def trainer(model: str, seq_len: int, steps: int, checkpointing: bool, small: bool) -> None:
+    label = f"trainer {model} S={seq_len} {'AC' if checkpointing else 'no AC'}"
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_packed(os.path.join(tmp, "packed"), steps + 1, seq_len, doc_tokens=(seq_len // 16, seq_len // 4))
-        phase = PhaseConfig(seq_len=seq_len, steps=steps, rope_theta=1e6, data=data)
-        config = TrainConfig(
-            model=model,
-            attention_backend="auto",
-            dtype="auto",
-            batch_size=1,
-            num_workers=2,
-            activation_checkpointing=checkpointing,
-            progress=False,
-            peak_tflops=PEAK_TFLOPS,
-            lr=1e-4,
-            phases=(phase,),
-        )
-        config.validate()
-        label = f"trainer {model} S={seq_len} {'AC' if checkpointing else 'no AC'}"
+        config = trainer_config(model, packed_rows(tmp, steps, seq_len), seq_len, steps, checkpointing)
         try:
             records = train(config)[2:]  # 2 warm-up steps
         except torch.OutOfMemoryError:
             add(label, "out of memory", "MFU >= 45%", False)
             torch.cuda.empty_cache()
             return
-    tokens_per_s = statistics.median(r["tokens_per_s"] for r in records)
-    mfu = statistics.median(r["mfu"] for r in records)
-    add(
-        label,
-        f"{tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%} of {PEAK_TFLOPS:.0f}"
-        + (" (CPU: not a GPU figure)" if small else ""),
-        "MFU >= 45%",
-        None if small else mfu >= 0.45,
-    )
+    add_mfu(label, records, small)
+
+
+def save_hf_checkpoint(model: str, directory: str, device: str) -> None:
+    """A Hugging Face LLaMA checkpoint of a preset's shape (random weights, text only)."""
+    text_only = TrainConfig(model=model, vision=False).model_config()
+    with torch.device(device):
+        weights = Transformer(text_only)
+    weights.init_weights(0)
+    checkpoint.export_safetensors(directory, weights, text_only, rope_theta=1e6, max_positions=32768)
+
+
+def trainer_init_from(model: str, seq_len: int, steps: int, small: bool) -> None:
+    """Continue a saved checkpoint of the preset's shape: seconds to build and load, then MFU."""
+    label = f"trainer init_from {model} S={seq_len}"
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_checkpoint(model, os.path.join(tmp, "model"), "cpu" if small else "cuda")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the saved weights' memory, before the run
+        config = trainer_config(model, packed_rows(tmp, steps, seq_len), seq_len, steps, False,
+                                init_from=os.path.join(tmp, "model"), vision=True)  # fmt: skip
+        par = parallel.setup(config.ring_size)
+        try:
+            started = time.perf_counter()
+            run = Trainer(config, par)
+            loaded = time.perf_counter() - started
+            records = [r for r in run.fit(config.resolved_phases()) if "loss" in r][2:]
+        except torch.OutOfMemoryError:
+            add(label, "out of memory", "MFU >= 45%", False)
+            return
+        finally:
+            parallel.teardown(par)
+    add_mfu(label, records, small, note=f"built and loaded in {loaded:.2f} s; ")
 
 
 def main() -> None:
@@ -188,6 +239,10 @@ def main() -> None:
         ("attention", lambda: attention_speed(attention.CPU if small else attention.GPU)),
         ("trainer", lambda: trainer("tiny" if small else "1b", 1024 if small else 32768, args.steps, False, small)),
         ("trainer AC", lambda: trainer("tiny" if small else "1b", 1024 if small else 32768, args.steps, True, small)),
+        (
+            "trainer init_from",
+            lambda: trainer_init_from("tiny" if small else "1b", 1024 if small else 32768, args.steps, small),
+        ),
     ]
     for name, part in parts:
         try:

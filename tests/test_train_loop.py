@@ -296,6 +296,8 @@ def test_old_stages_tables_still_load_with_a_warning(tmp_path, caplog):
 def test_command_line_prints_errors_and_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["--config", TINY_CPU, "--data", str(tmp_path / "absent")])
     assert result.exit_code == 2 and "data is missing" in result.output
+    result = CliRunner().invoke(app, ["--data", str(tmp_path)])  # no config: no phases
+    assert result.exit_code == 2 and "lists no [[phases]]" in result.output  # brackets printed, not markup
 
 
 # ---------------------------------------------------------------------------------------------------

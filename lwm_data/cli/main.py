@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lwm_data import config as settings
@@ -150,7 +151,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except UserError as error:
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
 
 

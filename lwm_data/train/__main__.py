@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lwm_data.config import Option
 from lwm_data.errors import UserError
@@ -43,7 +44,7 @@ def command(ctx: typer.Context, config: str | None = None, **values: Any) -> Non
     try:
         train(load_config(config, values))
     except UserError as error:
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
 
 
@@ -74,7 +75,7 @@ def plot(
     try:
         titles = plot_metrics(metrics, output)
     except (OSError, ValueError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
     console.print(f"{output}: {', '.join(titles)}")
 

@@ -130,7 +130,7 @@ class TrainConfig:
         if min(self.eval_every, self.eval_batches) < 0:
             raise ConfigError("eval_every and eval_batches must be >= 0")
         if not self.phases:
-            raise ConfigError("the config lists no [[phases]]")
+            raise ConfigError("the config lists no [[phases]]: add one table per context length (seq_len, steps)")
         for i, phase in enumerate(self.resolved_phases(), start=1):
             if phase.seq_len % (2 * self.ring_size):
                 raise ConfigError(
