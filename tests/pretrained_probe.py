@@ -3,7 +3,10 @@ trainer does (meta device, FSDP2 shards, each rank reading its slices), then pri
 JSON line: the bytes of its parameter shards, its peak anonymous memory growth while building
 (sampled every millisecond from /proc: the safetensors files are memory-mapped, and their pages,
 shared page cache, are not counted), and the per-token losses of fixed rows (every rank computes
-them; they must agree with transformers')."""
+them; they must agree with transformers'), into OUT_DIR/rank-N.json.
+
+    torchrun --nproc-per-node N -m tests.pretrained_probe INIT_FROM ROWS_JSON OUT_DIR
+"""
 
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ class PeakSampler(threading.Thread):
             self.peak = max(self.peak, anonymous_bytes())
 
 
-def main(init_from: str, rows_json: str) -> None:
+def main(init_from: str, rows_json: str, out_dir: str) -> None:
     par = parallel.setup(ring_size=1)
     config = TrainConfig(init_from=init_from, vision=False, attention_backend="torch")
     before, sampler = anonymous_bytes(), PeakSampler()
@@ -51,11 +54,11 @@ def main(init_from: str, rows_json: str) -> None:
     batch = {name: torch.tensor(value) for name, value in json.loads(rows_json).items()}
     with torch.no_grad():
         losses = model(par.shard(model_inputs(batch)), per_token=True)
-    print(
-        json.dumps({"rank": par.dp_rank, "shard_bytes": shard_bytes, "peak_growth": grown, "losses": losses.tolist()})
-    )
+    record = {"rank": par.dp_rank, "shard_bytes": shard_bytes, "peak_growth": grown, "losses": losses.tolist()}
+    with open(f"{out_dir}/rank-{par.dp_rank}.json", "w") as f:  # a file each: ranks' stdout lines interleave
+        json.dump(record, f)
     parallel.teardown(par)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

