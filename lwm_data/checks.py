@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lwm_data.arrays import flat_values, list_lengths, run_starts
+from lwm_data.arrays import flagged_per_list, flat_values, list_lengths, run_starts
 from lwm_data.examples import EXAMPLE_PROBLEMS, problem_masks
-from lwm_data.lwm_format.layout import CODEBOOK_SIZE, TOKENS_PER_FRAME
+from lwm_data.lwm_format.layout import CODEBOOK_SIZE, TOKENS_PER_FRAME, VISION_VOCAB_SIZE
 
 TableCheck = Callable[[pa.Table, Counter], None]
 
@@ -50,6 +50,40 @@ def check_example_rows(table: pa.Table, violations: Counter) -> None:
                 json.loads(meta)
             except json.JSONDecodeError:
                 violations["meta is not JSON"] += 1
+
+
+def check_token_ids(table: pa.Table, violations: Counter, text_vocab: int | None, shard: str) -> None:
+    """Every id has an embedding: text ids in 0..text_vocab-1 (when the manifest records the
+    vocabulary), vision ids (`vision_mask`) in LWM's vision vocabulary. Each class names the first
+    offending row: its id column where the table has one, else its shard and row number."""
+    tokens = _flat(table, "tokens")
+    vision = (
+        _flat(table, "vision_mask").astype(bool) if "vision_mask" in table.column_names else np.zeros(len(tokens), bool)
+    )
+    offsets = np.concatenate([[0], np.cumsum(_list_lengths(table, "tokens"))])
+    bad_vision = vision & ((tokens < 0) | (tokens >= VISION_VOCAB_SIZE))
+    _count_rows(violations, f"vision id outside 0..{VISION_VOCAB_SIZE - 1}", bad_vision, offsets, table, shard)
+    text_ids = ~vision
+    bad_text = text_ids & (tokens < 0) if text_vocab is None else text_ids & ((tokens < 0) | (tokens >= text_vocab))
+    upper = "" if text_vocab is None else f"..{text_vocab - 1}"
+    _count_rows(violations, f"text id outside 0{upper}", bad_text, offsets, table, shard)
+
+
+def _count_rows(violations: Counter, label: str, bad: np.ndarray, offsets: np.ndarray, table: pa.Table, shard: str):
+    rows = flagged_per_list(bad, offsets) > 0
+    if not rows.any():
+        return
+    key = next((k for k in violations if k.startswith(label + " ")), None)
+    if key is None:
+        key = f"{label} (first: {_locator(table, int(np.argmax(rows)), shard)})"
+    violations[key] += int(rows.sum())
+
+
+def _locator(table: pa.Table, row: int, shard: str) -> str:
+    for columns in (("example_id",), ("book_id", "chunk_index")):
+        if set(columns) <= set(table.column_names):
+            return "/".join(str(table[c][row].as_py()) for c in columns)
+    return f"{shard} row {row}"
 
 
 def check_codes_rows(table: pa.Table, violations: Counter) -> None:

@@ -1,4 +1,5 @@
 import hashlib
+import json
 import shutil
 
 import numpy as np
@@ -58,10 +59,65 @@ def test_sentencepiece_directory_and_hf_tokenizer_json(tmp_path):
     hf.save(str(hf_dir / "tokenizer.json"))
     tok = load_tokenizer(str(hf_dir))
     assert isinstance(tok, HuggingFaceTokenizer)
-    assert tok.encode("hello world!") == [1, 2, 3] and tok.eos_id == 4
+    assert tok.encode("hello world!") == [1, 2, 3]
+    assert (tok.bos_id, tok.eos_id) == (None, None)  # no config, no post-processor: none named, none guessed
     (out,) = tok.encode_with_offsets(["hello world!"])
     assert out.char_ends.tolist() == [5, 11, 12]
     assert tok.sha256 == hashlib.sha256((hf_dir / "tokenizer.json").read_bytes()).hexdigest()
+
+
+def _word_level(directory, post_processor: bool = False, **config) -> HuggingFaceTokenizer:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "<s>": 3, "</s>": 4, "<|im_start|>": 5}
+    hf = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    if post_processor:
+        hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
+    directory.mkdir()
+    hf.save(str(directory / "tokenizer.json"))
+    if config:
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    load_tokenizer.cache_clear()
+    return load_tokenizer(str(directory))
+
+
+def test_special_tokens_come_from_the_directory_files(tmp_path):
+    named_not_added = _word_level(tmp_path / "a", bos_token="<|im_start|>", eos_token="</s>")
+    assert (named_not_added.bos_id, named_not_added.eos_id) == (None, 4)  # SmolLM2's case: BOS never added
+    added = _word_level(tmp_path / "b", bos_token={"content": "<s>"}, eos_token="</s>", add_bos_token=True)
+    assert (added.bos_id, added.eos_id) == (3, 4)
+    by_post_processor = _word_level(tmp_path / "c", post_processor=True)
+    assert (by_post_processor.bos_id, by_post_processor.eos_id) == (3, None)
+    turned_off = _word_level(tmp_path / "d", post_processor=True, add_bos_token=False, eos_token="</s>")
+    assert (turned_off.bos_id, turned_off.eos_id) == (None, 4)
+    (tmp_path / "a" / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<s>"}))
+    load_tokenizer.cache_clear()
+    assert load_tokenizer(str(tmp_path / "a")).eos_id == 4  # tokenizer_config.json wins over the map
+    with pytest.raises(ConfigError, match="eos_token '<eos>' is not in the tokenizer's vocabulary"):
+        _word_level(tmp_path / "e", eos_token="<eos>")
+
+
+def test_a_changed_special_token_config_is_refused(tmp_path):
+    tok = _word_level(tmp_path / "hf", bos_token="<s>", eos_token="</s>", add_bos_token=True)
+    entry = tok.entry
+    assert (entry["vocab_size"], entry["bos_id"], entry["eos_id"]) == (6, 3, 4)
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    load_tokenizer.cache_clear()
+    with pytest.raises(TokenizerMismatch, match="bos_id 3; its files here give None"):
+        resolve_tokenizer(entry)
+
+
+def test_real_tokenizers_special_tokens_match_transformers(smollm2, llama2_tokenizer_path):
+    """SmolLM2 names `<|im_start|>` as bos_token but never adds it; LLaMA-2 adds <s>."""
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(str(smollm2))
+    tok = load_tokenizer(str(smollm2))
+    added = reference("hello").input_ids[: -len(tok.encode("hello"))]
+    assert added == [] and tok.bos_id is None
+    assert tok.eos_id == reference.eos_token_id and tok.vocab_size == len(reference)
+    llama = load_tokenizer(str(llama2_tokenizer_path))
+    assert (llama.bos_id, llama.eos_id, llama.vocab_size) == (1, 2, 32000)
 
 
 def test_missing_tokenizer_raises(tmp_path):
@@ -95,10 +151,11 @@ def test_hf_byte_level_pieces_of_one_character_are_not_cut_between(tmp_path):
 
 def test_manifest_entries_name_the_default_by_name_and_files_by_path(tmp_path):
     default = load_tokenizer(None)
-    assert default.entry == {"name": "default", "sha256": default.sha256}
+    specials = {"vocab_size": 32000, "bos_id": 1, "eos_id": 2}
+    assert default.entry == {"name": "default", "sha256": default.sha256, **specials}
     copy = tmp_path / "tokenizer.model"
     shutil.copy(default_tokenizer_path(), copy)
-    assert load_tokenizer(str(copy)).entry == {"path": str(copy), "sha256": default.sha256}
+    assert load_tokenizer(str(copy)).entry == {"path": str(copy), "sha256": default.sha256, **specials}
     assert resolve_tokenizer(default.entry).sha256 == default.sha256
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 
 from lwm_data import files, outputs
+from lwm_data.checks import check_token_ids
 from lwm_data.pipelines.registry import UnknownStage, stage_of
 from lwm_data.schemas import ERRORS_SUFFIX
 
@@ -28,6 +29,7 @@ def validate(output_dir: str) -> Counter:
         violations[f"unknown stage {manifest.get('stage')!r}"] += 1
         return violations
     _check_manifest(output_dir, manifest, violations)
+    text_vocab = text_vocabulary(manifest)
     for path in outputs.list_shards(output_dir, manifest):
         if not files.exists(path):  # counted as a file missing from the manifest's list
             continue
@@ -37,10 +39,20 @@ def validate(output_dir: str) -> Counter:
             continue
         for check in stage.row_checks:
             check(table, violations)
+        if "tokens" in table.column_names:
+            check_token_ids(table, violations, text_vocab, path.rsplit("/", 1)[-1])
     if not violations.total():
         for check in stage.global_checks:
             check.check(outputs.read_table(output_dir, list(check.columns)), violations)
     return +violations
+
+
+def text_vocabulary(manifest: dict) -> int | None:
+    """The text vocabulary size the manifest records: its tokenizer entry's, or pack's `vocabulary`
+    (None for manifests written before either was recorded)."""
+    entry = manifest.get("tokenizer") or {}
+    packed = (manifest.get("packing") or {}).get("vocabulary") or {}
+    return entry.get("vocab_size", packed.get("text"))
 
 
 def _check_manifest(output_dir: str, manifest: dict, violations: Counter) -> None:

@@ -39,8 +39,8 @@ def to_lwm_record(example: Example, tokenizer: TextTokenizer, processor: LwmProc
     """
     processor = processor or LwmProcessor(tokenizer)
     tokens, weights, vision = example.tokens, example.loss_weights, example.vision_mask
-    n = len(tokens)
-    if n < 2 or tokens[0] != tokenizer.bos_id or weights[0] != 0 or vision[0]:
+    n, start = len(tokens), len(processor.bos)  # no BOS for a tokenizer that adds none
+    if n < start + 1 or (start and (tokens[0] != tokenizer.bos_id or weights[0] != 0 or vision[0])):
         raise Rejection("not_representable", "LWM examples start with BOS of weight 0")
     if tokens[-1] != tokenizer.eos_id or weights[-1] != 1 or vision[-1]:
         raise Rejection("not_representable", "LWM examples end with EOS of weight 1")
@@ -51,7 +51,7 @@ def to_lwm_record(example: Example, tokenizer: TextTokenizer, processor: LwmProc
         raise Rejection("not_representable", "text ids outside the tokenizer's vocabulary")
     record: dict[str, Any] = {}
     fields: list[FieldSpec] = []
-    for run in _runs(tokens[1:-1], weights[1:-1], vision[1:-1], tokenizer, processor, offset=1):
+    for run in _runs(tokens[start:-1], weights[start:-1], vision[start:-1], tokenizer, processor, offset=start):
         piece = tokens[run.start : run.end]
         if run.kind in ("bos", "eos"):
             fields.append(FieldSpec(BOS_FIELD if run.kind == "bos" else EOS_FIELD, run.weight))
@@ -81,7 +81,8 @@ def _runs(tokens, weights, vision, tokenizer, processor: LwmProcessor, offset: i
     for start, end in _vision_blocks(tokens, vision, processor):
         kinds[start:end] = 3
         cuts[[start, end]] = True
-    kinds[(kinds == 0) & (tokens == tokenizer.bos_id)] = 1
+    if tokenizer.bos_id is not None:
+        kinds[(kinds == 0) & (tokens == tokenizer.bos_id)] = 1
     kinds[(kinds == 0) & (tokens == tokenizer.eos_id)] = 2
     special = (kinds == 1) | (kinds == 2)
     cuts[:-1] |= special

@@ -1,7 +1,8 @@
 """LWM's processors: a JSONL record under a field spec (lwm_data.lwm_format.grammar) -> token ids, loss
 weights and vision mask, token for token as LWM's TextProcessor/VisionTextProcessor make them.
 
-The example starts with BOS (weight 0) and ends with EOS (weight 1); `prepend_text` goes before the
+The example starts with BOS (weight 0; nothing for a tokenizer that adds no BOS, as LWM's code,
+which asks its tokenizer for `bos_token_id`, cannot show) and ends with EOS (weight 1); `prepend_text` goes before the
 first field's text when the first field is text. A vision field becomes `<vision>`, then per frame
 its codes and <eof> (the last frame: <eov>), then `</vision>` (lwm_data.lwm_format.layout); every
 token of the block takes the field's weight, vision_mask is true on the codes and their <eof>/<eov>.
@@ -30,7 +31,7 @@ from lwm_data.lwm_format.layout import (
     VISION_START,
 )
 from lwm_data.reading import is_unicode
-from lwm_data.tokenizers import TextTokenizer
+from lwm_data.tokenizers import TextTokenizer, bos_prefix, require_eos
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class LwmProcessor:
     def __init__(self, tokenizer: TextTokenizer, config: ProcessorConfig = ProcessorConfig()):
         self.tokenizer = tokenizer
         self.config = config
+        self.bos = bos_prefix(tokenizer)
+        self.eos = [require_eos(tokenizer, "LWM's add_eos_token")] if config.add_eos_token else None
         self.vision_start = np.asarray(tokenizer.encode(VISION_START), np.int32)
         self.vision_end = np.asarray(tokenizer.encode(VISION_END), np.int32)
 
@@ -78,12 +81,12 @@ class LwmProcessor:
         """(tokens int32, loss_weights float32, vision_mask bool) for one record under one spec."""
         out = _Buffers()
         if self.config.add_bos_token:
-            out.add([self.tokenizer.bos_id], 0.0)
+            out.add(self.bos, 0.0)
         for i, spec_field in enumerate(parse_field_spec(spec)):
             if spec_field.name == BOS_FIELD:
-                out.add([self.tokenizer.bos_id], spec_field.loss_weight)
+                out.add(self.bos, spec_field.loss_weight)
             elif spec_field.name == EOS_FIELD:
-                out.add([self.tokenizer.eos_id], spec_field.loss_weight)
+                out.add([self._eos_field()], spec_field.loss_weight)
             elif spec_field.vision:
                 self._add_vision(out, self.vision_codes(record, spec_field.name), spec_field.loss_weight)
             else:
@@ -91,9 +94,14 @@ class LwmProcessor:
                 if i == 0:
                     text = self.config.prepend_text + text
                 out.add(self.tokenizer.encode(text), spec_field.loss_weight)
-        if self.config.add_eos_token:
-            out.add([self.tokenizer.eos_id], 1.0)
+        if self.eos is not None:
+            out.add(self.eos, 1.0)
         return out.arrays()
+
+    def _eos_field(self) -> int:
+        if self.tokenizer.eos_id is None:
+            raise Rejection("no_eos_token", "the field spec asks for EOS; the tokenizer names none")
+        return self.tokenizer.eos_id
 
     def field_text(self, record: dict[str, Any], spec_field: FieldSpec) -> str:
         parts = []

@@ -39,7 +39,7 @@ from lwm_data.pipelines.common import ERRORS, Counters, ReadStage, StageOutput, 
 from lwm_data.schemas import EXAMPLE_SCHEMA
 from lwm_data.text.chat import BookTally, ChatConfig, QATurn, book_examples, encode_turns, qa_pairs_from_table
 from lwm_data.text.chunking import BookChunks, book_chunks_from_table, split_by_book
-from lwm_data.tokenizers import resolve_tokenizer
+from lwm_data.tokenizers import require_eos, resolve_tokenizer
 
 STAGE = "chat"
 CHUNK_COLUMNS = ["book_id", "chunk_index", "num_chunks", "num_tokens", "text", "tokens"]
@@ -133,6 +133,7 @@ class Chat(beam.PTransform):
         self.config = config
         self.tokenizer = tokenizer
         self.stage = stage
+        require_eos(resolve_tokenizer(tokenizer), "the chat stage")  # here, not on every worker
 
     def expand(self, inputs: dict[str, beam.PCollection]) -> StageOutput:
         by_book = {

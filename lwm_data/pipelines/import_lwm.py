@@ -38,7 +38,7 @@ from lwm_data.pipelines.common import (
 )
 from lwm_data.reading import DEFAULT_MAX_RECORD_BYTES, read_lines
 from lwm_data.schemas import EXAMPLE_SCHEMA
-from lwm_data.tokenizers import load_tokenizer
+from lwm_data.tokenizers import load_tokenizer, resolve_tokenizer
 
 STAGE = "import-lwm"
 
@@ -119,6 +119,7 @@ class ImportLwm(beam.PTransform):
         self.config = config
         self.tokenizer = tokenizer
         self.stage = stage
+        LwmProcessor(resolve_tokenizer(tokenizer), config.processor)  # refuses its settings here, not on workers
 
     def expand(self, lines: beam.PCollection) -> StageOutput:
         processed = (

@@ -17,13 +17,12 @@ import apache_beam as beam
 import pyarrow as pa
 
 from lwm_data.config import setting
-from lwm_data.errors import ConfigError
 from lwm_data.examples import examples_to_table
 from lwm_data.outputs import read_manifest
 from lwm_data.pipelines.common import ERRORS, Counters, ReadStage, StageOutput, TokenizerStep, route, run_stage
 from lwm_data.schemas import EXAMPLE_SCHEMA
 from lwm_data.text.chunking import book_chunks_from_table, split_by_book, text_example
-from lwm_data.tokenizers import resolve_tokenizer
+from lwm_data.tokenizers import bos_prefix, resolve_tokenizer
 
 STAGE = "text"
 CHUNK_COLUMNS = ["book_id", "title", "chunk_index", "num_chunks", "num_tokens", "text", "tokens"]
@@ -49,7 +48,8 @@ class BookText(TokenizerStep):
         book_id, tables = grouped
         self.count("in")
         table = pa.concat_tables(list(tables))
-        example = text_example(book_chunks_from_table(book_id, table), self.tokenizer.bos_id, table["title"][0].as_py())
+        book = book_chunks_from_table(book_id, table)
+        example = text_example(book, bos_prefix(self.tokenizer), table["title"][0].as_py())
         self.count("out")
         self.count("tokens", example.num_tokens)
         yield examples_to_table([example])
@@ -79,8 +79,6 @@ class Text(beam.PTransform):
 def run(config: TextConfig, beam_args: list[str] | None = None) -> dict:
     """The stand-alone text job: read chunks | Text | write; returns its manifest."""
     tokenizer = resolve_tokenizer(read_manifest(config.input).get("tokenizer"), config.tokenizer)
-    if tokenizer.bos_id < 0:
-        raise ConfigError("the chunk stage's tokenizer has no BOS token")
 
     def build(pipeline: beam.Pipeline) -> StageOutput:
         chunks = pipeline | "ReadChunks" >> ReadStage(config.input, CHUNK_COLUMNS)

@@ -22,7 +22,7 @@ from lwm_data.examples import Example, examples_to_table
 from lwm_data.lwm_format.processor import LwmProcessor
 from lwm_data.pipelines.common import ERRORS, Counters, Job, ReadStage, StageOutput, TokenizerStep, route
 from lwm_data.schemas import EXAMPLE_SCHEMA
-from lwm_data.tokenizers import load_tokenizer
+from lwm_data.tokenizers import load_tokenizer, resolve_tokenizer
 from lwm_data.vision.sequences import CodedItem, SequenceSettings, vision_examples
 
 STAGE = "vision-sequences"
@@ -72,6 +72,7 @@ class Sequences(beam.PTransform):
         self.tokenizer = tokenizer
         self.batch_tokens = batch_tokens
         self.stage = stage
+        LwmProcessor(resolve_tokenizer(tokenizer))  # refuses a tokenizer without EOS here, not on workers
 
     def expand(self, coded: beam.PCollection) -> StageOutput:
         built = coded | "BuildSequences" >> route(self.stage, BuildSequences(self.stage, self.settings, self.tokenizer))

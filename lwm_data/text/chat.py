@@ -61,7 +61,7 @@ from lwm_data.errors import ConfigError
 from lwm_data.examples import CHAT, Example
 from lwm_data.lwm_format.chat import ChatTemplate
 from lwm_data.text.chunking import BookChunks
-from lwm_data.tokenizers import TextTokenizer
+from lwm_data.tokenizers import TextTokenizer, bos_prefix, require_eos
 
 
 @dataclass(frozen=True)
@@ -203,11 +203,12 @@ def assemble(
     context: Sequence[np.ndarray],
     turns: Sequence[QATurn],
     system_ids: np.ndarray,
-    bos_id: int,
+    bos: Sequence[int],
     eos_id: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, loss_weights) of one chat: the layout in the module docstring."""
-    pieces: list[np.ndarray] = [np.asarray([bos_id], np.int32), system_ids, *context]
+    """(tokens, loss_weights) of one chat: the layout in the module docstring (`bos`: the
+    tokenizer's BOS, or nothing)."""
+    pieces: list[np.ndarray] = [np.asarray(bos, np.int32), system_ids, *context]
     weighted: list[bool] = [False] * len(pieces)
     eos = np.asarray([eos_id], np.int32)
     for i, turn in enumerate(turns):
@@ -255,7 +256,8 @@ def book_examples(
     tally = tally if tally is not None else BookTally()
     system_ids = np.asarray(tokenizer.encode(config.template.system), np.int32)
     k = min(config.pairs_per_example, len(turns))
-    reserve = 1 + len(system_ids) + k * max((t.max_tokens for t in turns), default=0)
+    bos = bos_prefix(tokenizer)
+    reserve = len(bos) + len(system_ids) + k * max((t.max_tokens for t in turns), default=0)
     windows = plan_windows(book.chunk_lengths, context_length - reserve, config.stride)
     tally.windows += len(windows)
     turns_by_chunk: dict[int, list[QATurn]] = {}
@@ -268,7 +270,7 @@ def book_examples(
         if not chosen:
             tally.windows_without_qa += 1
             continue
-        tokens, weights = assemble(context, chosen, system_ids, tokenizer.bos_id, tokenizer.eos_id)
+        tokens, weights = assemble(context, chosen, system_ids, bos, require_eos(tokenizer, "a chat example"))
         tally.examples += 1
         yield Example(
             example_id=f"{book.book_id}/chat-{context_length}/{index:05d}",

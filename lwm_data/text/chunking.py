@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,9 +201,10 @@ def book_chunks_from_table(book_id: str, table: pa.Table) -> BookChunks:
     return BookChunks(book_id, tokens, np.concatenate([[0], np.cumsum(lengths)]), table["text"].to_pylist())
 
 
-def text_example(book: BookChunks, bos_id: int, title: str | None = None) -> Example:
-    """A book as one plain-text example: BOS, then its chunks' tokens; loss on every token after BOS."""
-    tokens = np.concatenate([np.asarray([bos_id], np.int32), book.tokens])
+def text_example(book: BookChunks, bos: Sequence[int], title: str | None = None) -> Example:
+    """A book as one plain-text example: `bos` (the tokenizer's BOS, or nothing), then its chunks'
+    tokens; loss on every token after the first."""
+    tokens = np.concatenate([np.asarray(bos, np.int32), book.tokens])
     weights = np.ones(len(tokens), np.float32)
     weights[0] = 0.0
     meta = {"num_chunks": book.num_chunks, **({"title": title} if title else {})}
@@ -214,7 +215,7 @@ def text_example(book: BookChunks, bos_id: int, title: str | None = None) -> Exa
         tokens,
         weights,
         np.zeros(len(tokens), np.bool_),
-        "<s>" + "".join(book.texts),
+        ("<s>" if len(bos) else "") + "".join(book.texts),
         meta,
     )
 

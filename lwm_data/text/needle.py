@@ -31,7 +31,7 @@ from lwm_data.config import setting
 from lwm_data.errors import ConfigError, Rejection
 from lwm_data.reading import json_object
 from lwm_data.text.chunking import sentence_end_before
-from lwm_data.tokenizers import TextTokenizer
+from lwm_data.tokenizers import TextTokenizer, bos_prefix
 
 # LWM's list, duplicates removed (first occurrence kept).
 CITIES: tuple[str, ...] = tuple(
@@ -254,7 +254,7 @@ def needle_row(
     """One eval row whose prompt (with BOS) leaves `answer_tokens` free within `context_length`."""
     question = question_for(retrieve)
     template = SINGLE_TEMPLATE if len(needles) == 1 else MULTI_TEMPLATE
-    fixed = 1 + len(tokenizer.encode(template.format(context="", question=question)))
+    fixed = len(bos_prefix(tokenizer)) + len(tokenizer.encode(template.format(context="", question=question)))
     fixed += sum(len(tokenizer.encode(f"\n{n.text}\n")) for n in needles)
     budget = context_length - answer_tokens - fixed
     if haystack.num_tokens < budget:  # the prompt would be far shorter than its context length says
@@ -267,7 +267,7 @@ def needle_row(
         points = [insertion_point(haystack, budget, context, n.depth) for n in needles]
         text, starts = insert_needles(context, needles, points)
         prompt = template.format(context=text, question=question)
-        num_tokens = 1 + len(tokenizer.encode(prompt))
+        num_tokens = len(bos_prefix(tokenizer)) + len(tokenizer.encode(prompt))
         if num_tokens <= context_length - answer_tokens:
             break
         budget -= num_tokens - (context_length - answer_tokens)

@@ -4,8 +4,10 @@ from lwm_data.tokenizers.text import (
     TextTokenizer,
     TokenizedText,
     TokenizerMismatch,
+    bos_prefix,
     default_tokenizer_path,
     load_tokenizer,
+    require_eos,
     resolve_tokenizer,
 )
 
@@ -13,7 +15,9 @@ __all__ = [
     "TextTokenizer",
     "TokenizedText",
     "TokenizerMismatch",
+    "bos_prefix",
     "default_tokenizer_path",
     "load_tokenizer",
+    "require_eos",
     "resolve_tokenizer",
 ]

@@ -1,21 +1,27 @@
 """Text tokenizers: SentencePiece `.model` files and Hugging Face tokenizer directories.
 
 `encode` never adds BOS/EOS (LWM's original tokenizer behaviour; see docs/lwm-format.md): callers add
-them explicitly. `encode_with_offsets` also returns where each token ends in the input, in
-characters, which is what lets the chunker cut only between tokens.
+them explicitly. `bos_id` is the id the tokenizer puts at the start of a sequence, None when it puts
+none (SmolLM2: its `bos_token` is named but never added); `eos_id` the end-of-sequence id, None when
+the tokenizer names none. A directory's `tokenizer_config.json` / `special_tokens_map.json` decide
+both (`bos_token`, `eos_token`, `add_bos_token`); without them, a SentencePiece model's own ids and a
+`tokenizer.json`'s post-processor (what it adds around a sequence) do. `encode_with_offsets` also
+returns where each token ends in the input, in characters, which is what lets the chunker cut only
+between tokens.
 
 Tokenizers are known by content. A manifest records the one a stage used as its `entry`:
 `{"name": "default", "sha256": ...}` for the embedded model, `{"path": ..., "sha256": ...}` for a
-user's file (any Beam filesystem). Later stages, on any machine, get it back through
-`resolve_tokenizer(entry)`, which always checks the sha256: a moved site-packages, an upgraded
-mistral-common or an edited file is an error that says what to pass, never a silent switch.
+user's file (any Beam filesystem), each with `vocab_size`, `bos_id` and `eos_id`. Later stages, on
+any machine, get it back through `resolve_tokenizer(entry)`, which always checks the sha256 (and the
+special ids, when recorded): a moved site-packages, an upgraded mistral-common or an edited file is
+an error that says what to pass, never a silent switch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
@@ -58,15 +64,21 @@ def _char_index_of_byte(data: bytes) -> np.ndarray:
 class SentencePieceTokenizer:
     """A SentencePiece model loaded from any Beam filesystem path (None: the embedded default)."""
 
-    def __init__(self, model_bytes: bytes, path: str | None):
+    def __init__(self, model_bytes: bytes, path: str | None, config: dict[str, Any] | None = None):
         self.path = path
         self.sha256 = hashlib.sha256(model_bytes).hexdigest()
-        self.entry = _entry(path, self.sha256)
         self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         self.vocab_size = self._sp.vocab_size()
-        self.bos_id = self._sp.bos_id()
-        self.eos_id = self._sp.eos_id()
+        own_bos, own_eos = self._sp.bos_id(), self._sp.eos_id()
+        self.bos_id, self.eos_id = special_ids(
+            config or {}, self._piece_id, [own_bos] if own_bos >= 0 else [], own_eos if own_eos >= 0 else None
+        )
+        self.entry = _entry(self)
         self._piece_bytes, self._dummy_prefix = self._offset_table()
+
+    def _piece_id(self, piece: str) -> int | None:
+        piece_id = self._sp.piece_to_id(piece)
+        return None if piece_id == self._sp.unk_id() and piece != self._sp.id_to_piece(piece_id) else piece_id
 
     def _offset_table(self) -> tuple[np.ndarray | None, int]:
         """Byte length of every piece in the input, when offsets can be summed from ids alone.
@@ -123,23 +135,27 @@ class SentencePieceTokenizer:
 class HuggingFaceTokenizer:
     """A `tokenizer.json` (Hugging Face `tokenizers`), without special tokens added."""
 
-    def __init__(self, json_bytes: bytes, path: str):
+    def __init__(self, json_bytes: bytes, path: str, config: dict[str, Any] | None = None):
         from tokenizers import Tokenizer
 
         self.path = path
         self.sha256 = hashlib.sha256(json_bytes).hexdigest()
-        self.entry = _entry(path, self.sha256)
         self._tok = Tokenizer.from_str(json_bytes.decode())
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.bos_id = self._special_id(("<s>", "<|begin_of_text|>", "<|startoftext|>"))
-        self.eos_id = self._special_id(("</s>", "<|end_of_text|>", "<|endoftext|>", "<|eot_id|>"))
+        added_before, added_after = self._post_processor_tokens()
+        self.bos_id, self.eos_id = special_ids(
+            config or {}, self._tok.token_to_id, added_before, added_after[-1] if added_after else None
+        )
+        self.entry = _entry(self)
 
-    def _special_id(self, names: tuple[str, ...]) -> int:
-        for name in names:
-            token_id = self._tok.token_to_id(name)
-            if token_id is not None:
-                return token_id
-        return -1
+    def _post_processor_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids the post-processor puts before and after a sequence (`add_special_tokens`)."""
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return full[:start], full[start + len(plain) :]
+        return [], []
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -172,8 +188,8 @@ class TextTokenizer(Protocol):
     sha256: str
     entry: dict[str, str]  # how manifests record it (see the module docstring)
     vocab_size: int
-    bos_id: int
-    eos_id: int
+    bos_id: int | None  # what the tokenizer puts at a sequence's start; None: nothing
+    eos_id: int | None  # None: the tokenizer names no end-of-sequence token
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -184,8 +200,76 @@ class TextTokenizer(Protocol):
     def encode_with_offsets(self, texts: list[str], num_threads: int = -1) -> list[TokenizedText]: ...
 
 
-def _entry(path: str | None, sha256: str) -> dict[str, str]:
-    return {"name": DEFAULT, "sha256": sha256} if path is None else {"path": path, "sha256": sha256}
+def _entry(tokenizer: SentencePieceTokenizer | HuggingFaceTokenizer) -> dict[str, Any]:
+    where = {"name": DEFAULT} if tokenizer.path is None else {"path": tokenizer.path}
+    return {
+        **where,
+        "sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+    }
+
+
+SPECIAL_TOKEN_FILES = ("special_tokens_map.json", "tokenizer_config.json")  # the later one wins
+
+
+def special_tokens_config(directory: str) -> dict[str, Any]:
+    """`bos_token`, `eos_token` and `add_bos_token` from a Hugging Face directory's files ({} if none)."""
+    config: dict[str, Any] = {}
+    for name in SPECIAL_TOKEN_FILES:
+        path = files.join(directory, name)
+        if files.exists(path):
+            found = files.read_json(path)
+            config.update({k: found[k] for k in ("bos_token", "eos_token", "add_bos_token") if k in found})
+    return config
+
+
+def special_ids(
+    config: dict[str, Any],
+    token_id: Callable[[str], int | None],
+    added_before: list[int],
+    own_eos: int | None,
+) -> tuple[int | None, int | None]:
+    """(bos_id, eos_id): BOS only when the tokenizer adds one (`add_bos_token`, else whether
+    `added_before`, what it puts before a sequence, is non-empty); the configured tokens when named,
+    else the tokenizer's own (`added_before[0]`, `own_eos`)."""
+    add_bos = config.get("add_bos_token")
+    add_bos = bool(added_before) if add_bos is None else bool(add_bos)
+    bos = _configured_id(config, "bos_token", token_id)
+    eos = _configured_id(config, "eos_token", token_id)
+    if bos is None and add_bos:
+        if not added_before:
+            raise ConfigError("add_bos_token is true but the tokenizer names no bos_token")
+        bos = added_before[0]
+    return (bos if add_bos else None), (eos if eos is not None else own_eos)
+
+
+def _configured_id(config: dict[str, Any], key: str, token_id: Callable[[str], int | None]) -> int | None:
+    token = config.get(key)
+    if isinstance(token, dict):  # {"content": "<s>", "lstrip": false, ...}
+        token = token.get("content")
+    if not token:
+        return None
+    found = token_id(token)
+    if found is None:
+        raise ConfigError(f"{key} {token!r} is not in the tokenizer's vocabulary")
+    return found
+
+
+def bos_prefix(tokenizer: TextTokenizer) -> list[int]:
+    """What starts a sequence: [BOS], or [] for a tokenizer that adds none."""
+    return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+
+
+def require_eos(tokenizer: TextTokenizer, needed_for: str) -> int:
+    """The EOS id, or a ConfigError saying that `needed_for` needs one and where it is named."""
+    if tokenizer.eos_id is None:
+        raise ConfigError(
+            f"{needed_for} needs an end-of-sequence token and the tokenizer {describe_entry(tokenizer.entry)} "
+            "names none: set eos_token in its tokenizer_config.json"
+        )
+    return tokenizer.eos_id
 
 
 @lru_cache(maxsize=8)
@@ -202,9 +286,9 @@ def load_tokenizer(path: str | None = None) -> TextTokenizer:
     sp_model = files.join(directory, "tokenizer.model")
     hf_json = files.join(directory, "tokenizer.json")
     if files.exists(sp_model):
-        return SentencePieceTokenizer(files.read_bytes(sp_model), path)
+        return SentencePieceTokenizer(files.read_bytes(sp_model), path, special_tokens_config(directory))
     if files.exists(hf_json):
-        return HuggingFaceTokenizer(files.read_bytes(hf_json), path)
+        return HuggingFaceTokenizer(files.read_bytes(hf_json), path, special_tokens_config(directory))
     if files.exists(path):
         return SentencePieceTokenizer(files.read_bytes(path), path)
     raise ConfigError(
@@ -236,7 +320,7 @@ def resolve_tokenizer(entry: dict[str, Any] | None, requested: str | None = None
                 f"tokenizer {requested} (sha256 {tokenizer.sha256[:12]}...) is not the one "
                 f"that made this input's tokens: {describe_entry(entry)}"
             )
-        return tokenizer
+        return _same_special_ids(tokenizer, entry) if entry else tokenizer
     if not entry:
         raise ConfigError("the input's manifest records no tokenizer: pass --tokenizer")
     path = entry.get("path")
@@ -254,4 +338,15 @@ def resolve_tokenizer(entry: dict[str, Any] | None, requested: str | None = None
             f"the tokenizer that made this input, {describe_entry(entry)}, is not at that path "
             "here: pass --tokenizer with a copy of it"
         )
+    return _same_special_ids(tokenizer, entry)
+
+
+def _same_special_ids(tokenizer: TextTokenizer, entry: dict[str, Any]) -> TextTokenizer:
+    """The model file is the same; so must be what its directory's config makes of BOS and EOS."""
+    for key in ("bos_id", "eos_id"):
+        if key in entry and entry[key] != getattr(tokenizer, key):
+            raise TokenizerMismatch(
+                f"{describe_entry(entry)} made this input with {key} {entry[key]}; its files here give "
+                f"{getattr(tokenizer, key)} (tokenizer_config.json changed?)"
+            )
     return tokenizer
