@@ -21,6 +21,11 @@ def exists(path: str) -> bool:
     return FileSystems.exists(path)
 
 
+def size(path: str) -> int:
+    """A file's size in bytes, from the filesystem's metadata (nothing is read)."""
+    return FileSystems.get_filesystem(path).size(path)
+
+
 def open(path: str) -> IO[bytes]:  # noqa: A001 - the module is the namespace: files.open(path)
     return FileSystems.open(path)
 

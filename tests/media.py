@@ -6,6 +6,9 @@ import io
 import tarfile
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from lwm_data.testing.media import make_image, make_video, moving_square  # noqa: F401 - re-exported for tests
 
 
@@ -16,4 +19,11 @@ def make_tar(path: Path, members: dict[str, bytes]) -> Path:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_noise_image(path: Path, width: int = 160, height: int = 120) -> Path:
+    """An image of random pixels: incompressible, so its file is about width x height x 3 bytes."""
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
     return path

@@ -5,19 +5,30 @@ from __future__ import annotations
 
 import threading
 import tracemalloc
+import warnings
 
 import av
 import numpy as np
 import pytest
 from PIL import Image
 
+from lwm_data import files
 from lwm_data.errors import Rejection
-from lwm_data.vision.frames import center_crop, fitted_size, image_frame, prefetched, sample_indices, video_frames
-from tests.media import make_image, make_video
+from lwm_data.vision.frames import (
+    FRAME_PATHS,
+    MediaLimits,
+    center_crop,
+    fitted_size,
+    image_frame,
+    prefetched,
+    sample_indices,
+    video_frames,
+)
+from tests.media import make_image, make_noise_image, make_video
 
 
-def read_all(path, **kwargs) -> tuple[np.ndarray, object]:
-    with video_frames(str(path), **kwargs) as video:
+def read_all(media, **kwargs) -> tuple[np.ndarray, object]:
+    with video_frames(str(media), **kwargs) as video:
         frames = np.concatenate(list(video.batches()))
     return frames, video
 
@@ -194,6 +205,77 @@ def test_corrupt_image(tmp_path):
     with pytest.raises(Rejection) as caught:
         image_frame(str(path))
     assert caught.value.reason == "undecodable_image"
+
+
+# ---- bounds ----
+
+
+def rejection_of(read, *args, **kwargs) -> Rejection:
+    with pytest.raises(Rejection) as caught:
+        read(*args, **kwargs)
+    return caught.value
+
+
+def test_media_over_the_byte_limit(tmp_path):
+    heavy = make_noise_image(tmp_path / "heavy.png")  # about 58 KB
+    limits = MediaLimits(max_media_bytes=10_000)
+    for media in (str(heavy), heavy.read_bytes()):
+        rejection = rejection_of(image_frame, media, limits=limits)
+        assert rejection.reason == "too_large" and "over --max-media-bytes 10,000" in rejection.detail
+    video = make_video(tmp_path / "v.mp4", frames=3, width=160, height=120)
+    assert rejection_of(read_all, video, limits=MediaLimits(max_media_bytes=1_000)).reason == "too_large"
+    assert image_frame(str(heavy), limits=MediaLimits(max_media_bytes=heavy.stat().st_size)).shape == (1, 256, 256, 3)
+
+
+def test_remote_media_over_the_byte_limit_are_not_copied(tmp_path, monkeypatch):
+    from apache_beam.io.filesystems import FileSystems
+
+    import tests.memfs  # noqa: F401 - registers memfs://
+
+    with FileSystems.create("memfs://bounds/heavy.png") as out:
+        out.write(make_noise_image(tmp_path / "heavy.png").read_bytes())
+
+    def never(path):
+        raise AssertionError(f"{path} was read")
+
+    monkeypatch.setattr(files, "open", never)
+    rejection = rejection_of(image_frame, "memfs://bounds/heavy.png", limits=MediaLimits(max_media_bytes=10_000))
+    assert rejection.reason == "too_large"
+
+
+@pytest.mark.parametrize("path", FRAME_PATHS)
+def test_frames_over_the_pixel_limit(tmp_path, monkeypatch, path):
+    image = make_image(tmp_path / "i.png", width=320, height=240)
+    video = make_video(tmp_path / "v.mp4", frames=2, width=320, height=240)
+    limits = MediaLimits(max_pixels=320 * 240 - 1)
+    with monkeypatch.context() as patched:  # nothing is decoded: the image's size comes from its header
+        patched.setattr("PIL.ImageFile.ImageFile.load", lambda image: pytest.fail("the image was decoded"))
+        rejection = rejection_of(image_frame, str(image), path, limits)
+    assert rejection.reason == "too_many_pixels"
+    assert rejection.detail == "320x240 = 76,800 pixels, over --max-pixels 76,799"
+    assert rejection_of(read_all, video, path=path, limits=limits).reason == "too_many_pixels"
+    at_the_limit = MediaLimits(max_pixels=320 * 240)
+    assert image_frame(str(image), path, at_the_limit).shape == (1, 256, 256, 3)
+    assert read_all(video, path=path, limits=at_the_limit)[0].shape == (2, 256, 256, 3)
+
+
+def test_pillows_decompression_bomb_checks_are_the_same_rejection(tmp_path, monkeypatch):
+    """Pillow's own guard (Image.MAX_IMAGE_PIXELS) refuses at twice its limit and warns above it: both,
+    the warning when warnings are errors, are too_many_pixels, never a crash."""
+    image = str(make_image(tmp_path / "i.png", width=100, height=100))
+    roomy = MediaLimits(max_pixels=10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4_000)  # 10,000 pixels: over twice the limit
+    rejection = rejection_of(image_frame, image, limits=roomy)
+    assert rejection.reason == "too_many_pixels" and rejection.detail.startswith("Pillow: ")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8_000)  # over the limit, under twice it: a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        assert rejection_of(image_frame, image, limits=roomy).reason == "too_many_pixels"
+
+
+def test_limits_must_be_positive():
+    with pytest.raises(ValueError, match="--max-media-bytes"):
+        MediaLimits(max_pixels=0)
 
 
 # ---- overlap ----

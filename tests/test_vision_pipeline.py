@@ -18,7 +18,7 @@ from lwm_data import outputs
 from lwm_data.cli.validate import validate
 from lwm_data.examples import IMAGE_CHAT, IMAGE_TEXT, VIDEO_CHAT, VIDEO_TEXT, examples_from_table
 from lwm_data.pipelines.registry import STAGES
-from tests.media import make_image, make_tar, make_video
+from tests.media import make_image, make_noise_image, make_tar, make_video
 
 pytestmark = pytest.mark.slow
 FAST = {"random_config": "reduced", "batch_size": 8, "max_frames": 6}
@@ -225,6 +225,49 @@ def test_manifests_with_llava_conversations(tmp_path):
     }
     kinds = {e.meta["input"]["id"]: e.kind for e in examples(tmp_path / "out").values()}
     assert kinds == {"1": VIDEO_CHAT, "2": IMAGE_CHAT}
+
+
+BOUNDS = {"max_media_bytes": 10_000, "max_pixels": 50_000}  # the good media: 160x120, under 3 KB
+
+
+def test_media_over_the_limits_are_dead_lettered(tmp_path):
+    """A manifest's file over --max-media-bytes, an image and a video over --max-pixels: dead-lettered
+    before decoding, the rest encoded."""
+    make_image(tmp_path / "ok.jpg", width=160, height=120)
+    make_video(tmp_path / "ok.mp4", frames=3, width=160, height=120)
+    make_noise_image(tmp_path / "heavy.png")  # about 58 KB
+    make_image(tmp_path / "wide.png", width=400, height=300)
+    make_video(tmp_path / "wide.mp4", frames=2, width=320, height=240)
+    names = ("ok.jpg", "ok.mp4", "heavy.png", "wide.png", "wide.mp4")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"path": n, "caption": n}) + "\n" for n in names))
+    manifest = run("video", input=str(tmp_path / "m.jsonl"), output=str(tmp_path / "out"), **BOUNDS)
+    counts = manifest["counts"]
+    assert counts["balanced"] and counts["in"] == 5 and counts["out"] == 2
+    letters = outputs.read_dead_letters(str(tmp_path / "out"))
+    assert {Path(letter["source"]).name: letter["reason"] for letter in letters} == {
+        "heavy.png": "too_large",
+        "wide.png": "too_many_pixels",
+        "wide.mp4": "too_many_pixels",
+    }
+    assert sorted(e.kind for e in examples(tmp_path / "out").values()) == [IMAGE_TEXT, VIDEO_TEXT]
+
+
+def test_an_oversized_webdataset_member_is_dead_lettered(tmp_path):
+    shard = make_tar(
+        tmp_path / "shard-00000.tar",
+        {
+            "a.jpg": make_image(tmp_path / "a.jpg", width=160, height=120).read_bytes(),
+            "a.txt": b"a photo",
+            "b.png": make_noise_image(tmp_path / "b.png").read_bytes(),
+            "b.txt": b"noise",
+            "c.mp4": make_video(tmp_path / "c.mp4", frames=3, width=160, height=120).read_bytes(),
+            "c.txt": b"a clip",
+        },
+    )
+    manifest = run("vision-codes", input=str(shard), output=str(tmp_path / "out"), **BOUNDS)
+    assert manifest["counts"]["balanced"] and manifest["counts"]["out"] == 2
+    letters = outputs.read_dead_letters(str(tmp_path / "out"))
+    assert [(letter["reason"], letter["locator"]) for letter in letters] == [("too_large", "b")]
 
 
 @pytest.mark.parametrize("form", ["csv", "parquet"])

@@ -20,8 +20,10 @@ workers as a Beam resource hint.
 
 Counts (`in` = media items): `out` = items turned into examples (or codes); dead-lettered: the
 reader's (missing_media_path, unsupported_media_type, missing_caption, bad_conversation,
-invalid_utf8, unreadable_file, invalid_json), the decoders' (missing_file, empty_file, not_a_video,
-unsupported_codec, undecodable_video, undecodable_image), not_an_image (a video given to `image`).
+invalid_utf8, unreadable_file, invalid_json, too_large), the decoders' (missing_file, empty_file,
+too_large, too_many_pixels, not_a_video, unsupported_codec, undecodable_video, undecodable_image),
+not_an_image (a video given to `image`). too_large and too_many_pixels (`--max-media-bytes`,
+`--max-pixels`: lwm_data.vision.frames.MediaLimits) are decided before anything is decoded.
 Stats: frames, examples, tokens, vision_tokens, items by reader (reader.decord, ...).
 """
 
@@ -54,7 +56,7 @@ from lwm_data.pipelines.vision_sequences import Sequences
 from lwm_data.reading import is_unicode
 from lwm_data.tokenizers import load_tokenizer
 from lwm_data.tokenizers.vision import VQGAN, VQGANSettings, describe
-from lwm_data.vision.frames import image_frame, prefetched, video_frames
+from lwm_data.vision.frames import MediaLimits, image_frame, prefetched, video_frames
 from lwm_data.vision.media import MediaItem, MediaReader, MediaSettings
 from lwm_data.vision.sequences import CodedItem, SequenceSettings, conversation_turns
 
@@ -113,24 +115,35 @@ class DecodeFrames:
     """Step: a MediaItem -> its frame batches, then its header (tagged HEADERS); a Rejection for bad
     text (checked first, so no frame of a bad record is decoded) or bad media."""
 
-    def __init__(self, stage: Stages, frames: FrameSampling, batch_size: int, images_only: bool, path: str = "lwm"):
+    def __init__(
+        self,
+        stage: Stages,
+        frames: FrameSampling,
+        batch_size: int,
+        images_only: bool,
+        path: str = "lwm",
+        limits: MediaLimits = MediaLimits(),
+    ):
         self.count = Counters(stage)
         self.frames = frames
         self.batch_size = batch_size
         self.images_only = images_only
         self.path = path
+        self.limits = limits
 
     def __call__(self, item: MediaItem) -> Iterable[FrameBatch | beam.pvalue.TaggedOutput | Rejection]:
         try:
             check_text(item)
             if item.media_type == "image":
-                batches, indices, meta = [image_frame(item.media, self.path)], np.zeros(1, np.int32), {"reader": "pil"}
-                yield from self._emit(item, batches, indices, meta)
+                frame = image_frame(item.media, self.path, self.limits)
+                yield from self._emit(item, [frame], np.zeros(1, np.int32), {"reader": "pil"})
             elif self.images_only:
                 raise Rejection("not_an_image", "a video: `lwm-data video` reads videos")
             else:
                 sampling = self.frames
-                with video_frames(item.media, sampling.max_frames, sampling.fps, self.batch_size, self.path) as video:
+                with video_frames(
+                    item.media, sampling.max_frames, sampling.fps, self.batch_size, self.path, self.limits
+                ) as video:
                     yield from self._emit(item, prefetched(video.batches()), video.indices, video.meta)
         except Rejection as rejection:
             yield rejection.at(item.source, item.item_id)
@@ -219,7 +232,13 @@ class EncodeMedia(beam.PTransform):
     """MediaItems -> CodedItems: decode, VQ-GAN, assemble. Returns (coded items, dead letters)."""
 
     def __init__(
-        self, frames: FrameSampling, vqgan: VQGANSettings, stage: Stages, images_only: bool = False, path: str = "lwm"
+        self,
+        frames: FrameSampling,
+        vqgan: VQGANSettings,
+        stage: Stages,
+        images_only: bool = False,
+        path: str = "lwm",
+        limits: MediaLimits = MediaLimits(),
     ):
         super().__init__()
         self.frames = frames
@@ -227,6 +246,7 @@ class EncodeMedia(beam.PTransform):
         self.stage = stage
         self.images_only = images_only
         self.path = path
+        self.limits = limits
 
     def expand(self, items: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         decoded = (
@@ -235,7 +255,7 @@ class EncodeMedia(beam.PTransform):
             | "DecodeFrames"
             >> route(
                 self.stage,
-                DecodeFrames(self.stage, self.frames, self.vqgan.batch_size, self.images_only, self.path),
+                DecodeFrames(self.stage, self.frames, self.vqgan.batch_size, self.images_only, self.path, self.limits),
                 HEADERS,
             )
         )
@@ -296,7 +316,8 @@ def encode_media(
     entry = describe(vqgan)
     job = Job(beam_args)
     items = job.pipeline | "ReadMedia" >> read_media(media, stages)
-    coded, decode_errors = items.records | "Encode" >> EncodeMedia(frames, vqgan, stages, images_only, media.frames)
+    encode = EncodeMedia(frames, vqgan, stages, images_only, media.frames, media.limits)
+    coded, decode_errors = items.records | "Encode" >> encode
     return EncodedMedia(job, coded, merge_errors(items.errors, decode_errors, label="MediaErrors"), entry)
 
 

@@ -27,10 +27,20 @@ presentation time, so variable-frame-rate videos sample evenly in time), then, w
 Memory stays bounded: a video's selected frames come in batches of `batch_size` frames
 (`VideoFrames.batches()`), each decoded and resized on its own, never the whole video at once.
 
-Bad media raise a `Rejection`: missing_file, empty_file, not_a_video (no video stream, or not media
-at all), unsupported_codec, undecodable_video (truncated or corrupt; both readers failed),
-undecodable_image. (A file that no container reader accepts, a text file named `.mp4` or an MP4
-cut before its index, is undecodable_video, with the reader's message.)
+Bounds (`MediaLimits`), checked before anything is decoded, since the lwm path decodes at full
+resolution: a file of more than `max_media_bytes` (its size from the filesystem, before it is read or
+copied) is `too_large`; an image or video whose frame has more than `max_pixels` (the size Pillow's
+lazy `Image.open` or the container's stream header gives) is `too_many_pixels`, as is an image
+Pillow itself refuses as a decompression bomb (its DecompressionBombError, or its warning when
+warnings are errors). Defaults: 1 GiB holds any real clip (an hour of 1080p at 2 Mbit/s is 0.9 GB)
+while bounding what a WebDataset member holds in memory (its bytes travel between steps); 2**26
+pixels (8192 x 8192, 192 MiB as one RGB frame) admits 8K video (7680 x 4320) and 60 MP photos, and
+sits under Pillow's own bomb limit (89.5 MP), so Pillow never refuses what the limit admits.
+
+Bad media raise a `Rejection`: missing_file, empty_file, too_large, too_many_pixels, not_a_video (no
+video stream, or not media at all), unsupported_codec, undecodable_video (truncated or corrupt; both
+readers failed), undecodable_image. (A file that no container reader accepts, a text file named
+`.mp4` or an MP4 cut before its index, is undecodable_video, with the reader's message.)
 """
 
 from __future__ import annotations
@@ -49,7 +59,8 @@ from typing import TypeVar
 import numpy as np
 
 from lwm_data import files
-from lwm_data.errors import Rejection, excerpt
+from lwm_data.config import setting
+from lwm_data.errors import ConfigError, Rejection, excerpt
 from lwm_data.lwm_format.layout import FRAME_PIXELS
 
 FRAME_PATHS = ("lwm", "fast")
@@ -66,6 +77,42 @@ def media_type(name: str) -> str | None:
     """ "image", "video" or None (not a media file), from the name's extension."""
     extension = os.path.splitext(name)[1].lower()
     return "image" if extension in IMAGE_EXTENSIONS else "video" if extension in VIDEO_EXTENSIONS else None
+
+
+# ---- bounds ----
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """How large one item's media may be, checked before it is read or decoded."""
+
+    max_media_bytes: int = setting(
+        1 << 30,
+        "Media files and WebDataset members larger than this many bytes are dead-lettered (too_large) "
+        "before they are read. 1 GiB: any real clip, yet a bounded WebDataset member in memory.",
+    )
+    max_pixels: int = setting(
+        1 << 26,
+        "Images and videos whose frame has more pixels are dead-lettered (too_many_pixels) before decoding "
+        "(the lwm path decodes at full resolution). 2**26 = 8192x8192: admits 8K video and 60 MP photos.",
+    )
+
+    def __post_init__(self):
+        if self.max_media_bytes <= 0 or self.max_pixels <= 0:
+            raise ConfigError("--max-media-bytes and --max-pixels must be > 0")
+
+    def check_bytes(self, size: int) -> None:
+        """Refuse media of more than `max_media_bytes` (too_large)."""
+        if size > self.max_media_bytes:
+            raise Rejection("too_large", f"{size:,} bytes, over --max-media-bytes {self.max_media_bytes:,}")
+
+    def check_pixels(self, width: int, height: int) -> None:
+        """Refuse a frame of more than `max_pixels` (too_many_pixels)."""
+        if width * height > self.max_pixels:
+            raise Rejection(
+                "too_many_pixels",
+                f"{width}x{height} = {width * height:,} pixels, over --max-pixels {self.max_pixels:,}",
+            )
 
 
 # ---- geometry ----
@@ -122,28 +169,31 @@ def sample_indices(timestamps: np.ndarray, max_frames: int = 0, fps: float | Non
 
 
 @contextmanager
-def opened(media: Media) -> Iterator[str | io.BytesIO]:
-    """A local path or an in-memory file for `media`; files on other filesystems are copied to a
-    temporary local file (decoders seek), removed afterwards."""
+def opened(media: Media, limits: MediaLimits = MediaLimits()) -> Iterator[str | io.BytesIO]:
+    """A local path or an in-memory file for `media`, its size checked first (`_check_size`); files on
+    other filesystems are copied to a temporary local file (decoders seek), removed afterwards."""
     if isinstance(media, bytes):
-        if not media:
-            raise Rejection("empty_file", "zero bytes")
+        _check_size(len(media), limits)
         yield io.BytesIO(media)
         return
     if os.path.exists(media):
-        if os.path.getsize(media) == 0:
-            raise Rejection("empty_file", "zero bytes")
+        _check_size(os.path.getsize(media), limits)
         yield media
         return
     if "://" not in media or not files.exists(media):
         raise Rejection("missing_file", f"no such file: {media}")
+    _check_size(files.size(media), limits)
     with tempfile.NamedTemporaryFile(suffix=os.path.splitext(media)[1]) as local:
         with files.open(media) as source:
             shutil.copyfileobj(source, local, 1 << 24)
         local.flush()
-        if local.tell() == 0:
-            raise Rejection("empty_file", "zero bytes")
         yield local.name
+
+
+def _check_size(size: int, limits: MediaLimits) -> None:
+    if size == 0:
+        raise Rejection("empty_file", "zero bytes")
+    limits.check_bytes(size)
 
 
 def _rewound(source: str | io.BytesIO) -> str | io.BytesIO:
@@ -155,13 +205,14 @@ def _rewound(source: str | io.BytesIO) -> str | io.BytesIO:
 # ---- images ----
 
 
-def image_frame(media: Media, path: str = "lwm") -> np.ndarray:
-    """One image as a (1, 256, 256, 3) uint8 frame, by the `path` asked for."""
+def image_frame(media: Media, path: str = "lwm", limits: MediaLimits = MediaLimits()) -> np.ndarray:
+    """One image as a (1, 256, 256, 3) uint8 frame, by the `path` asked for, within `limits`."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    with opened(media) as source:
+    with opened(media, limits) as source:
         try:
-            with Image.open(source) as image:
+            with Image.open(source) as image:  # lazy: the header only
+                limits.check_pixels(*image.size)
                 if path == "lwm":
                     return lwm_frame(image.convert("RGB"))[None]
                 if image.format == "JPEG":
@@ -169,7 +220,9 @@ def image_frame(media: Media, path: str = "lwm") -> np.ndarray:
                 image = ImageOps.exif_transpose(image)
                 rgb = _as_rgb(image)
                 rgb = rgb.resize(fitted_size(*rgb.size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise Rejection("too_many_pixels", f"Pillow: {excerpt(str(error))}") from None
+        except (UnidentifiedImageError, OSError, ValueError) as error:
             raise Rejection("undecodable_image", excerpt(str(error))) from None
     return center_crop(np.asarray(rgb, np.uint8))[None]
 
@@ -228,11 +281,16 @@ class Probe:
 
 @contextmanager
 def video_frames(
-    media: Media, max_frames: int = 0, fps: float | None = None, batch_size: int = 16, path: str = "lwm"
+    media: Media,
+    max_frames: int = 0,
+    fps: float | None = None,
+    batch_size: int = 16,
+    path: str = "lwm",
+    limits: MediaLimits = MediaLimits(),
 ) -> Iterator[VideoFrames]:
-    """Open a video and plan its frames; read them with `.batches()` inside the `with`."""
-    with opened(media) as source:
-        probe = _probe(source)
+    """Open a video within `limits` and plan its frames; read them with `.batches()` inside the `with`."""
+    with opened(media, limits) as source:
+        probe = _probe(source, limits)
         try:
             yield _decord_frames(_rewound(source), probe, max_frames, fps, batch_size, path)
             return
@@ -247,10 +305,11 @@ class _DecordFailed(Exception):
     pass
 
 
-def _probe(source) -> Probe:
+def _probe(source, limits: MediaLimits = MediaLimits()) -> Probe:
     """The displayed size (the container's, turned by the first frame's display rotation), and why no
     decoder exists for the video stream, if none does. What no container reader accepts (corrupt,
-    truncated before its index, not media at all) is a Rejection."""
+    truncated before its index, not media at all) is a Rejection, and so is a frame size over
+    `limits` (from the stream's header, before the first frame is decoded)."""
     import av
 
     try:
@@ -262,6 +321,7 @@ def _probe(source) -> Probe:
             if context is None or context.codec is None:
                 return Probe(0, 0, 0, "no decoder for the video stream's codec")
             width, height = int(context.width), int(context.height)
+            limits.check_pixels(width, height)
             rotation = _first_frame_rotation(container)
     except av.error.FFmpegError as error:
         raise Rejection("undecodable_video", excerpt(str(error))) from None

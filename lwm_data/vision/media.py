@@ -12,8 +12,10 @@ Three input forms, told apart by the `--input` glob (`input_form`):
                 `NAME.txt` beside it; sidecars are read with their media, not as items.
 
 Bad items are Rejections (the job dead-letters them): missing_media_path, unsupported_media_type,
-missing_caption (no caption and no conversation, unless uncaptioned items are allowed), and the
-reading errors of lwm_data.reading.
+missing_caption (no caption and no conversation, unless uncaptioned items are allowed), too_large (a
+WebDataset sample with a member over `--max-media-bytes`, by its tar header: the member is skipped,
+never read), and the reading errors of lwm_data.reading. Files named by a manifest or matched in a
+folder are size-checked where they are opened to decode (lwm_data.vision.frames.MediaLimits).
 """
 
 from __future__ import annotations
@@ -25,16 +27,16 @@ import os
 import posixpath
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from lwm_data import files
-from lwm_data.config import setting
+from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection, excerpt
 from lwm_data.reading import READ_ERRORS, json_object, read_lines
-from lwm_data.vision.frames import FRAME_PATHS, Media, media_type
+from lwm_data.vision.frames import FRAME_PATHS, Media, MediaLimits, media_type
 
 MANIFEST_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".csv", ".parquet")
 CAPTION_SUFFIXES = (".txt", ".json")
@@ -56,6 +58,7 @@ class MediaSettings:
         "Frame path: lwm (LWM's own pixels: full-resolution decode, Pillow resize and crop) or fast "
         "(scaled in the decoder, draft JPEGs: cheaper, not LWM's codes).",
     )
+    limits: MediaLimits = nested(MediaLimits)
 
     def __post_init__(self):
         if self.frames not in FRAME_PATHS:
@@ -174,13 +177,16 @@ class MediaReader:
     def _tar(self, path: str) -> Iterator[MediaItem | Rejection]:
         try:
             with files.open(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-                for key, members in _samples(tar):
+                for key, members in _samples(tar, self.settings.limits):
                     yield self._sample(path, key, members)
         except (tarfile.TarError, *READ_ERRORS) as error:
             yield Rejection("unreadable_file", excerpt(str(error))).at(path, "tar")
 
-    def _sample(self, path: str, key: str, members: dict[str, bytes]) -> MediaItem | Rejection:
+    def _sample(self, path: str, key: str, members: dict[str, bytes | Rejection]) -> MediaItem | Rejection:
         source = f"{path}#{key}"
+        for ext, data in members.items():
+            if isinstance(data, Rejection):  # a member too large to read
+                return replace(data, detail=f"member {key}.{ext}: {data.detail}").at(path, key)
         media = next(((ext, data) for ext, data in members.items() if media_type("x." + ext)), None)
         if media is None:
             return Rejection("unsupported_media_type", f"no image or video member among {sorted(members)}").at(
@@ -200,8 +206,9 @@ class MediaReader:
         return MediaItem(source, source, data, media_type("x." + ext), caption, None, {"input": {"key": key}})
 
 
-def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """WebDataset samples: consecutive members sharing a key (the path up to the basename's first dot)."""
+def _samples(tar: tarfile.TarFile, limits: MediaLimits) -> Iterator[tuple[str, dict[str, bytes | Rejection]]]:
+    """WebDataset samples: consecutive members sharing a key (the path up to the basename's first dot),
+    each member's bytes, or why they were not read (`_member`)."""
     key, members = None, {}
     for member in tar:
         if not member.isfile():
@@ -215,9 +222,18 @@ def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
             yield key, members
             members = {}
         key = member_key
-        members[ext.lower()] = tar.extractfile(member).read()
+        members[ext.lower()] = _member(tar, member, limits)
     if key is not None:
         yield key, members
+
+
+def _member(tar: tarfile.TarFile, member: tarfile.TarInfo, limits: MediaLimits) -> bytes | Rejection:
+    """A member's bytes, or a Rejection when its header gives a size `limits` refuse (then nothing is read)."""
+    try:
+        limits.check_bytes(member.size)
+    except Rejection as rejection:
+        return rejection
+    return tar.extractfile(member).read()
 
 
 def _manifest_rows(path: str) -> Iterator[tuple[int, dict | Rejection]]:
