@@ -29,6 +29,15 @@ class NotAStageOutput(UserError, FileNotFoundError):
     """A directory without manifest.json: no stage has finished writing there."""
 
 
+class TooManyDeadLetters(UserError):
+    """A stage dead-lettered more of its input than `--max-dead-fraction` allows; nothing was committed."""
+
+
+class UnbalancedCounts(RuntimeError):
+    """A stage's counts do not balance (in != out + filtered + dead-lettered): a bug in lwm-data,
+    raised before anything is committed."""
+
+
 def excerpt(record: Any) -> str:
     """The start of a bad record, as text, for its dead letter."""
     if isinstance(record, bytes):

@@ -18,15 +18,19 @@ deleted. So: no manifest, no output; a manifest, exactly the files it lists.
 Counts in a manifest balance: counts.in == counts.out + sum(counts.filtered) + counts.dead_lettered
 (`counts.balanced`; `lwm-data validate` checks it). Bad records are `Rejection`s on their way to
 errors/, where they become `DeadLetter` lines.
+
+Before a run commits, `enforce` judges its counts: counts that do not balance are a bug
+(`UnbalancedCounts`), and a dead-lettered share of the input above the stage's
+`--max-dead-fraction` (`DeadLetterPolicy`, default 0.5) fails the job (`TooManyDeadLetters`, naming
+the top reasons, a locator of each and the likely fix); either way the previous output stays.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import logging
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +40,8 @@ import pyarrow.parquet as pq
 import lwm_data
 from lwm_data import config as settings
 from lwm_data import files
-from lwm_data.errors import NotAStageOutput, Rejection
+from lwm_data.config import setting
+from lwm_data.errors import NotAStageOutput, Rejection, TooManyDeadLetters, UnbalancedCounts
 from lwm_data.schemas import ERRORS_DIR, ERRORS_SUFFIX, MANIFEST, RUN_PREFIX, SHARD_PREFIX, SHARD_SUFFIX, STARTED
 
 
@@ -75,6 +80,64 @@ class Counts:
             elif kind == "dead_lettered":
                 counts.dead_lettered[reason] = value
         return counts
+
+
+@dataclass(frozen=True)
+class DeadLetterPolicy:
+    """How much bad input a stage tolerates before it fails instead of committing (every stage has it)."""
+
+    max_dead_fraction: float = setting(
+        0.5, "Fail before committing when more than this share of the input is dead-lettered (1: never)."
+    )
+
+
+# What a reason's dead letters usually mean, for the message of a failed policy.
+LIKELY_FIXES = {
+    "missing_text": "is the text under another key? lwm-data reads each record's `text`",
+    "text_not_string": "is `text` a list of paragraphs or pages? join them into one string",
+    "invalid_json": "is the input JSON Lines (one object per line)?",
+    "unreadable_file": "is each file compressed as its suffix says, and complete?",
+    "record_too_large": "raise --max-record-bytes",
+    "missing_field": "do --fields (or each line's `fields`) name keys the records have?",
+    "too_large": "raise --max-media-bytes",
+    "too_many_pixels": "raise --max-pixels",
+}
+TOP_REASONS = 3
+
+
+def enforce(stage: str, counts: Counts, policy: DeadLetterPolicy, letters: Callable[[], Iterable[dict]]) -> None:
+    """Refuse to commit a stage's output whose counts do not balance, or whose dead-lettered share
+    of the input is above `policy`; `letters()` yields the job's dead letters (for one locator each)."""
+    if not counts.balanced:
+        raise UnbalancedCounts(
+            f"{stage}: counts do not balance: {counts.to_dict()} (a bug in lwm-data; nothing was committed)"
+        )
+    dead = sum(counts.dead_lettered.values())
+    if not dead or dead <= policy.max_dead_fraction * counts.input:
+        return
+    top = sorted(counts.dead_lettered.items(), key=lambda item: (-item[1], item[0]))[:TOP_REASONS]
+    where = _first_locators(stage, {reason for reason, _ in top}, letters())
+    reasons = "; ".join(
+        f"{reason}: {n}" + (f" (e.g. {where[reason]})" if reason in where else "")
+        + (f" - {LIKELY_FIXES[reason]}" if reason in LIKELY_FIXES else "")
+        for reason, n in top
+    )  # fmt: skip
+    raise TooManyDeadLetters(
+        f"{stage}: {dead} of {counts.input} input records dead-lettered ({dead / counts.input:.0%}), more than "
+        f"--max-dead-fraction {policy.max_dead_fraction:g}; nothing was committed, the previous output is "
+        f"unchanged. {reasons}"
+    )
+
+
+def _first_locators(stage: str, reasons: set[str], letters: Iterable[dict]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for letter in letters:
+        reason = letter.get("reason")
+        if letter.get("stage") == stage and reason in reasons and reason not in found:
+            found[reason] = " ".join(str(letter[k]) for k in ("source", "locator") if letter.get(k))
+            if len(found) == len(reasons):
+                break
+    return found
 
 
 # ---- shards and error files ----
@@ -155,8 +218,6 @@ def stage_manifest(
     """A stage's manifest from its counters (`in`, `out`, `filtered.<r>`, `dead_lettered.<r>`, and
     statistics); `OutputRun.commit` adds the run and its files."""
     counts = Counts.from_counters(counters)
-    if not counts.balanced:
-        logging.error("%s: counts do not balance: %s", stage, counts.to_dict())
     return {
         "stage": stage,
         "lwm_data_version": lwm_data.__version__,

@@ -8,12 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from lwm_data import config as settings
 from lwm_data import outputs
 from lwm_data.cli.main import app
 from lwm_data.cli.validate import validate
-from lwm_data.errors import Rejection
+from lwm_data.errors import Rejection, UnbalancedCounts
 from lwm_data.pipelines import chunk
-from lwm_data.testing.books import write_books_jsonl
+from lwm_data.testing.books import generate_books, write_books_jsonl
 from lwm_data.text.books import Book
 from lwm_data.tokenizers import load_tokenizer
 
@@ -173,9 +174,12 @@ def test_validate_reports_violation_classes_with_counts(tmp_path, chunks_dir):
     assert CliRunner().invoke(app, ["validate", str(broken)]).exit_code == 1
 
 
-def test_only_bad_input_gives_an_empty_valid_output(tmp_path):
+def test_only_bad_input_gives_an_empty_valid_output_when_the_policy_allows(tmp_path):
     (tmp_path / "bad.jsonl").write_bytes(b'{"text": 1}\nnot json\n')
-    manifest = chunk.run(chunk.ChunkConfig(input=str(tmp_path / "bad.jsonl"), output=str(tmp_path / "o")))
+    config = settings.build(
+        chunk.ChunkConfig, {"input": str(tmp_path / "bad.jsonl"), "output": str(tmp_path / "o"), "max_dead_fraction": 1}
+    )
+    manifest = chunk.run(config)
     assert manifest["counts"]["in"] == 2 and manifest["counts"]["dead_lettered"] == 2
     assert outputs.read_table(str(tmp_path / "o")).num_rows == 0 and not validate(str(tmp_path / "o"))
 
@@ -184,11 +188,35 @@ def test_lone_surrogates_are_dead_lettered_not_a_job_crash(tmp_path):
     (tmp_path / "s.jsonl").write_text(
         '{"text": 5, "title": "\\ud800"}\n{"id": "\\ud800", "text": "Some text."}\n{"text": "A good book."}\n'
     )
-    manifest = chunk.run(chunk.ChunkConfig(input=str(tmp_path / "s.jsonl"), output=str(tmp_path / "o")))
+    config = {"input": str(tmp_path / "s.jsonl"), "output": str(tmp_path / "o"), "max_dead_fraction": 0.7}
+    manifest = chunk.run(settings.build(chunk.ChunkConfig, config))
     counts = manifest["counts"]
     assert (counts["in"], counts["out"]) == (3, 1) and counts["balanced"]
     assert counts["dead_lettered_by_reason"] == {"invalid_utf8": 1, "text_not_string": 1}
     assert not validate(str(tmp_path / "o"))
+
+
+def test_a_job_that_dead_letters_most_of_its_input_fails_and_keeps_the_previous_output(tmp_path):
+    books = write_books_jsonl(tmp_path / "books.jsonl", generate_books(2, 300, seed=1))
+    output = tmp_path / "o"
+    good = chunk.run(chunk.ChunkConfig(input=str(books), output=str(output)))
+    body = [json.dumps({"content": f"Book {i}. It was a dark night."}) for i in range(3)]  # the text under another key
+    (tmp_path / "other.jsonl").write_text("\n".join(body + ['{"text": "One good book."}']) + "\n")
+    result = CliRunner().invoke(app, ["chunk", "--input", str(tmp_path / "other.jsonl"), "--output", str(output)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    message = " ".join(result.output.split())
+    assert "chunk: 3 of 4 input records dead-lettered (75%), more than --max-dead-fraction 0.5" in message
+    assert f"missing_text: 3 (e.g. {tmp_path / 'other.jsonl'} line 1) - is the text under another key?" in message
+    assert outputs.read_manifest(str(output)) == good  # nothing committed
+    assert sorted(p.name for p in output.iterdir()) == ["manifest.json", good["run"]]  # the failed run is gone
+    args = ["chunk", "--input", str(tmp_path / "other.jsonl"), "--output", str(output), "--max-dead-fraction", "0.8"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+
+
+def test_counts_that_do_not_balance_are_a_bug_that_commits_nothing():
+    counts = outputs.Counts(input=3, output=1, dead_lettered={"invalid_json": 1})
+    with pytest.raises(UnbalancedCounts, match="chunk: counts do not balance.*a bug in lwm-data"):
+        outputs.enforce("chunk", counts, outputs.DeadLetterPolicy(), lambda: [])
 
 
 def test_the_first_copy_and_the_first_use_of_an_id_are_kept_in_line_order():

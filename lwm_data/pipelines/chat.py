@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from lwm_data.config import nested, setting
 from lwm_data.errors import Rejection
 from lwm_data.examples import Example, examples_to_table
-from lwm_data.outputs import read_manifest
+from lwm_data.outputs import DeadLetterPolicy, read_manifest
 from lwm_data.pipelines.common import ERRORS, Counters, ReadStage, StageOutput, TokenizerStep, route, run_stage
 from lwm_data.schemas import EXAMPLE_SCHEMA
 from lwm_data.text.chat import BookTally, ChatConfig, QATurn, book_examples, encode_turns, qa_pairs_from_table
@@ -56,6 +56,7 @@ class ChatStageConfig:
     )
     flush_tokens: int = setting(1_000_000, "Examples are written in tables of about this many tokens.")
     chat: ChatConfig = nested(ChatConfig)
+    policy: DeadLetterPolicy = nested(DeadLetterPolicy)
 
 
 class AssembleChats(TokenizerStep):

@@ -17,8 +17,9 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from lwm_data.config import setting
+from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection
+from lwm_data.outputs import DeadLetterPolicy
 from lwm_data.pipelines.common import (
     ERRORS,
     Counters,
@@ -50,6 +51,7 @@ class ChunkConfig:
     max_book_tokens: int | None = setting(None, "Drop (count) books with more tokens.")
     max_record_bytes: int = setting(DEFAULT_MAX_RECORD_BYTES, "Dead-letter input records larger than this.")
     batch_chars: int = setting(32_000_000, "Characters tokenized per SentencePiece batch call.")
+    policy: DeadLetterPolicy = nested(DeadLetterPolicy)
 
     def __post_init__(self):
         if self.chunk_tokens < 1 or not 0 <= self.tolerance < 1:

@@ -34,7 +34,8 @@ are passed through untouched.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+import json
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -45,11 +46,11 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from lwm_data import outputs
+from lwm_data import files, outputs
 from lwm_data.errors import ConfigError, Rejection
 from lwm_data.outputs import OutputRun, now, stage_manifest
 from lwm_data.pipelines.tally import TALLY
-from lwm_data.schemas import ERRORS_SUFFIX, SHARD_SUFFIX
+from lwm_data.schemas import ERRORS_DIR, ERRORS_SUFFIX, SHARD_SUFFIX
 from lwm_data.tokenizers import resolve_tokenizer
 
 NAMESPACE_PREFIX = "lwm_data."
@@ -240,9 +241,10 @@ def stage_counters(result, stage: str) -> dict[str, int]:
 class Job:
     """One Beam pipeline that writes one or more stages' outputs, each into its own directory.
 
-    Every output goes into a new run directory; only when the whole job has succeeded is each
-    committed (its manifest written, from its stage's counters), so a failure leaves every previous
-    output as it was (see lwm_data.outputs).
+    Every output goes into a new run directory; only when the whole job has succeeded, and every
+    stage's counts balance and pass its dead-letter policy (`outputs.enforce`), is each committed
+    (its manifest written, from its stage's counters), so a failure leaves every previous output as
+    it was (see lwm_data.outputs). Stages whose output is not kept are judged too (`judge`).
     """
 
     def __init__(self, beam_args: list[str] | None = None):
@@ -250,7 +252,12 @@ class Job:
         self.started = now()
         self.result = None  # the finished pipeline's result, once `run` has it
         self._writes: list[tuple[str, Any, OutputRun, dict | None, Callable[[dict], dict] | None]] = []
+        self._judged: list[tuple[str, Any]] = []  # (stage, config): counts checked before any commit
         self._scratch: list[OutputRun] = []
+
+    def judge(self, stage: str, config: Any) -> None:
+        """Hold a stage whose output is not kept to its dead-letter policy all the same."""
+        self._judged.append((stage, config))
 
     def write_scratch(self, stage: str, directory: str, rows: beam.PCollection, schema: pa.Schema) -> beam.PCollection:
         """Shards a later step of the job reads back by path (pack's input) but nobody keeps: written
@@ -284,15 +291,25 @@ class Job:
         extra manifest sections computed from its counts (pack's `packing`)."""
         run = OutputRun(config.output)
         self._writes.append((stage, config, run, tokenizer, summary))
+        self.judge(stage, config)
         return output | f"Write[{stage}]" >> WriteStage(run, schema, num_shards)
 
     def run(self) -> list[dict[str, Any]]:
-        """Run to completion, then commit every output; returns their manifests in write order."""
+        """Run to completion, judge every stage, then commit every output; returns their manifests
+        in write order."""
         try:
             for _, _, run, _, _ in self._writes:
                 run.begin()
-            result = self.pipeline.run()
-            result.wait_until_finish()
+            self.result = self.pipeline.run()
+            self.result.wait_until_finish()
+            manifests = [self._manifest(*write) for write in self._writes]
+            for stage, config in self._judged:
+                outputs.enforce(
+                    stage,
+                    outputs.Counts.from_counters(stage_counters(self.result, stage)),
+                    config.policy,
+                    self._dead_letters,
+                )
         except BaseException:
             for _, _, run, _, _ in self._writes:
                 run.abort()
@@ -300,14 +317,19 @@ class Job:
         finally:
             for run in self._scratch:
                 run.abort()
-        self.result = result
-        manifests = []
-        for stage, config, run, tokenizer, summary in self._writes:
-            manifest = stage_manifest(stage, config, tokenizer, stage_counters(result, stage), self.started)
-            if summary is not None:
-                manifest.update(summary(manifest))
-            manifests.append(run.commit(manifest))
-        return manifests
+        return [run.commit(manifest) for (_, _, run, _, _), manifest in zip(self._writes, manifests)]
+
+    def _manifest(self, stage: str, config: Any, run: OutputRun, tokenizer: dict | None, summary) -> dict:
+        manifest = stage_manifest(stage, config, tokenizer, stage_counters(self.result, stage), self.started)
+        if summary is not None:
+            manifest.update(summary(manifest))
+        return manifest
+
+    def _dead_letters(self) -> Iterator[dict]:
+        """The dead letters this job wrote (every stage's, across its outputs), not yet committed."""
+        for _, _, run, _, _ in self._writes:
+            for path in files.list_files(files.join(run.path, ERRORS_DIR, f"*{ERRORS_SUFFIX}")):
+                yield from (json.loads(line) for line in files.json_lines(path))
 
 
 def run_stage(

@@ -26,6 +26,7 @@ from lwm_data.examples import Example, examples_to_table
 from lwm_data.lwm_format.grammar import FIELDS_KEY
 from lwm_data.lwm_format.importer import example_from_line
 from lwm_data.lwm_format.processor import LwmProcessor, ProcessorConfig
+from lwm_data.outputs import DeadLetterPolicy
 from lwm_data.pipelines.common import (
     ERRORS,
     Counters,
@@ -56,6 +57,7 @@ class ImportConfig:
     max_record_bytes: int = setting(DEFAULT_MAX_RECORD_BYTES, "Dead-letter lines larger than this.")
     batch_tokens: int = setting(4_000_000, "Examples are written in tables of about this many tokens.")
     processor: ProcessorConfig = nested(ProcessorConfig)
+    policy: DeadLetterPolicy = nested(DeadLetterPolicy)
 
     @property
     def spec(self) -> str | tuple[str, ...] | None:

@@ -41,6 +41,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection
 from lwm_data.lwm_format.layout import TOKENS_PER_FRAME
+from lwm_data.outputs import DeadLetterPolicy
 from lwm_data.pipelines.common import (
     ERRORS,
     LOCAL_RUNNERS,
@@ -87,6 +88,7 @@ class MediaJobConfig:
     media: MediaSettings = nested(MediaSettings)
     vqgan: VQGANSettings = nested(VQGANSettings)
     sequences: SequenceSettings = nested(SequenceSettings)
+    policy: DeadLetterPolicy = nested(DeadLetterPolicy)
 
 
 # ---- steps ----

@@ -6,14 +6,14 @@ rejected records; stat `prompts`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
 from lwm_data import files, outputs
 from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection
-from lwm_data.outputs import OutputRun
+from lwm_data.outputs import DeadLetterPolicy, OutputRun
 from lwm_data.schemas import NEEDLE_SCHEMA
 from lwm_data.text.books import read_books
 from lwm_data.text.needle import NeedleConfig, needle_rows
@@ -28,6 +28,7 @@ class NeedleStageConfig:
     output: str = setting(help="Output directory.")
     tokenizer: str | None = setting(None, "Tokenizer that measures context lengths (default: embedded).")
     needle: NeedleConfig = nested(NeedleConfig)
+    policy: DeadLetterPolicy = nested(DeadLetterPolicy)
 
 
 def run(config: NeedleStageConfig, beam_args: list[str] | None = None) -> dict:
@@ -55,6 +56,8 @@ def run(config: NeedleStageConfig, beam_args: list[str] | None = None) -> dict:
         run.begin()
         run.write_table(pa.Table.from_pylist(rows, schema=NEEDLE_SCHEMA))
         run.write_dead_letters(STAGE, rejected)
+        counts = outputs.Counts.from_counters(counters)
+        outputs.enforce(STAGE, counts, config.policy, lambda: (asdict(r.dead_letter(STAGE)) for r in rejected))
         return run.commit(outputs.stage_manifest(STAGE, config, tokenizer.entry, counters, started))
     except BaseException:
         run.abort()

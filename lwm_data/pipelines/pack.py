@@ -43,6 +43,7 @@ from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection
 from lwm_data.examples import example_problems, splittable, tokens_by_kind
 from lwm_data.lwm_format.layout import VISION_VOCAB_SIZE
+from lwm_data.outputs import DeadLetterPolicy
 from lwm_data.packing import (
     PackOptions,
     build_rows,
@@ -76,6 +77,7 @@ class PackConfig:
     input: tuple[str, ...] = setting(help="Directories of examples (chat, text, import-lwm, ...), comma-separated.")
     output: str = setting(help="Output directory.")
     packing: PackOptions = nested(PackOptions)
+    policy: DeadLetterPolicy = nested(DeadLetterPolicy)
 
     @property
     def rows_per_batch(self) -> int:

@@ -41,6 +41,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from lwm_data import files
 from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection
+from lwm_data.outputs import DeadLetterPolicy
 from lwm_data.pipelines.common import (
     ERRORS,
     Counters,
@@ -131,6 +132,7 @@ class QAConfig:
     sampling: SamplingParams = nested(SamplingParams)
     client: ClientConfig = nested(ClientConfig)
     limits: PairLimits = nested(PairLimits)
+    policy: DeadLetterPolicy = nested(DeadLetterPolicy)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:

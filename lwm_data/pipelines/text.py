@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import apache_beam as beam
 import pyarrow as pa
 
-from lwm_data.config import setting
+from lwm_data.config import nested, setting
 from lwm_data.examples import examples_to_table
-from lwm_data.outputs import read_manifest
+from lwm_data.outputs import DeadLetterPolicy, read_manifest
 from lwm_data.pipelines.common import ERRORS, Counters, ReadStage, StageOutput, TokenizerStep, route, run_stage
 from lwm_data.schemas import EXAMPLE_SCHEMA
 from lwm_data.text.chunking import book_chunks_from_table, split_by_book, text_example
@@ -35,6 +35,7 @@ class TextConfig:
     tokenizer: str | None = setting(
         None, "A copy of the chunk stage's tokenizer, where its recorded path is not reachable."
     )
+    policy: DeadLetterPolicy = nested(DeadLetterPolicy)
 
 
 class BookText(TokenizerStep):

@@ -36,7 +36,9 @@ def run_media(
     examples, tokenizer = media_examples(encoded, config, stage)
     encoded.job.write(stage, config, examples, EXAMPLE_SCHEMA, tokenizer, summary=vqgan_section(encoded.vqgan))
     if config.keep_codes:
-        codes_config = vision_codes.VisionCodesConfig(config.keep_codes, config.media, config.frames, config.vqgan)
+        codes_config = vision_codes.VisionCodesConfig(
+            config.keep_codes, config.media, config.frames, config.vqgan, policy=config.policy
+        )
         codes = StageOutput(encoded.coded | "Codes" >> vision_codes.CodesTables(), encoded.errors)
         encoded.job.write(vision_codes.STAGE, codes_config, codes, CODES_SCHEMA, summary=vqgan_section(encoded.vqgan))
     return encoded.job.run()[0]

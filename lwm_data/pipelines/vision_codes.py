@@ -14,6 +14,7 @@ import apache_beam as beam
 import pyarrow as pa
 
 from lwm_data.config import nested, setting
+from lwm_data.outputs import DeadLetterPolicy
 from lwm_data.pipelines.common import Counters, StageOutput
 from lwm_data.pipelines.media import FrameSampling, encode_media, vqgan_section
 from lwm_data.schemas import CODES_SCHEMA
@@ -30,6 +31,7 @@ class VisionCodesConfig:
     media: MediaSettings = nested(MediaSettings)
     frames: FrameSampling = nested(FrameSampling)
     vqgan: VQGANSettings = nested(VQGANSettings)
+    policy: DeadLetterPolicy = nested(DeadLetterPolicy)
 
 
 class CodesTables(beam.PTransform):

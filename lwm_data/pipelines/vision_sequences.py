@@ -20,6 +20,7 @@ from lwm_data.config import nested, setting
 from lwm_data.errors import Rejection
 from lwm_data.examples import Example, examples_to_table
 from lwm_data.lwm_format.processor import LwmProcessor
+from lwm_data.outputs import DeadLetterPolicy
 from lwm_data.pipelines.common import ERRORS, Counters, Job, ReadStage, StageOutput, TokenizerStep, route
 from lwm_data.schemas import EXAMPLE_SCHEMA
 from lwm_data.tokenizers import load_tokenizer, resolve_tokenizer
@@ -35,6 +36,7 @@ class SequencesConfig:
     tokenizer: str | None = setting(None, "SentencePiece .model or tokenizer dir (default: embedded).")
     batch_tokens: int = setting(4_000_000, "Examples are written in tables of about this many tokens.")
     sequences: SequenceSettings = nested(SequenceSettings)
+    policy: DeadLetterPolicy = nested(DeadLetterPolicy)
 
 
 class BuildSequences(TokenizerStep):

@@ -45,6 +45,7 @@ def finish_with_pack(
         if keep_intermediate:
             written = job.write(up.stage, up.config, up.output, up.schema, tokenizer, summary=up.summary)
         else:
+            job.judge(up.stage, up.config)
             errors.append(up.output.errors)
             scratch = files.join(pack_config.output, SCRATCH, up.stage)
             written = (
