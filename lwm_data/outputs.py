@@ -42,6 +42,7 @@ from lwm_data import config as settings
 from lwm_data import files
 from lwm_data.config import setting
 from lwm_data.errors import NotAStageOutput, Rejection, TooManyDeadLetters, UnbalancedCounts
+from lwm_data.packing import ABSENT_FROM_MIX
 from lwm_data.schemas import ERRORS_DIR, ERRORS_SUFFIX, MANIFEST, RUN_PREFIX, SHARD_PREFIX, SHARD_SUFFIX, STARTED
 
 
@@ -127,6 +128,31 @@ def enforce(stage: str, counts: Counts, policy: DeadLetterPolicy, letters: Calla
         f"--max-dead-fraction {policy.max_dead_fraction:g}; nothing was committed, the previous output is "
         f"unchanged. {reasons}"
     )
+
+
+def nothing_to_do(stage: str, counts: Counts) -> str | None:
+    """Why a stage's output is empty when it is: not an error, committed, and said once."""
+    if counts.input == 0:
+        return f"{stage}: nothing to do: its input holds no records; an empty output was committed"
+    if counts.output > 0:
+        return None
+    why = [f"filtered {reason}: {n}" for reason, n in sorted(counts.filtered.items()) if n]
+    why += [f"dead-lettered {reason}: {n}" for reason, n in sorted(counts.dead_lettered.items()) if n]
+    return (
+        f"{stage}: nothing to do: none of its {counts.input} input records was kept ({', '.join(why)}); "
+        "an empty output was committed"
+    )
+
+
+def mix_warnings(stage: str, stats: dict[str, int]) -> list[str]:
+    """Kinds `--mix` names that some packing plans lacked (they were mixed without them)."""
+    plans = stats.get("partitions", 1)
+    return [
+        f"{stage}: --mix kind {name.removeprefix(ABSENT_FROM_MIX)!r} is absent from {n} of {plans} packing "
+        "plans, which were mixed from the kinds they hold"
+        for name, n in sorted(stats.items())
+        if name.startswith(ABSENT_FROM_MIX)
+    ]
 
 
 def _first_locators(stage: str, reasons: set[str], letters: Iterable[dict]) -> dict[str, str]:
@@ -218,6 +244,7 @@ def stage_manifest(
     """A stage's manifest from its counters (`in`, `out`, `filtered.<r>`, `dead_lettered.<r>`, and
     statistics); `OutputRun.commit` adds the run and its files."""
     counts = Counts.from_counters(counters)
+    stats = {k: v for k, v in sorted(counters.items()) if k not in ("in", "out") and "." not in k}
     return {
         "stage": stage,
         "lwm_data_version": lwm_data.__version__,
@@ -226,7 +253,8 @@ def stage_manifest(
         "config": settings.flat(config),
         "tokenizer": tokenizer,
         "counts": counts.to_dict(),
-        "stats": {k: v for k, v in sorted(counters.items()) if k not in ("in", "out") and "." not in k},
+        "stats": stats,
+        "warnings": [w for w in (nothing_to_do(stage, counts), *mix_warnings(stage, stats)) if w],
     }
 
 

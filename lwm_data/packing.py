@@ -12,6 +12,9 @@ small pure functions over numpy arrays (no Beam, no per-token Python):
     With `partition_tokens`, examples are first hashed by id into independent partitions of about
     that many tokens (`partition_of`), each planned alone (a worker each, in the Beam job), so no
     worker holds every example's length: LWM's 1K stage packs hundreds of millions of pairs.
+    `--mix` is applied per plan: globally without partitions, else within each partition, from the
+    kinds that partition holds (a kind absent from it, or from the whole input, leaves the others
+    mixed at their relative shares; the job counts and warns of it, it does not fail).
     build_rows(...)  -> PackedColumns                                the row arrays, vectorised
     packed_table(...) -> pyarrow Table in PACKED_SCHEMA
     fill_efficiency(tokens, slots)                                   the share of slots that hold tokens
@@ -57,6 +60,7 @@ from lwm_data.config import setting
 from lwm_data.errors import ConfigError
 from lwm_data.schemas import PACKED_SCHEMA
 
+ABSENT_FROM_MIX = "absent_from_mix_"  # a plan's count per kind its mix names and its examples lack
 OVERFLOW_MODES = ("drop", "truncate", "split")
 LOSS_WEIGHTINGS = ("token", "example")
 LWM_TEXT_SHARE = 0.16  # LWM keeps about 16% pure text in each batch up to its 8K vision stage
@@ -126,14 +130,16 @@ def mix_order(kind_ids: np.ndarray, lengths: np.ndarray, shares: np.ndarray) -> 
     its middle; merging by that time keeps every prefix of the stream at the target shares (within
     half an example per kind). The stream ends when the scarcest kind runs out:
     T = min_k(total_k / share_k); examples whose middle comes at or after T are the excess and not
-    returned (the scarcest kind is always kept whole).
+    returned (the scarcest kind is always kept whole). Kinds with no tokens take no part: the
+    others are mixed at their shares relative to each other (`absent_kinds` says which).
     """
-    shares = np.asarray(shares, np.float64) / np.sum(shares)
     lengths = np.asarray(lengths, np.int64)
     totals = np.bincount(kind_ids, weights=lengths, minlength=len(shares))
-    if (totals == 0).any():
-        missing = np.flatnonzero(totals == 0).tolist()
-        raise ValueError(f"mix kinds {missing} have no tokens in the input")
+    present = totals > 0
+    if not present.any():
+        return np.zeros(0, np.int64)
+    shares = np.where(present, np.asarray(shares, np.float64), 0.0)
+    shares /= shares.sum()
     order = np.argsort(kind_ids, kind="stable")
     sorted_lengths = lengths[order]
     sorted_kinds = kind_ids[order]
@@ -141,10 +147,15 @@ def mix_order(kind_ids: np.ndarray, lengths: np.ndarray, shares: np.ndarray) -> 
     kind_start = np.searchsorted(sorted_kinds, np.arange(len(shares)))
     tokens_before = cumulative - sorted_lengths - np.concatenate([[0], cumulative])[kind_start[sorted_kinds]]
     virtual_middle = (tokens_before + sorted_lengths / 2) / shares[sorted_kinds]
-    budget = np.min(totals / shares)
+    budget = np.min(totals[present] / shares[present])
     keep = virtual_middle < budget
     merged = np.lexsort((np.arange(len(order))[keep], virtual_middle[keep]))
     return order[keep][merged]
+
+
+def absent_kinds(kinds: np.ndarray, mix: dict[str, float]) -> list[str]:
+    """The kinds `mix` names that none of `kinds` is."""
+    return sorted(set(mix) - set(np.asarray(kinds, dtype=object).tolist()))
 
 
 def fill_rows(
@@ -236,7 +247,8 @@ def plan_packing(lengths: np.ndarray, kinds: np.ndarray, splittable: np.ndarray,
     """Decide every piece's row and segment from example lengths alone (no token data needed).
 
     `counts`: filtered.too_long, filtered.not_in_mix, filtered.mix_excess (examples), and
-    truncated, truncated_tokens, split, split_pieces.
+    truncated, truncated_tokens, split, split_pieces; `absent_from_mix_<kind>` = 1 for each kind the
+    mix names that these examples lack (they are mixed without it).
     """
     lengths = np.asarray(lengths, np.int64)
     kinds = np.asarray(kinds, dtype=object)
@@ -260,6 +272,8 @@ def plan_packing(lengths: np.ndarray, kinds: np.ndarray, splittable: np.ndarray,
         shares = np.array(list(options.mix.values()))
         mixed = in_mix[mix_order(kind_ids[kind_ids >= 0], cut.kept_length[in_mix], shares)]
         counts["filtered.mix_excess"] = len(in_mix) - len(mixed)
+        if len(in_mix):  # with none of the kinds, there is nothing to mix (and no rows)
+            counts.update({f"{ABSENT_FROM_MIX}{kind}": 1 for kind in absent_kinds(kinds[in_mix], options.mix)})
         stream = mixed
     example = np.repeat(stream, cut.num_pieces[stream])
     start = _rank_within_groups(np.repeat(np.arange(len(stream)), cut.num_pieces[stream])) * options.seq_len

@@ -271,6 +271,71 @@ def test_mixing_chat_and_book_text_by_tokens(tmp_path, text_dir):
     assert counts["filtered"]["mix_excess"] > 0 and counts["balanced"]
 
 
+def test_a_mixed_kind_absent_from_the_input_is_mixed_without_and_warned_of(tmp_path):
+    inputs = write_examples_dir(tmp_path / "chat", chat_examples(30, seed=6))
+    manifest = pack.run(
+        PackConfig(input=inputs, output=str(tmp_path / "packed"), seq_len=SEQ_LEN, mix={"chat": 0.84, "text": 0.16})
+    )
+    counts = manifest["counts"]
+    assert (
+        counts["balanced"]
+        and counts["out"] == 29
+        and counts["filtered"] == {"mix_excess": 0, "not_in_mix": 0, "too_long": 1}
+    )
+    assert manifest["warnings"] == [
+        "pack: --mix kind 'text' is absent from 1 of 1 packing plans, which were mixed from the kinds they hold"
+    ]
+    assert not validate(str(tmp_path / "packed"))
+
+
+def test_each_partition_mixes_the_kinds_it_holds(tmp_path):
+    """With --partition-tokens, --mix applies per partition: one without text is all chat."""
+    chats = chat_examples(40, seed=8)
+    texts = [f"text-{i:03d}" for i in range(200) if pack.partition_of(f"text-{i:03d}", 2) == 0][:6]
+    rng = np.random.default_rng(2)
+    examples = Examples.from_arrays(
+        [*chats.example_ids, *texts],
+        [*chats.kinds, *["text"] * len(texts)],
+        [chats.tokens[a:b] for a, b in zip(chats.offsets[:-1], chats.offsets[1:])]
+        + [rng.integers(3, 32000, 400).astype(np.int32) for _ in texts],
+        [chats.loss_weights[a:b] for a, b in zip(chats.offsets[:-1], chats.offsets[1:])]
+        + [np.ones(400) for _ in texts],
+        [np.zeros(b - a, bool) for a, b in zip(chats.offsets[:-1], chats.offsets[1:])]
+        + [np.zeros(400, bool) for _ in texts],
+    )
+    total = int(examples.lengths.sum())
+    inputs = write_examples_dir(tmp_path / "mixed", examples)
+    output = tmp_path / "packed"
+    manifest = pack.run(
+        PackConfig(
+            input=inputs,
+            output=str(output),
+            seq_len=SEQ_LEN,
+            mix={"chat": 0.8, "text": 0.2},
+            partition_tokens=total // 2 + 1,
+        )
+    )
+    assert manifest["stats"]["partitions"] == 2 and manifest["counts"]["balanced"]
+    assert manifest["warnings"] == [
+        "pack: --mix kind 'text' is absent from 1 of 2 packing plans, which were mixed from the kinds they hold"
+    ]
+    assert not validate(str(output))
+    rows = outputs.read_table(str(output)).to_pylist()
+    by_partition = {}
+    for row in rows:
+        for example_id, kind in zip(row["example_ids"], row["kinds"]):
+            by_partition.setdefault(pack.partition_of(example_id, 2), set()).add(kind)
+    assert by_partition[1] == {"chat"} and "text" in by_partition[0]
+
+
+def test_empty_input_commits_an_empty_output_with_a_warning(tmp_path):
+    inputs = write_output(tmp_path / "none", "chat", EXAMPLE_SCHEMA.empty_table())
+    manifest = pack.run(PackConfig(input=inputs, output=str(tmp_path / "packed"), seq_len=SEQ_LEN, mix={"chat": 1.0}))
+    assert manifest["counts"]["in"] == 0 and manifest["counts"]["balanced"] and manifest["packing"]["rows"] == 0
+    assert manifest["warnings"] == ["pack: nothing to do: its input holds no records; an empty output was committed"]
+    assert outputs.read_table(str(tmp_path / "packed")).num_rows == 0 and not validate(str(tmp_path / "packed"))
+
+
 def test_pack_command(tmp_path):
     inputs = write_examples_dir(tmp_path / "chat", chat_examples(30, seed=6))
     output = tmp_path / "packed"

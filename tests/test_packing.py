@@ -199,6 +199,14 @@ def test_mix_order_keeps_token_shares_in_every_prefix():
     assert (np.diff(within_kind) > 0).all()  # order within a kind is kept
 
 
+def test_mix_order_leaves_out_kinds_without_tokens_and_mixes_the_rest():
+    kinds = np.array([0, 2, 0, 2, 2])
+    lengths = np.array([10, 10, 10, 10, 10])
+    order = mix_order(kinds, lengths, np.array([0.5, 0.3, 0.2]))  # kind 1 absent: 0 and 2 mixed 5:2
+    assert sorted(kinds[order].tolist()) == [0, 0, 2]
+    assert mix_order(np.zeros(0, np.int64), np.zeros(0, np.int64), np.array([0.5, 0.5])).tolist() == []
+
+
 def test_parse_mix():
     assert parse_mix("chat=0.84, text=0.16") == {"chat": 0.84, "text": 0.16}
     assert parse_mix(None) is None
@@ -222,3 +230,5 @@ def test_mix_in_plan_counts_kinds_left_out_and_the_excess():
     packed_kinds = Counter(k for ks in table["kinds"].to_pylist() for k in ks)
     assert packed_kinds["chat"] == 150 and abs(packed_kinds["text"] - 150 * 0.25) <= 1
     assert plan.counts["filtered.mix_excess"] == 150 - packed_kinds["text"]
+    _, chat_only = pack_examples(examples, PackOptions(seq_len=100, mix={"chat": 0.8, "video_text": 0.2}))
+    assert chat_only.counts["absent_from_mix_video_text"] == 1 and chat_only.counts["filtered.mix_excess"] == 0

@@ -108,6 +108,27 @@ def test_books_pipeline_writes_only_packed_rows_with_every_stages_counts(books_j
 
 
 @pytest.mark.slow
+def test_books_all_filtered_commit_empty_outputs_with_one_warning_naming_the_cause(books_jsonl, tmp_path, caplog):
+    config = books_toml(tmp_path / "books.toml", books_jsonl, tmp_path / "elsewhere")
+    output = tmp_path / "out"
+    args = ["--chunk.min-book-tokens", str(10**9)]
+    manifests = run.run("books", str(config), args, keep_intermediate=True, output=str(output))  # --output wins
+    assert [m["config"]["output"] for m in manifests] == [
+        str(output / s) for s in ("chunk", "qa", "chat", "text", "pack")
+    ]
+    assert not (tmp_path / "elsewhere").exists()
+    books = manifests[0]["counts"]["in"]
+    assert manifests[0]["counts"]["filtered"]["too_short"] == books > 0
+    assert all(m["counts"]["balanced"] and m["counts"]["out"] == 0 for m in manifests)
+    assert manifests[-1]["packing"]["rows"] == 0 and not validate(str(output / "pack"))
+    warned = [r.getMessage() for r in caplog.records if "nothing to do" in r.getMessage()]
+    assert warned == [
+        f"chunk: nothing to do: none of its {books} input records was kept (filtered too_short: {books}); "
+        "an empty output was committed"
+    ]
+
+
+@pytest.mark.slow
 def test_video_pipeline_keeps_intermediate_outputs_when_asked(tmp_path):
     media = tmp_path / "media"
     media.mkdir()

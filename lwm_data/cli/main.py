@@ -169,6 +169,7 @@ def run_pipeline(
     ctx: typer.Context,
     pipeline: str = typer.Argument(..., help="books (chunk -> qa -> chat + text -> pack) or video (video -> pack)."),
     config: str = typer.Option(..., "--config", help="TOML: one table per stage, keys as the stage's options."),
+    output: str | None = typer.Option(None, "--output", help="Replaces the TOML's top-level `output`."),
     keep_intermediate: bool = typer.Option(
         False, "--keep-intermediate", help="Also keep every upstream stage's output."
     ),
@@ -177,7 +178,7 @@ def run_pipeline(
     from lwm_data.recipes import run
 
     with user_errors(), progress.live():
-        manifests = run.run(pipeline, config, list(ctx.args), keep_intermediate)
+        manifests = run.run(pipeline, config, list(ctx.args), keep_intermediate, output)
     for manifest in manifests:
         print_manifest(manifest)
     console.print("written to " + ", ".join(m["config"]["output"] for m in manifests))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -57,6 +58,7 @@ NAMESPACE_PREFIX = "lwm_data."
 ERRORS = "errors"  # tag of dead-letter outputs
 LOCAL_RUNNERS = {None, "DirectRunner", "SwitchingDirectRunner", "FnApiRunner"}
 
+log = logging.getLogger(__name__)
 _counters: dict[tuple[str, str], Any] = {}
 
 
@@ -303,13 +305,7 @@ class Job:
             self.result = self.pipeline.run()
             self.result.wait_until_finish()
             manifests = [self._manifest(*write) for write in self._writes]
-            for stage, config in self._judged:
-                outputs.enforce(
-                    stage,
-                    outputs.Counts.from_counters(stage_counters(self.result, stage)),
-                    config.policy,
-                    self._dead_letters,
-                )
+            self._judge_all()
         except BaseException:
             for _, _, run, _, _ in self._writes:
                 run.abort()
@@ -318,6 +314,21 @@ class Job:
             for run in self._scratch:
                 run.abort()
         return [run.commit(manifest) for (_, _, run, _, _), manifest in zip(self._writes, manifests)]
+
+    def _judge_all(self) -> None:
+        """Enforce every stage's policy, then warn of what is empty or missing, the first empty
+        stage only (the stages after it are empty because it is)."""
+        warnings: list[str] = []
+        first_empty = None
+        for stage, config in self._judged:
+            counters = stage_counters(self.result, stage)
+            counts = outputs.Counts.from_counters(counters)
+            outputs.enforce(stage, counts, config.policy, self._dead_letters)
+            first_empty = first_empty or outputs.nothing_to_do(stage, counts)
+            warnings += outputs.mix_warnings(stage, counters)
+        warnings = ([first_empty] if first_empty else []) + warnings
+        for warning in warnings:
+            log.warning(warning)
 
     def _manifest(self, stage: str, config: Any, run: OutputRun, tokenizer: dict | None, summary) -> dict:
         manifest = stage_manifest(stage, config, tokenizer, stage_counters(self.result, stage), self.started)

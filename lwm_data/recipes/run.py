@@ -16,9 +16,10 @@ stage writes `<output>/<stage>` unless its table names its own `output`:
     mix = { chat = 0.84, text = 0.16 }
 
 Inputs between stages are wired here (qa reads chunk's output, ...): a table may not set them.
-Command-line overrides take `--<stage>.<option> VALUE` (`--qa.backend openai`, `--pack.seq-len
-65536`); everything else is passed to Beam. The effective config of each stage goes into its
-manifest; pack's manifest also holds every stage's counts (`pipeline.stages`).
+Command-line overrides take `--output DIR` (the top-level `output`) and `--<stage>.<option> VALUE`
+(`--qa.backend openai`, `--pack.seq-len 65536`); everything else is passed to Beam. The effective
+config of each stage goes into its manifest; pack's manifest also holds every stage's counts
+(`pipeline.stages`).
 """
 
 from __future__ import annotations
@@ -127,11 +128,15 @@ def load(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read the config {path}: {error}") from None
 
 
-def run(name: str, config: str | dict[str, Any], args: list[str], keep_intermediate: bool) -> list[dict]:
+def run(
+    name: str, config: str | dict[str, Any], args: list[str], keep_intermediate: bool, output: str | None = None
+) -> list[dict]:
     """Build and run a whole pipeline from a TOML path or an already parsed document (its tables as
-    dicts); returns the manifests of what it wrote (pack's last)."""
+    dicts), `output` replacing its top-level `output`; returns the manifests of what it wrote (pack's last)."""
     pipeline, overrides, beam_args = _checked_arguments(name, args)  # before reading: a typo fails first
     document = load(config) if isinstance(config, str) else config
+    if output is not None:
+        document = {**document, "output": output}
     configs = stage_configs(pipeline, document, overrides)
     return pipeline.job(configs, beam_args, keep_intermediate).run()
 
