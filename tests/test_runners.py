@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 from lwm_data import outputs
 from lwm_data.cli.main import app
+from lwm_data.errors import ConfigError
+from lwm_data.pipelines.common import make_pipeline, runner_key
 from lwm_data.testing.books import generate_books, write_books_jsonl
 from tests.media import make_video
 from tests.test_run_pipeline import books_toml
-
-pytestmark = pytest.mark.slow
 
 MULTI_PROCESS = ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
 
@@ -64,6 +64,29 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     (media / "b.mp4").write_bytes(b"")
     (media / "b.txt").write_text("an empty file")
     return {"books": books, "video": media}
+
+
+@pytest.mark.parametrize(
+    "runner, key",
+    [
+        (None, None),
+        ("direct", "directrunner"),
+        ("DirectRunner", "directrunner"),
+        ("apache_beam.runners.direct.direct_runner.DirectRunner", "directrunner"),
+        ("portable", "portablerunner"),
+        ("FlinkRunner", "flinkrunner"),
+    ],
+)
+def test_runners_are_named_as_beam_resolves_them(runner, key):
+    assert runner_key([] if runner is None else ["--runner", runner]) == key
+
+
+def test_direct_runner_by_any_name_runs_in_fn_api_runner_and_dask_is_refused():
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    assert isinstance(make_pipeline(["--runner", "direct"]).runner, FnApiRunner)  # not Prism, which downloads
+    with pytest.raises(ConfigError, match="Dask runner implements no metrics"):
+        make_pipeline(["--runner", "apache_beam.runners.dask.dask_runner.DaskRunner"])
 
 
 def video_toml(path: Path, media: Path, output: Path) -> Path:
@@ -110,6 +133,7 @@ def in_process(inputs, tmp_path_factory) -> dict[str, dict[str, dict]]:
     return {name: run_pipeline(name, inputs, tmp_path_factory.mktemp(name) / "in-process", []) for name in inputs}
 
 
+@pytest.mark.slow
 def test_what_the_runners_are_compared_on(in_process):
     books, video = in_process["books"], in_process["video"]
     assert list(books) == ["pack"] and list(video) == ["pack", "video"]
@@ -119,11 +143,13 @@ def test_what_the_runners_are_compared_on(in_process):
     assert len(books["pack"]["dead_letters"]) == len(video["video"]["dead_letters"]) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["books", "video"])
 def test_multi_process_direct_runner_writes_what_in_process_does(in_process, inputs, tmp_path, name):
     assert run_pipeline(name, inputs, tmp_path / "multi", MULTI_PROCESS) == in_process[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["books", "video"])
 def test_portable_runner_writes_what_in_process_does(in_process, inputs, job_service, tmp_path, name):
     portable = ["--runner", "PortableRunner", f"--job_endpoint={job_service}", "--environment_type=LOOPBACK"]

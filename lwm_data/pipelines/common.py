@@ -27,8 +27,9 @@ one pipeline keep their counts apart and each gets a balanced manifest:
 
 Local runs use Beam's FnApiRunner (what DirectRunner picks for batch jobs) directly: DirectRunner
 first tries the Prism runner, which downloads a binary, and lwm-data must work offline.
-`--direct_num_workers` / `--direct_running_mode` work as usual; other runners (Dataflow, Flink, ...)
-are passed through untouched.
+`--direct_num_workers` / `--direct_running_mode` work as usual; other runners (Dataflow, Flink,
+Spark, PortableRunner, ...) are passed through untouched, except Beam's Dask runner, which is
+refused before the job starts: it implements no metrics, and every manifest's counts come from them.
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ from lwm_data.tokenizers import resolve_tokenizer
 
 NAMESPACE_PREFIX = "lwm_data."
 ERRORS = "errors"  # tag of dead-letter outputs
-LOCAL_RUNNERS = {None, "DirectRunner", "SwitchingDirectRunner", "FnApiRunner"}
+LOCAL_RUNNERS = {None, "directrunner", "switchingdirectrunner", "fnapirunner"}  # as `runner_key` names them
+UNSUPPORTED_RUNNERS = {
+    "daskrunner": "Beam's Dask runner implements no metrics, which every manifest's counts come from: run on the"
+    " direct runner, Dataflow, or a portable runner (Flink, Spark)",
+}
 
 _counters: dict[tuple[str, str], Any] = {}
 
@@ -217,10 +222,23 @@ def check_beam_args(args: list[str], own_options: list[str]) -> None:
             raise ConfigError(f"unknown option {arg.split('=', 1)[0]}{hint}")
 
 
+def runner_key(beam_args: list[str] | None) -> str | None:
+    """`--runner` as Beam resolves it (any case, `Runner` suffix optional, or a dotted path), in lower
+    case with the suffix: `direct`, `DirectRunner` and `apache_beam.runners.direct.direct_runner.DirectRunner`
+    are all `directrunner`; None when no runner is named."""
+    name = PipelineOptions(beam_args or []).view_as(StandardOptions).runner
+    if name is None:
+        return None
+    key = name.rsplit(".", 1)[-1].lower()
+    return key if key.endswith("runner") else key + "runner"
+
+
 def make_pipeline(beam_args: list[str] | None) -> beam.Pipeline:
+    runner = runner_key(beam_args)
+    if runner in UNSUPPORTED_RUNNERS:
+        raise ConfigError(UNSUPPORTED_RUNNERS[runner])
     options = PipelineOptions(beam_args or [])
-    runner_name = options.view_as(StandardOptions).runner
-    if runner_name in LOCAL_RUNNERS:
+    if runner in LOCAL_RUNNERS:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
         return beam.Pipeline(runner=FnApiRunner(), options=options)
