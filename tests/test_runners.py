@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from lwm_data import outputs
 from lwm_data.cli.main import app
 from lwm_data.errors import ConfigError
-from lwm_data.pipelines.common import make_pipeline, runner_key
+from lwm_data.pipelines.common import check_beam_args, make_pipeline, runner_key
 from lwm_data.testing.books import generate_books, write_books_jsonl
 from tests.media import make_video
 from tests.test_run_pipeline import books_toml
@@ -87,6 +87,12 @@ def test_direct_runner_by_any_name_runs_in_fn_api_runner_and_dask_is_refused():
     assert isinstance(make_pipeline(["--runner", "direct"]).runner, FnApiRunner)  # not Prism, which downloads
     with pytest.raises(ConfigError, match="Dask runner implements no metrics"):
         make_pipeline(["--runner", "apache_beam.runners.dask.dask_runner.DaskRunner"])
+
+
+def test_beam_options_are_checked_by_the_flags_beam_parses():
+    check_beam_args(["--extra_package", "dist/x.whl", "--no_use_public_ips", "--experiments=use_runner_v2"], [])
+    with pytest.raises(ConfigError, match="did you mean --direct_num_workers"):  # Beam would ignore it
+        check_beam_args(["--direct-num-workers", "2"], [])
 
 
 def video_toml(path: Path, media: Path, output: Path) -> Path:

@@ -34,6 +34,7 @@ refused before the job starts: it implements no metrics, and every manifest's co
 
 from __future__ import annotations
 
+import argparse
 import difflib
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -208,18 +209,24 @@ class WriteStage(beam.PTransform):
         )
 
 
+def beam_flags() -> set[str]:
+    """Every flag a Beam options class defines, as Beam's parser takes it: `--extra_package` (which
+    fills `extra_packages`), `--direct_num_workers` (not `--direct-num-workers`, which Beam ignores)."""
+    parsers: list[argparse.ArgumentParser] = []
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
+    return {flag for action in parsers[0]._actions for flag in action.option_strings}
+
+
 def check_beam_args(args: list[str], own_options: list[str]) -> None:
     """Refuse what is neither a Beam option nor one of the command's own: a typo (`--chunk-tokenz`)
     would otherwise pass through to Beam and be ignored."""
-    known = PipelineOptions([]).get_all_options()
+    known = beam_flags()
     for arg in args:
-        if not arg.startswith("--"):
-            continue
-        name = arg[2:].split("=", 1)[0]
-        if name.replace("-", "_") not in known:
-            close = difflib.get_close_matches(arg.split("=", 1)[0], own_options, n=1)
+        flag = arg.split("=", 1)[0]
+        if arg.startswith("--") and flag not in known:
+            close = difflib.get_close_matches(flag, own_options, n=1) or difflib.get_close_matches(flag, known, 1, 0.8)
             hint = f"; did you mean {close[0]}?" if close else " (and no Beam option by that name)"
-            raise ConfigError(f"unknown option {arg.split('=', 1)[0]}{hint}")
+            raise ConfigError(f"unknown option {flag}{hint}")
 
 
 def runner_key(beam_args: list[str] | None) -> str | None:
