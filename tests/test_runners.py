@@ -5,6 +5,7 @@ here. Beam's order of rows across shards is the runner's, so rows are compared a
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -17,11 +18,12 @@ from typer.testing import CliRunner
 from lwm_data import outputs
 from lwm_data.cli.main import app
 from lwm_data.errors import ConfigError
-from lwm_data.pipelines.common import check_beam_args, make_pipeline, runner_key
+from lwm_data.pipelines.common import beam_flags, check_beam_args, make_pipeline, runner_key
 from lwm_data.testing.books import generate_books, write_books_jsonl
 from tests.media import make_video
 from tests.test_run_pipeline import books_toml
 
+REPO = Path(__file__).resolve().parents[1]
 MULTI_PROCESS = ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
 
 
@@ -93,6 +95,14 @@ def test_beam_options_are_checked_by_the_flags_beam_parses():
     check_beam_args(["--extra_package", "dist/x.whl", "--no_use_public_ips", "--experiments=use_runner_v2"], [])
     with pytest.raises(ConfigError, match="did you mean --direct_num_workers"):  # Beam would ignore it
         check_beam_args(["--direct-num-workers", "2"], [])
+
+
+def test_the_readmes_runner_commands_use_real_beam_flags():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Running on Beam runners") : readme.index("## Benchmarks")]
+    flags = set(re.findall(r"--[a-z]+_[a-z_]+", section))  # Beam's spelling; lwm-data's own flags use - and .
+    assert {"--flink_job_server_jar", "--spark_job_server_jar", "--extra_package"} <= flags
+    assert flags <= beam_flags()
 
 
 def video_toml(path: Path, media: Path, output: Path) -> Path:
