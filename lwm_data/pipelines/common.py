@@ -27,12 +27,14 @@ one pipeline keep their counts apart and each gets a balanced manifest:
 
 Local runs use Beam's FnApiRunner (what DirectRunner picks for batch jobs) directly: DirectRunner
 first tries the Prism runner, which downloads a binary, and lwm-data must work offline.
-`--direct_num_workers` / `--direct_running_mode` work as usual; other runners (Dataflow, Flink, ...)
-are passed through untouched.
+`--direct_num_workers` / `--direct_running_mode` work as usual; other runners (Dataflow, Flink,
+Spark, PortableRunner, ...) are passed through untouched, except Beam's Dask runner, which is
+refused before the job starts: it implements no metrics, and every manifest's counts come from them.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import logging
@@ -56,7 +58,11 @@ from lwm_data.tokenizers import resolve_tokenizer
 
 NAMESPACE_PREFIX = "lwm_data."
 ERRORS = "errors"  # tag of dead-letter outputs
-LOCAL_RUNNERS = {None, "DirectRunner", "SwitchingDirectRunner", "FnApiRunner"}
+LOCAL_RUNNERS = {None, "directrunner", "switchingdirectrunner", "fnapirunner"}  # as `runner_key` names them
+UNSUPPORTED_RUNNERS = {
+    "daskrunner": "Beam's Dask runner implements no metrics, which every manifest's counts come from: run on the"
+    " direct runner, Dataflow, or a portable runner (Flink, Spark)",
+}
 
 log = logging.getLogger(__name__)
 _counters: dict[tuple[str, str], Any] = {}
@@ -206,24 +212,43 @@ class WriteStage(beam.PTransform):
         )
 
 
+def beam_flags() -> set[str]:
+    """Every flag a Beam options class defines, as Beam's parser takes it: `--extra_package` (which
+    fills `extra_packages`), `--direct_num_workers` (not `--direct-num-workers`, which Beam ignores)."""
+    parsers: list[argparse.ArgumentParser] = []
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
+    return {flag for action in parsers[0]._actions for flag in action.option_strings}
+
+
 def check_beam_args(args: list[str], own_options: list[str]) -> None:
     """Refuse what is neither a Beam option nor one of the command's own: a typo (`--chunk-tokenz`)
     would otherwise pass through to Beam and be ignored."""
-    known = PipelineOptions([]).get_all_options()
+    known = beam_flags()
     for arg in args:
-        if not arg.startswith("--"):
-            continue
-        name = arg[2:].split("=", 1)[0]
-        if name.replace("-", "_") not in known:
-            close = difflib.get_close_matches(arg.split("=", 1)[0], own_options, n=1)
+        flag = arg.split("=", 1)[0]
+        if arg.startswith("--") and flag not in known:
+            close = difflib.get_close_matches(flag, own_options, n=1) or difflib.get_close_matches(flag, known, 1, 0.8)
             hint = f"; did you mean {close[0]}?" if close else " (and no Beam option by that name)"
-            raise ConfigError(f"unknown option {arg.split('=', 1)[0]}{hint}")
+            raise ConfigError(f"unknown option {flag}{hint}")
+
+
+def runner_key(beam_args: list[str] | None) -> str | None:
+    """`--runner` as Beam resolves it (any case, `Runner` suffix optional, or a dotted path), in lower
+    case with the suffix: `direct`, `DirectRunner` and `apache_beam.runners.direct.direct_runner.DirectRunner`
+    are all `directrunner`; None when no runner is named."""
+    name = PipelineOptions(beam_args or []).view_as(StandardOptions).runner
+    if name is None:
+        return None
+    key = name.rsplit(".", 1)[-1].lower()
+    return key if key.endswith("runner") else key + "runner"
 
 
 def make_pipeline(beam_args: list[str] | None) -> beam.Pipeline:
+    runner = runner_key(beam_args)
+    if runner in UNSUPPORTED_RUNNERS:
+        raise ConfigError(UNSUPPORTED_RUNNERS[runner])
     options = PipelineOptions(beam_args or [])
-    runner_name = options.view_as(StandardOptions).runner
-    if runner_name in LOCAL_RUNNERS:
+    if runner in LOCAL_RUNNERS:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
         return beam.Pipeline(runner=FnApiRunner(), options=options)

@@ -36,7 +36,6 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection
@@ -52,6 +51,7 @@ from lwm_data.pipelines.common import (
     Stages,
     merge_errors,
     route,
+    runner_key,
 )
 from lwm_data.pipelines.vision_sequences import Sequences
 from lwm_data.reading import is_unicode
@@ -283,7 +283,7 @@ def read_media(settings: MediaSettings, stage: Stages) -> ReadFiles:
 
 def check_launch(vqgan: VQGANSettings, beam_args: list[str] | None) -> None:
     """What can be known wrong before a media job starts: `--device cuda` on a local run without a GPU."""
-    if PipelineOptions(beam_args or []).view_as(StandardOptions).runner in LOCAL_RUNNERS:
+    if runner_key(beam_args) in LOCAL_RUNNERS:
         vqgan.check_device()
 
 
