@@ -29,6 +29,10 @@ class NotAStageOutput(UserError, FileNotFoundError):
     """A directory without manifest.json: no stage has finished writing there."""
 
 
+class WrongInput(ConfigError):
+    """An input that is not what the command reads: nothing there, or another stage's output."""
+
+
 class TooManyDeadLetters(UserError):
     """A stage dead-lettered more of its input than `--max-dead-fraction` allows; nothing was committed."""
 

@@ -41,7 +41,7 @@ import lwm_data
 from lwm_data import config as settings
 from lwm_data import files
 from lwm_data.config import setting
-from lwm_data.errors import NotAStageOutput, Rejection, TooManyDeadLetters, UnbalancedCounts
+from lwm_data.errors import NotAStageOutput, Rejection, TooManyDeadLetters, UnbalancedCounts, WrongInput
 from lwm_data.packing import ABSENT_FROM_MIX
 from lwm_data.schemas import ERRORS_DIR, ERRORS_SUFFIX, MANIFEST, RUN_PREFIX, SHARD_PREFIX, SHARD_SUFFIX, STARTED
 
@@ -182,11 +182,47 @@ def read_shard(path: str, columns: list[str] | None = None) -> pa.Table:
 # ---- committed outputs: read through the manifest ----
 
 
-def read_manifest(directory: str) -> dict[str, Any]:
+def read_manifest(directory: str, stages: tuple[str, ...] = (), reader: str = "") -> dict[str, Any]:
+    """A committed output's manifest; with `stages`, it must be one of theirs (`reader` reads it)."""
     path = files.join(directory, MANIFEST)
     if not files.exists(path):
         raise NotAStageOutput(f"{directory} has no {MANIFEST}: it is not the output of a finished lwm-data stage")
-    return files.read_json(path)
+    manifest = files.read_json(path)
+    if stages and manifest.get("stage") not in stages:
+        wanted = " or ".join(f"`lwm-data {stage}`" for stage in stages)
+        raise WrongInput(
+            f"{directory} holds the output of `lwm-data {manifest.get('stage')}`; {reader} reads the output of {wanted}"
+        )
+    return manifest
+
+
+def check_input_files(pattern: str, reads: str) -> None:
+    """Refuse, before a job starts, an input glob that matches no file or names a stage's output
+    (a directory with a manifest), saying what the stage reads instead."""
+    for directory in {pattern.rstrip("/"), pattern.removesuffix("/*")}:
+        if files.exists(files.join(directory, MANIFEST)):
+            stage = files.read_json(files.join(directory, MANIFEST)).get("stage")
+            raise WrongInput(f"{directory} holds the output of `lwm-data {stage}`, not {reads}")
+    if not files.list_files(pattern):
+        raise WrongInput(f"no file matches {pattern} ({reads} expected)")
+
+
+def committed_shards(pattern: str) -> tuple[list[str], list[str]]:
+    """(shards, their output directories): the Parquet shards a glob matches that a committed
+    manifest lists. A shard of a run that never committed, or of no output, is never read."""
+    by_directory: dict[str, list[str]] = {}
+    for path in files.list_files(pattern):
+        parent = path.rsplit("/", 1)[0]
+        directory = parent.rsplit("/", 1)[0] if parent.rsplit("/", 1)[-1].startswith(RUN_PREFIX) else parent
+        by_directory.setdefault(directory, []).append(path)
+    shards, directories = [], []
+    for directory, paths in sorted(by_directory.items()):
+        if files.exists(files.join(directory, MANIFEST)):
+            listed = set(list_shards(directory))
+            committed = [path for path in paths if path in listed]
+            shards += committed
+            directories += [directory] if committed else []
+    return shards, directories
 
 
 def _listed(directory: str, manifest: dict[str, Any] | None, suffix: str) -> list[str]:

@@ -7,6 +7,7 @@ use LENIENT limits (any schema-valid pair passes), and strict limits show re-ask
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from lwm_data import config as settings
 from lwm_data import outputs
 from lwm_data.cli.main import app
 from lwm_data.cli.validate import validate
+from lwm_data.errors import WrongInput
 from lwm_data.pipelines import chunk
 from lwm_data.pipelines import qa as qa_stage
 from lwm_data.testing.books import generate_books, write_books_jsonl
@@ -103,6 +105,21 @@ def test_cloze_job_from_the_cli_answers_every_chunk_offline(chunks_dir, tmp_path
     assert again["counts"]["out"] == len(rows)
     key = lambda r: (r["book_id"], r["chunk_index"])  # noqa: E731
     assert sorted(outputs.read_table(str(tmp_path / "again")).to_pylist(), key=key) == sorted(rows, key=key)
+
+
+def test_a_glob_input_reads_only_committed_shards(small_chunks, tmp_path):
+    chunks = tmp_path / "chunks"
+    shutil.copytree(small_chunks, chunks)
+    committed = outputs.read_manifest(str(chunks))
+    (shard,) = outputs.list_shards(str(chunks))
+    uncommitted = chunks / "run-99991231T000000000000Z-abcdef"  # a later run that never committed
+    uncommitted.mkdir()
+    shutil.copy(shard, uncommitted / "part-00000-of-00001.parquet")
+    manifest = qa_stage.run(qa_stage.QAConfig(input=f"{chunks}/*/*.parquet", output=str(tmp_path / "qa")))
+    assert manifest["counts"]["in"] == outputs.shard_rows(shard)  # each chunk once
+    assert manifest["tokenizer"] == committed["tokenizer"]
+    with pytest.raises(WrongInput, match="matches no shard of a committed chunk output"):
+        qa_stage.run(qa_stage.QAConfig(input=f"{uncommitted}/*.parquet", output=str(tmp_path / "none")))
 
 
 @pytest.mark.vllm

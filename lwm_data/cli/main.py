@@ -190,8 +190,11 @@ def run_pipeline(
 @app.command()
 def validate(directory: str = typer.Argument(..., help="Any stage's output directory.")) -> None:
     """Check a stage's output against its schema and invariants; exit 1 on any violation."""
+    from lwm_data import outputs
     from lwm_data.cli.validate import validate as run_validate
 
+    with user_errors():
+        outputs.read_manifest(directory)  # no manifest: not a stage's output (exit 2), not an invalid one
     violations = run_validate(directory)
     if violations:
         for name, n in violations.most_common():
@@ -295,12 +298,16 @@ def needle_score(
 ) -> None:
     """Score model responses: print the context-by-depth accuracy grid and write its heatmap."""
     from lwm_data import files, outputs
+    from lwm_data.errors import WrongInput
     from lwm_data.text.needle import accuracy_grid, plot_grid, read_responses, score_rows
 
+    with user_errors():
+        outputs.read_manifest(needles, ("needle",), "--needles")
+        if not files.exists(responses):
+            raise WrongInput(f"no responses file at {responses}")
+        rows = outputs.read_table(needles, ["example_id", "context_length", "depth", "needles", "retrieve"]).to_pylist()
     with files.open(responses) as f:
         answers, bad = read_responses(f.read().decode().splitlines())
-    with user_errors():
-        rows = outputs.read_table(needles, ["example_id", "context_length", "depth", "needles", "retrieve"]).to_pylist()
     scored, missing = score_rows(rows, answers)
     if not scored:
         console.print("[red]no response matches a needle prompt[/red]")

@@ -151,7 +151,8 @@ class Chat(beam.PTransform):
 
 def run(config: ChatStageConfig, beam_args: list[str] | None = None) -> dict:
     """The stand-alone chat job: read chunks and QA | Chat | write; returns its manifest."""
-    recorded = read_manifest(config.chunks).get("tokenizer")
+    recorded = read_manifest(config.chunks, ("chunk",), "--chunks").get("tokenizer")
+    read_manifest(config.qa, ("qa",), "--qa")
     tokenizer = resolve_tokenizer(recorded, config.tokenizer).entry  # fails now, not on a worker
 
     def build(pipeline: beam.Pipeline) -> StageOutput:

@@ -73,7 +73,7 @@ class BookReader:
 
 def read_book_files(pattern: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, stage: str = STAGE) -> ReadFiles:
     """The chunk stage's input: books from the files matching a glob, and the rejected records."""
-    return ReadFiles(pattern, stage, BookReader(stage, max_record_bytes))
+    return ReadFiles(pattern, stage, BookReader(stage, max_record_bytes), "books (JSONL, Parquet or .txt)")
 
 
 def _first_by_position(books: Iterable[Book]) -> list[Book]:

@@ -156,10 +156,13 @@ class TokenizerStep:
 
 class ReadFiles(beam.PTransform):
     """A stage's input files: every file matching a glob, spread over workers, read by `step(path)`,
-    which yields records and Rejections (and counts each as an input record)."""
+    which yields records and Rejections (and counts each as an input record). A glob that matches
+    nothing, or a stage's output directory, is refused here, before the job starts (`reads` says
+    what the stage reads)."""
 
-    def __init__(self, pattern: str, stage: str, step: Callable[[str], Iterable]):
+    def __init__(self, pattern: str, stage: str, step: Callable[[str], Iterable], reads: str):
         super().__init__()
+        outputs.check_input_files(pattern, reads)
         self.pattern = pattern
         self.stage = stage
         self.step = step

@@ -18,6 +18,7 @@ from lwm_data.examples import examples_from_table
 from lwm_data.lwm_format.exporter import to_lwm_record
 from lwm_data.lwm_format.processor import LwmProcessor
 from lwm_data.outputs import Counts
+from lwm_data.pipelines.pack import example_shards
 from lwm_data.tokenizers import resolve_tokenizer
 
 STAGE = "export-lwm"
@@ -29,6 +30,7 @@ def export(input_dir: str, output: str, tokenizer_path: str | None = None) -> Co
 
     The tokenizer is the one the input's manifest names (`tokenizer_path`: a copy of it).
     """
+    example_shards([input_dir])  # refuses an output that holds no examples, saying what to do
     tokenizer = resolve_tokenizer(outputs.read_manifest(input_dir).get("tokenizer"), tokenizer_path)
     processor = LwmProcessor(tokenizer)
     counts = Counts()

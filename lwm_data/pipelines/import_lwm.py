@@ -81,7 +81,7 @@ class LineReader:
 
 def read_lwm_files(pattern: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, stage: str = STAGE) -> ReadFiles:
     """The import stage's input: numbered lines of the files matching a glob, and rejected ones."""
-    return ReadFiles(pattern, stage, LineReader(stage, max_record_bytes))
+    return ReadFiles(pattern, stage, LineReader(stage, max_record_bytes), "LWM JSONL files")
 
 
 class ProcessLines(TokenizerStep):

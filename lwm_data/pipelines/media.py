@@ -278,7 +278,8 @@ class EncodeMedia(beam.PTransform):
 
 
 def read_media(settings: MediaSettings, stage: Stages) -> ReadFiles:
-    return ReadFiles(settings.pattern, stage, MediaReader(settings, Counters(stage)))
+    reads = "media (a manifest, WebDataset .tar shards, or a folder of images and videos)"
+    return ReadFiles(settings.pattern, stage, MediaReader(settings, Counters(stage)), reads)
 
 
 def check_launch(vqgan: VQGANSettings, beam_args: list[str] | None) -> None:

@@ -36,12 +36,13 @@ from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam.io.parquetio import ReadAllFromParquetBatched
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from lwm_data import files
 from lwm_data.config import nested, setting
-from lwm_data.errors import ConfigError, Rejection
-from lwm_data.outputs import DeadLetterPolicy
+from lwm_data.errors import ConfigError, Rejection, WrongInput
+from lwm_data.outputs import DeadLetterPolicy, committed_shards, read_manifest
 from lwm_data.pipelines.common import (
     ERRORS,
     Counters,
@@ -96,7 +97,7 @@ def shell_words(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class QAConfig:
-    input: str = setting(help="A chunk stage's output directory (or a glob of its shards).")
+    input: str = setting(help="A chunk stage's output directory, or a glob of shards (committed ones only are read).")
     output: str = setting(help="Output directory.")
     backend: str = setting("cloze", "vllm (start a local server), openai (--endpoint) or cloze (offline).")
     model: str | None = setting(None, "Model path or name (vllm), served model name (openai).")
@@ -390,12 +391,20 @@ def _is_glob(path: str) -> bool:
 
 def run(config: QAConfig, beam_args: list[str] | None = None) -> dict:
     """The stand-alone QA job: read chunks | QA | write; returns its manifest."""
-    glob = _is_glob(config.input)
-    tokenizer = None if glob else upstream_tokenizer([config.input])  # the chunk stage's
+    shards, directories = committed_shards(config.input) if _is_glob(config.input) else ([], [config.input])
+    if not directories:
+        raise WrongInput(f"{config.input} matches no shard of a committed chunk output")
+    for directory in directories:
+        read_manifest(directory, ("chunk",), STAGE)
+    tokenizer = upstream_tokenizer(directories)  # the chunk stage's
 
     def build(pipeline: beam.Pipeline) -> StageOutput:
-        if glob:
-            chunks = pipeline | "ReadChunks" >> beam.io.ReadFromParquetBatched(config.input, columns=CHUNK_COLUMNS)
+        if shards:
+            chunks = (
+                pipeline
+                | "Shards" >> beam.Create(shards)
+                | "ReadChunks" >> ReadAllFromParquetBatched(columns=CHUNK_COLUMNS)
+            )
         else:
             chunks = pipeline | "ReadChunks" >> ReadStage(config.input, CHUNK_COLUMNS)
         return chunks | "QA" >> QA(config)

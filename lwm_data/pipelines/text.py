@@ -79,7 +79,8 @@ class Text(beam.PTransform):
 
 def run(config: TextConfig, beam_args: list[str] | None = None) -> dict:
     """The stand-alone text job: read chunks | Text | write; returns its manifest."""
-    tokenizer = resolve_tokenizer(read_manifest(config.input).get("tokenizer"), config.tokenizer)
+    recorded = read_manifest(config.input, ("chunk",), "text").get("tokenizer")
+    tokenizer = resolve_tokenizer(recorded, config.tokenizer)
 
     def build(pipeline: beam.Pipeline) -> StageOutput:
         chunks = pipeline | "ReadChunks" >> ReadStage(config.input, CHUNK_COLUMNS)

@@ -92,7 +92,9 @@ class Sequences(beam.PTransform):
 def run(config: SequencesConfig, beam_args: list[str] | None = None) -> dict:
     """The `vision-sequences` job: codes | Sequences | write; `in` = coded items."""
     tokenizer = load_tokenizer(config.tokenizer).entry
-    vqgan = outputs.read_manifest(config.input).get("vqgan")
+    from lwm_data.pipelines import vision_codes  # not at the top: it imports media, which imports this module
+
+    vqgan = outputs.read_manifest(config.input, (vision_codes.STAGE,), STAGE).get("vqgan")
     count = Counters(STAGE)
 
     def rows(table: pa.Table) -> Iterable[CodedItem]:
