@@ -24,7 +24,9 @@ from lwm_data.errors import UserError
 from lwm_data.pipelines.common import check_beam_args
 from lwm_data.pipelines.registry import STAGES, Stage
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
+)  # click's plain help: it wraps help text and never cuts an option name (rich's boxes do at 80 columns)
 console = Console()
 BEAM_OPTIONS = {"allow_extra_args": True, "ignore_unknown_options": True}
 _STANDARD_SECTIONS = {

@@ -60,7 +60,9 @@ _config = inspect.Parameter(
 command.__signature__ = inspect.Signature([_context, _config] + [_flag(o) for o in options()])
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
+)  # plain help: no cut names
 app.callback(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})(command)
 
 

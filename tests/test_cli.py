@@ -1,11 +1,13 @@
-"""Every command, given a missing input or another stage's output, says what is wrong in one line
-(`error: ...`, with what to do) and exits 2: no traceback (lwm_data.errors.UserError)."""
+"""The command line as a user meets it: every command, given a missing input or another stage's
+output, says what is wrong in one line (`error: ...`, with what to do) and exits 2, no traceback
+(lwm_data.errors.UserError); every `--help` is readable in an 80-column terminal."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from lwm_data import config as settings
@@ -13,6 +15,7 @@ from lwm_data.cli.main import app
 from lwm_data.pipelines import chunk, qa
 from lwm_data.pipelines.registry import STAGES
 from lwm_data.testing.books import generate_books, write_books_jsonl
+from lwm_data.train.__main__ import app as train_app
 
 INPUT_OPTIONS = ("input", "chunks", "qa", "haystack")
 VALUES = {"seq_len": "1024", "context_lengths": "1024"}
@@ -88,3 +91,25 @@ def test_tools_say_what_is_missing_or_wrong_in_one_line(args, tmp_path, outputs_
     names = {"missing": tmp_path / "nowhere", "out": tmp_path / "out", "qa": outputs_of["qa"]}
     result = CliRunner().invoke(app, [a.format(**names) for a in args])
     assert_one_line_error(result)
+
+
+COMMANDS = [(app, (name,)) for name in typer.main.get_command(app).commands] + [
+    (train_app, ()),
+    *((train_app, (name,)) for name in typer.main.get_command(train_app).commands),
+]
+
+
+@pytest.mark.parametrize(
+    "cli, command", COMMANDS, ids=[" ".join(("lwm-train",) * (cli is train_app) + c) for cli, c in COMMANDS]
+)
+def test_help_names_every_option_in_full_at_80_columns(cli, command):
+    result = CliRunner().invoke(cli, [*command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output and max(map(len, result.output.splitlines())) <= 80
+    click_command = typer.main.get_command(cli)
+    for name in command:
+        click_command = click_command.commands[name]
+    for parameter in click_command.params:
+        for flag in [*parameter.opts, *parameter.secondary_opts]:
+            if flag.startswith("-"):
+                assert flag in result.output, flag
