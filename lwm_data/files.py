@@ -1,16 +1,23 @@
 """Files on any Beam filesystem (local paths, gs://, s3://, hdfs://, or one a test registers): the
 one place the cores and the storage modules touch Apache Beam, and only its filesystems.
 
-`open` decompresses by suffix (.gz, .zst, ...), as Beam's FileSystems does; `create` writes a new
-file (on object stores, one object appears whole when the handle closes).
+`open` decompresses by suffix (.gz, .zst, ...), as Beam's FileSystems does, except that a .gz or
+.zst stream cut short raises EOFError where Beam's reader would end quietly at the cut; `create`
+writes a new file (on object stores, one object appears whole when the handle closes).
 """
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 from typing import IO, Any
 
+import zstandard
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+
+STREAM_BLOCK_BYTES = 1 << 20
 
 
 def join(*parts: str) -> str:
@@ -27,7 +34,55 @@ def size(path: str) -> int:
 
 
 def open(path: str) -> IO[bytes]:  # noqa: A001 - the module is the namespace: files.open(path)
+    if path.endswith(".gz"):
+        return gzip.GzipFile(fileobj=_raw(path))  # raises EOFError at a cut
+    if path.endswith(".zst"):
+        return io.BufferedReader(_StrictZstd(_raw(path)), STREAM_BLOCK_BYTES)
     return FileSystems.open(path)
+
+
+def _raw(path: str) -> IO[bytes]:
+    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+class _StrictZstd(io.RawIOBase):
+    """A .zst stream (one frame or several) that raises EOFError when its data ends inside a frame."""
+
+    def __init__(self, raw: IO[bytes]):
+        self._raw = raw
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._in_frame = False
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            block = self._raw.read(STREAM_BLOCK_BYTES)
+            if not block:
+                if self._in_frame:
+                    raise EOFError("zstd stream ended inside a frame (a truncated file)")
+                return 0
+            self._pending = self._decompress(block)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame.eof:
+                self._frame = zstandard.ZstdDecompressor().decompressobj()
+            out.append(self._frame.decompress(data))
+            data = self._frame.unused_data if self._frame.eof else b""
+            self._in_frame = not self._frame.eof
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def create(path: str) -> IO[bytes]:

@@ -3,8 +3,8 @@
 `READ_ERRORS` are the failures that make a file unreadable (I/O, decompression, Arrow): a reader
 turns those into one `unreadable_file` rejection and lets anything else propagate, so a bug in a
 parser fails the job instead of hiding as bad input. Files are opened through Beam's filesystems,
-which decompress by suffix (.gz, .zst, ...). Note that a truncated .gz or .zst stream ends early
-without an error; its last line is then usually cut, and rejected as such.
+which decompress by suffix (.gz, .zst, ...); a truncated .gz or .zst stream raises EOFError
+(lwm_data.files), so a cut file is `unreadable_file` after the lines read before the cut.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import zstandard
 
 from lwm_data.errors import Rejection
@@ -70,6 +71,18 @@ def test_unreadable_and_unknown_files_are_one_rejection_each(tmp_path):
     assert _reasons(read_books(str(tmp_path / "broken.jsonl.gz"))) == ["unreadable_file"]
     assert _reasons(read_books(str(tmp_path / "data.bin"))) == ["unknown_format"]
     assert _reasons(read_books(str(tmp_path / "missing.jsonl"))) == ["unreadable_file"]
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_a_truncated_compressed_file_is_unreadable_after_the_lines_before_the_cut(tmp_path, suffix):
+    lines = b"".join(json.dumps({"id": f"b{i}", "text": f"Book {i}. " * 40}).encode() + b"\n" for i in range(3000))
+    whole = gzip.compress(lines) if suffix == ".gz" else zstandard.ZstdCompressor().compress(lines)
+    (tmp_path / f"books.jsonl{suffix}").write_bytes(whole)
+    assert len(list(read_books(str(tmp_path / f"books.jsonl{suffix}")))) == 3000
+    (tmp_path / f"cut.jsonl{suffix}").write_bytes(whole[: len(whole) // 2])
+    items = list(read_books(str(tmp_path / f"cut.jsonl{suffix}")))  # never a cut last line passed as a record
+    assert len(items) < 3000 and all(book.text.startswith("Book") for book in items[:-1])
+    assert _reasons(items) == ["unreadable_file"] and "EOFError" in items[-1].detail
 
 
 def test_oversized_line_is_skipped_without_losing_neighbours(tmp_path):

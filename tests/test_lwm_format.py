@@ -267,7 +267,7 @@ def test_examples_table_round_trip(default_processor):
 
 def test_import_job_dead_letters_bad_lines(tmp_path, default_processor):
     from lwm_data.cli.validate import validate
-    from lwm_data.outputs import read_dead_letters, read_table
+    from lwm_data.outputs import DeadLetterPolicy, read_dead_letters, read_table
     from lwm_data.pipelines import import_lwm
 
     good = [
@@ -287,7 +287,8 @@ def test_import_job_dead_letters_bad_lines(tmp_path, default_processor):
     ]
     path = tmp_path / "lwm.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    manifest = import_lwm.run(import_lwm.ImportConfig(input=str(path), output=str(tmp_path / "out")))
+    config = import_lwm.ImportConfig(input=str(path), output=str(tmp_path / "out"), policy=DeadLetterPolicy(0.6))
+    manifest = import_lwm.run(config)
     counts = manifest["counts"]
     assert (counts["in"], counts["out"], counts["balanced"]) == (7, 3, True)
     assert counts["dead_lettered_by_reason"] == {
