@@ -62,6 +62,19 @@ def test_overrides_and_beam_options_are_told_apart():
         run.split_overrides(["--video.one-vocabulary", "maybe"], run.PIPELINES["video"])
 
 
+def test_each_stage_has_its_own_dead_letter_policy():
+    books = run.PIPELINES["books"]
+    overrides, _ = run.split_overrides(["--chunk.max-dead-fraction", "0.9"], books)
+    configs = run.stage_configs(books, {"output": "o", "chunk": {"input": "b"}, "pack": {"seq_len": 4096}}, overrides)
+    assert {stage: c.policy.max_dead_fraction for stage, c in configs.items()} == {
+        "chunk": 0.9,
+        "qa": 0.5,
+        "chat": 0.5,
+        "text": 0.5,
+        "pack": 0.5,
+    }
+
+
 def test_config_errors_say_what_to_change():
     books = run.PIPELINES["books"]
     base = {"output": "o", "chunk": {"input": "b"}, "pack": {"seq_len": 4096}}
