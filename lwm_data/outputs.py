@@ -160,7 +160,8 @@ def _first_locators(stage: str, reasons: set[str], letters: Iterable[dict]) -> d
     for letter in letters:
         reason = letter.get("reason")
         if letter.get("stage") == stage and reason in reasons and reason not in found:
-            found[reason] = " ".join(str(letter[k]) for k in ("source", "locator") if letter.get(k))
+            source, locator = letter.get("source", ""), letter.get("locator", "")
+            found[reason] = " ".join(str(part) for part in dict.fromkeys((source, locator)) if part)
             if len(found) == len(reasons):
                 break
     return found

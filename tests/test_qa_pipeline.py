@@ -160,7 +160,12 @@ def test_vllm_backend_shares_the_running_server_and_strict_validation_reasks(vll
     pid = vllm_server.pid()
     # lengths: under full constraints the grammar itself would make gibberish pass the strict rules
     config = llm_config(
-        small_chunks, tmp_path / "qa", constraints="lengths", **STRICT_SETTINGS, **vllm_backend(vllm_server)
+        small_chunks,
+        tmp_path / "qa",
+        constraints="lengths",
+        max_dead_fraction=1.0,  # a random-weight model: most chunks end dead-lettered, on purpose
+        **STRICT_SETTINGS,
+        **vllm_backend(vllm_server),
     )
     manifest = qa_stage.run(config)
     rows, letters = assert_each_chunk_once(small_chunks, tmp_path / "qa")

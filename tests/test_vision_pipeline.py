@@ -21,7 +21,7 @@ from lwm_data.pipelines.registry import STAGES
 from tests.media import make_image, make_noise_image, make_tar, make_video
 
 pytestmark = pytest.mark.slow
-FAST = {"random_config": "reduced", "batch_size": 8, "max_frames": 6}
+FAST = {"random_config": "reduced", "batch_size": 8, "max_frames": 6, "max_dead_fraction": 1.0}  # bad media on purpose
 
 
 def run(stage: str, **values) -> dict:
