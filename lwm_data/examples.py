@@ -13,6 +13,7 @@ Kinds:
     video_text  several frames with text
     image_chat  a conversation about one image (LLaVA-style instruction data): weight on the answers
     video_chat  a conversation about a video
+    eval        a long-context eval prompt (weight 0) and its expected answer (weight 1)
 Vision kinds (the last four) are never split by packing (`splittable`).
 
 What makes a row unusable for packing and training is said once, in `problem_masks`: pack
@@ -34,8 +35,9 @@ from lwm_data.schemas import EXAMPLE_SCHEMA
 
 TEXT, CHAT, IMAGE_TEXT, VIDEO_TEXT = "text", "chat", "image_text", "video_text"
 IMAGE_CHAT, VIDEO_CHAT = "image_chat", "video_chat"
+EVAL = "eval"
 VISION_KINDS = frozenset({IMAGE_TEXT, VIDEO_TEXT, IMAGE_CHAT, VIDEO_CHAT})
-KINDS = frozenset({TEXT, CHAT}) | VISION_KINDS
+KINDS = frozenset({TEXT, CHAT, EVAL}) | VISION_KINDS
 SPLITTABLE_KINDS = frozenset({TEXT})
 
 # Why an example row cannot be packed or trained on: reason (its dead letters) -> what validate calls it.

@@ -115,6 +115,35 @@ PACKED_SCHEMA = pa.schema(
     ]
 )
 
+# Long-context eval rows (`lwm-data evalset`, RULER's task families on the user's books): an example
+# (EXAMPLE_SCHEMA's columns, kind "eval": the prompt's tokens with weight 0, then the expected answer's
+# with weight 1, so `pack` makes training-time eval data of them) plus what generation and scoring need.
+EVALSET_SCHEMA = pa.schema(
+    [
+        *EXAMPLE_SCHEMA,
+        pa.field("task", pa.string(), nullable=False),  # niah_single, niah_multikey, ..., book_qa
+        pa.field("context_length", pa.int32(), nullable=False),  # the length asked for
+        pa.field("depth", pa.float32()),  # where the evidence sits, 0 (start) to 1; null: spread out
+        pa.field("prompt", pa.string(), nullable=False),  # the text sent to a model
+        pa.field("prompt_tokens", pa.int32(), nullable=False),  # its length in the tokenizer, BOS included
+        pa.field("answers", pa.list_(pa.string()), nullable=False),  # the expected values
+    ]
+)
+
+# A model's responses to an eval set (`lwm-data eval-run`): what `eval-score` scores, row by row.
+RESPONSES_SCHEMA = pa.schema(
+    [
+        pa.field("example_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("context_length", pa.int32(), nullable=False),
+        pa.field("depth", pa.float32()),
+        pa.field("answers", pa.list_(pa.string()), nullable=False),
+        pa.field("response", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("finish_reason", pa.string()),
+    ]
+)
+
 # Needle-in-a-haystack eval rows.
 NEEDLE_SCHEMA = pa.schema(
     [
