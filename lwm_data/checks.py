@@ -203,3 +203,26 @@ def check_qa_chunks(table: pa.Table, violations: Counter) -> None:
     """Across shards: each chunk is answered at most once."""
     keys = table.group_by(["book_id", "chunk_index"]).aggregate([([], "count_all")])
     violations["chunk answered more than once"] += int((keys["count_all"].to_numpy() > 1).sum())
+
+
+def check_evalset_rows(table: pa.Table, violations: Counter) -> None:
+    """An eval row asks for something and fits its length: answers present and non-empty, the prompt
+    within the example, the example within its context length, weight only after the prompt."""
+    answers = _list_lengths(table, "answers")
+    violations["no expected answers"] += int((answers == 0).sum())
+    if answers.sum():
+        flat = pc.list_flatten(table["answers"].combine_chunks())
+        empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(flat)), 0).to_numpy(zero_copy_only=False)
+        violations["empty expected answer"] += int(empty.sum())
+    num_tokens = table["num_tokens"].to_numpy()
+    prompt = table["prompt_tokens"].to_numpy()
+    violations["num_tokens > context_length"] += int((num_tokens > table["context_length"].to_numpy()).sum())
+    violations["prompt_tokens outside 1..num_tokens - 1"] += int(((prompt < 1) | (prompt >= num_tokens)).sum())
+    depth = table["depth"].to_numpy(zero_copy_only=False)
+    present = ~np.isnan(depth.astype(np.float64))
+    violations["depth outside [0, 1]"] += int(((depth[present] < 0) | (depth[present] > 1)).sum())
+    weights = table["loss_weights"]
+    for i in range(table.num_rows):
+        w = weights[i].values.to_numpy()
+        if len(w) == num_tokens[i] and (w[: prompt[i]].any() or not w[prompt[i] :].all()):
+            violations["loss weight on the prompt or missing on the answer"] += 1

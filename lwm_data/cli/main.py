@@ -1,6 +1,6 @@
 """`lwm-data <stage> ...`: one command per stage, its options derived from the stage's config, and
-the tools around them (validate, stats, export-lwm, needle-score, serve-llm, demo). Arguments a
-stage command does not know are Beam pipeline options and pass through unchanged
+the tools around them (validate, stats, export-lwm, export-ruler, needle-score, eval-score, serve-llm,
+demo). Arguments a stage command does not know are Beam pipeline options and pass through unchanged
 (`--runner DataflowRunner --project ...`)."""
 
 from __future__ import annotations
@@ -329,6 +329,58 @@ def needle_score(
     png = png or f"{responses}.accuracy.png"
     plot_grid(grid, png)
     console.print(f"heatmap: {png}")
+
+
+@app.command("eval-score")
+def eval_score(
+    input: str = typer.Option(..., "--input", help="Output directory of `lwm-data eval-run` (responses)."),
+    output: str = typer.Option(..., "--output", help="Directory for summary.json, scores.jsonl and heatmaps."),
+) -> None:
+    """Score an eval set's responses with RULER's metrics: accuracy per task x length (x depth), RULER's
+    average per length; writes summary.json, scores.jsonl and one heatmap per task."""
+    import json
+
+    from lwm_data import files, outputs
+    from lwm_data.errors import WrongInput
+    from lwm_data.text.evalscore import grids, scored_rows, summary
+    from lwm_data.text.needle import plot_grid
+
+    columns = ["example_id", "task", "context_length", "depth", "answers", "response"]
+    with user_errors():
+        outputs.read_manifest(input, ("eval-run",), "eval-score")
+        rows = outputs.read_table(input, columns).to_pylist()
+        if not rows:
+            raise WrongInput(f"{input} holds no responses")
+    scored = scored_rows(rows)
+    result = summary(scored)
+    files.write_json(files.join(output, "summary.json"), result)
+    with files.create(files.join(output, "scores.jsonl")) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in scored).encode())
+    lengths = list(result["average"])
+    table = Table(title=f"eval accuracy ({len(scored)} responses)")
+    table.add_column("task")
+    for length in lengths:
+        table.add_column(length, justify="right")
+    for task, by_length in result["tasks"].items():
+        table.add_row(task, *(f"{by_length[n]:.3f}" if n in by_length else "-" for n in lengths))
+    table.add_row("average", *(f"{result['average'][n]:.3f}" for n in lengths))
+    console.print(table)
+    for task, grid in grids(scored).items():
+        plot_grid(grid, files.join(output, f"{task}.png"), title=f"{task} accuracy")
+    console.print(f"written to {output}: summary.json, scores.jsonl, {len(result['tasks'])} heatmaps")
+
+
+@app.command("export-ruler")
+def export_ruler(
+    input: str = typer.Option(..., "--input", help="Output directory of `lwm-data evalset`."),
+    output: str = typer.Option(..., "--output", help="Directory for <length>/<task>/validation.jsonl."),
+) -> None:
+    """An eval set in RULER's JSONL layout (`input`, `outputs`, `length`), for RULER's own harness."""
+    from lwm_data.pipelines.evalset import export_ruler as job
+
+    with user_errors():
+        written = job(input, output)
+    console.print(f"{sum(written.values())} prompts in {len(written)} files written to {output}")
 
 
 @app.command("serve-llm", context_settings=BEAM_OPTIONS)

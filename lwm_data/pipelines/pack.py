@@ -317,8 +317,15 @@ def packing_section(config: PackConfig, tokenizer: dict | None) -> Callable[[dic
     return lambda manifest: {"packing": packing_summary(manifest, config.packing.seq_len, sizes)}
 
 
+def holds_examples(schema: pa.Schema) -> bool:
+    """Whether shards of `schema` hold examples: every EXAMPLE_SCHEMA field, as it is there (other
+    columns, such as an eval set's task and answers, are never read by pack)."""
+    return all(schema.get_field_index(f.name) >= 0 and schema.field(f.name).equals(f) for f in EXAMPLE_SCHEMA)
+
+
 def example_shards(directories: Iterable[str]) -> list[str]:
-    """Every shard of the input directories, which must hold examples (EXAMPLE_SCHEMA)."""
+    """Every shard of the input directories, which must hold examples (EXAMPLE_SCHEMA, or a schema with
+    all its fields, such as EVALSET_SCHEMA)."""
     shards = []
     for directory in directories:
         manifest = outputs.read_manifest(directory)
@@ -332,7 +339,7 @@ def example_shards(directories: Iterable[str]) -> list[str]:
         if paths:
             with files.open(paths[0]) as f:
                 schema = pq.read_schema(f)
-            if not schema.equals(EXAMPLE_SCHEMA):
+            if not holds_examples(schema):
                 raise ConfigError(
                     f"{directory} (stage {manifest.get('stage')!r}) does not hold examples (EXAMPLE_SCHEMA)"
                 )

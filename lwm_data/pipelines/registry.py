@@ -28,6 +28,7 @@ from lwm_data.errors import UserError
 from lwm_data.pipelines import (
     chat,
     chunk,
+    evalset,
     image,
     import_lwm,
     needle,
@@ -39,7 +40,15 @@ from lwm_data.pipelines import (
     vision_sequences,
 )
 from lwm_data.pipelines.media import EncodeMedia
-from lwm_data.schemas import CHUNK_SCHEMA, CODES_SCHEMA, EXAMPLE_SCHEMA, NEEDLE_SCHEMA, PACKED_SCHEMA, QA_SCHEMA
+from lwm_data.schemas import (
+    CHUNK_SCHEMA,
+    CODES_SCHEMA,
+    EVALSET_SCHEMA,
+    EXAMPLE_SCHEMA,
+    NEEDLE_SCHEMA,
+    PACKED_SCHEMA,
+    QA_SCHEMA,
+)
 
 
 @dataclass(frozen=True)
@@ -207,6 +216,19 @@ STAGES: dict[str, Stage] = {
             needle.NeedleStageConfig,
             needle.run,
             None,
+        ),
+        Stage(
+            "evalset",
+            "Long-context eval set: RULER's task families on your books at exact lengths (packable as eval data).",
+            "books or chunks (+ QA for `book_qa`)",
+            "eval prompts and answers (`EVALSET_SCHEMA`)",
+            EVALSET_SCHEMA,
+            evalset.EvalsetStageConfig,
+            evalset.run,
+            None,
+            (checks.check_example_rows, checks.check_evalset_rows),
+            (),
+            stats.example_stats,
         ),
     )
 }

@@ -402,7 +402,7 @@ def plot_grid(grid: AccuracyGrid, path: str, title: str = "Needle retrieval accu
         if not np.isnan(value):
             ax.text(i, j, f"{value:.2f}", ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(grid.context_lengths)), [_short_length(n) for n in grid.context_lengths])
-    ax.set_yticks(range(len(grid.depths)), [f"{d:.0%}" for d in grid.depths])
+    ax.set_yticks(range(len(grid.depths)), [f"{d:.0%}" if d == d else "spread" for d in grid.depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
     ax.set_title(title)
