@@ -20,7 +20,7 @@ from lwm_data.train.__main__ import app as train_app
 INPUT_OPTIONS = ("input", "chunks", "qa", "haystack")
 VALUES = {"seq_len": "1024", "context_lengths": "1024"}
 # The stage outputs a stage must not take (a stage of books takes a stage output directory instead)
-WRONG = {"qa": "qa", "text": "qa", "chat": "qa", "vision-sequences": "chunk", "pack": "chunk"}
+WRONG = {"qa": "qa", "text": "qa", "chat": "qa", "vision-sequences": "chunk", "pack": "chunk", "evalset": "qa"}
 
 
 @pytest.fixture(scope="module")
