@@ -28,6 +28,7 @@ from lwm_data.errors import UserError
 from lwm_data.pipelines import (
     chat,
     chunk,
+    eval_run,
     image,
     import_lwm,
     needle,
@@ -39,7 +40,15 @@ from lwm_data.pipelines import (
     vision_sequences,
 )
 from lwm_data.pipelines.media import EncodeMedia
-from lwm_data.schemas import CHUNK_SCHEMA, CODES_SCHEMA, EXAMPLE_SCHEMA, NEEDLE_SCHEMA, PACKED_SCHEMA, QA_SCHEMA
+from lwm_data.schemas import (
+    CHUNK_SCHEMA,
+    CODES_SCHEMA,
+    EXAMPLE_SCHEMA,
+    NEEDLE_SCHEMA,
+    PACKED_SCHEMA,
+    QA_SCHEMA,
+    RESPONSES_SCHEMA,
+)
 
 
 @dataclass(frozen=True)
@@ -207,6 +216,16 @@ STAGES: dict[str, Stage] = {
             needle.NeedleStageConfig,
             needle.run,
             None,
+        ),
+        Stage(
+            "eval-run",
+            "Eval set -> a model's responses to its prompts, from an OpenAI-compatible server.",
+            "eval set",
+            "responses (`RESPONSES_SCHEMA`)",
+            RESPONSES_SCHEMA,
+            eval_run.EvalRunConfig,
+            eval_run.run,
+            eval_run.EvalRun,
         ),
     )
 }
