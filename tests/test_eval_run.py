@@ -107,6 +107,9 @@ class FakeOpenAI:
                 return False
 
             def do_GET(self):
+                if self.path.rstrip("/") != "/v1/models":
+                    self._send(404, {"detail": "Not Found"})
+                    return
                 if self._refused():
                     return
                 self._send(200, {"object": "list", "data": [{"id": "m", "root": "/models/m", "max_model_len": 4096}]})
@@ -264,6 +267,24 @@ def test_failed_requests_are_dead_lettered_with_their_reason_and_the_cache_asks_
     assert not (tmp_path / "none" / "manifest.json").exists()
 
 
+def test_an_empty_prompt_is_dead_lettered_without_a_request(small_evalset, tmp_path):
+    table = outputs.read_table(str(small_evalset))
+    prompts = table["prompt"].to_pylist()
+    prompts[0] = "  "
+    column = table.schema.get_field_index("prompt")
+    table = table.set_column(column, table.schema.field(column), pa.array(prompts))
+    evalset = write_output(tmp_path / "evalset", "evalset", table)
+    with FakeOpenAI(lambda body: (200, "1234567", "stop")) as fake:
+        args = ["--input", evalset, "--output", str(tmp_path / "out"), "--endpoint", fake.url, "--model", "m"]
+        result = eval_run(*args)
+    assert result.exit_code == 0, result.output
+    counts = outputs.read_manifest(str(tmp_path / "out"))["counts"]
+    assert counts["in"] == 4 and counts["out"] == 3 and counts["dead_lettered_by_reason"] == {"empty_prompt": 1}
+    assert len(fake.bodies) == 3
+    (letter,) = outputs.read_dead_letters(str(tmp_path / "out"))
+    assert letter["source"] == table["example_id"][0].as_py()
+
+
 def test_another_stages_output_is_refused_in_one_line(tmp_path):
     chunks = write_output(tmp_path / "chunks", "chunk", CHUNK_SCHEMA.empty_table())
     line = one_line_error(
@@ -290,6 +311,9 @@ def test_endpoint_errors_are_one_line_user_errors(small_evalset, tmp_path, monke
         monkeypatch.setenv("EVAL_KEY", "right")
         line = one_line_error(eval_run(*base, "--endpoint", fake.url, "--model", "gpt-x", "--api-key-env", "EVAL_KEY"))
         assert "does not serve --model 'gpt-x'; it serves ['m']" in line
+        root = fake.url.removesuffix("/v1")
+        line = one_line_error(eval_run(*base, "--endpoint", root, "--model", "m", "--api-key-env", "EVAL_KEY"))
+        assert f"its OpenAI API is at {fake.url}" in line
         assert not fake.bodies
     assert not (tmp_path / "out" / "manifest.json").exists()
 

@@ -54,6 +54,7 @@ from lwm_data.text.llm import (
     SamplingParams,
     ServerUnavailable,
     api_key,
+    http_ok,
 )
 from lwm_data.text.qa import cache_key
 
@@ -126,6 +127,9 @@ def served_models(base_url: str, key: str, timeout_s: float = 30.0) -> list[dict
 def check_server(config: EvalRunConfig) -> dict[str, Any]:
     """The manifest's `server` section: what the endpoint serves under `--model`. A server that does not
     answer, refuses the key or does not serve the model is a ConfigError, before any job starts."""
+    base = config.endpoint.rstrip("/")
+    if not base.endswith("/v1") and http_ok(f"{base}/v1/models", timeout_s=5, also=(401, 403)):
+        raise ConfigError(f"--endpoint {config.endpoint} is a server's root; its OpenAI API is at {base}/v1")
     try:
         Endpoint(config.endpoint, wait_s=config.server_wait).ensure_ready()
     except ServerUnavailable as e:
