@@ -80,14 +80,18 @@ class EvalRunConfig:
     policy: DeadLetterPolicy = nested(DeadLetterPolicy)
 
     def __post_init__(self):
-        if not self.endpoint:
-            raise ConfigError("eval-run needs --endpoint, the base URL of an OpenAI-compatible server (…/v1)")
-        if not self.endpoint.startswith(("http://", "https://")):
+        if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
             raise ConfigError(f"--endpoint must be an http(s) URL like http://127.0.0.1:8000/v1, not {self.endpoint!r}")
-        if not self.model:
-            raise ConfigError("eval-run needs --model, the name the server serves the model under")
         if self.max_tokens < 1 or self.client.concurrency < 1:
             raise ConfigError("max_tokens and concurrency must be at least 1")
+
+    def require_server(self) -> None:
+        """--endpoint and --model are required, and said so after the input is checked (a wrong input
+        is the first thing to hear about)."""
+        if not self.endpoint:
+            raise ConfigError("eval-run needs --endpoint, the base URL of an OpenAI-compatible server (…/v1)")
+        if not self.model:
+            raise ConfigError("eval-run needs --model, the name the server serves the model under")
 
     @property
     def sampling(self) -> SamplingParams:
@@ -274,6 +278,7 @@ class EvalRun(beam.PTransform):
 
     def __init__(self, config: EvalRunConfig, stage: str = STAGE):
         super().__init__()
+        config.require_server()
         self.config = config
         self.stage = stage
 
@@ -295,6 +300,7 @@ class EvalRun(beam.PTransform):
 def run(config: EvalRunConfig, beam_args: list[str] | None = None) -> dict:
     """The stand-alone job: read an eval set | EvalRun | write; returns its manifest."""
     read_manifest(config.input, INPUT_STAGES, STAGE)
+    config.require_server()
     server = check_server(config)
 
     def build(pipeline: beam.Pipeline) -> StageOutput:
