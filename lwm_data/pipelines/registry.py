@@ -28,6 +28,7 @@ from lwm_data.errors import UserError
 from lwm_data.pipelines import (
     chat,
     chunk,
+    eval_run,
     evalset,
     image,
     import_lwm,
@@ -48,6 +49,7 @@ from lwm_data.schemas import (
     NEEDLE_SCHEMA,
     PACKED_SCHEMA,
     QA_SCHEMA,
+    RESPONSES_SCHEMA,
 )
 
 
@@ -229,6 +231,16 @@ STAGES: dict[str, Stage] = {
             (checks.check_example_rows, checks.check_evalset_rows),
             (),
             stats.example_stats,
+        ),
+        Stage(
+            "eval-run",
+            "Eval set -> a model's responses to its prompts, from an OpenAI-compatible server.",
+            "eval set",
+            "responses (`RESPONSES_SCHEMA`)",
+            RESPONSES_SCHEMA,
+            eval_run.EvalRunConfig,
+            eval_run.run,
+            eval_run.EvalRun,
         ),
     )
 }
