@@ -1,14 +1,13 @@
 """`lwm-data eval-run`: an eval set's prompts through an OpenAI-compatible server into RESPONSES_SCHEMA.
 
-The eval sets here are written by hand (`needle_evalset`: RULER's single-needle retrieval prompt over
-synthetic book text, in EVALSET_SCHEMA), since `lwm-data evalset` is built elsewhere. Cheap tests talk
-to a stand-in server (`FakeOpenAI`); the real-model test asks SmolLM2-135M-Instruct on vLLM's CPU build.
+The eval sets are `lwm-data evalset`'s over synthetic books. Cheap tests talk to a stand-in server
+(`FakeOpenAI`); the real-model test asks SmolLM2-135M-Instruct on vLLM's CPU build, then scores the
+responses with `lwm-data eval-score`.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,68 +17,33 @@ import pyarrow.compute as pc
 import pytest
 from typer.testing import CliRunner
 
+from lwm_data import config as settings
 from lwm_data import outputs
 from lwm_data.cli.main import app
 from lwm_data.cli.validate import validate
+from lwm_data.pipelines import evalset
 from lwm_data.schemas import CHUNK_SCHEMA, EVALSET_SCHEMA
-from lwm_data.testing.books import generate_books
-from lwm_data.text.chunking import sentence_end_before
+from lwm_data.testing.books import generate_books, write_books_jsonl
 from lwm_data.text.llm import free_port
-from lwm_data.tokenizers import load_tokenizer
 from tests.fixtures_vllm import SMOLLM2_KEY, SMOLLM2_KEY_VARIABLE
 from tests.helpers import write_output
 
-# RULER's niah template (Hsieh et al. 2024, scripts/data/synthetic/constants.py), one needle.
-NEEDLE = "One of the special magic numbers for {key} is: {value}."
-TEMPLATE = (
-    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
-    "I will quiz you about the numbers afterwards.\n{context}\n"
-    "What is the special magic number for {key} mentioned in the provided text? "
-    "The special magic number for {key} mentioned in the provided text is"
-)
-KEYS = ("harbor", "lantern", "orchard", "meadow", "compass", "saddle", "violet", "thimble")
 
-
-def needle_evalset(directory: Path, lengths: list[int], depths: list[float], seed: int = 0) -> str:
-    """A committed `evalset` output of niah_single rows (one per length x depth): the haystack is
-    synthetic book text cut to about `length` tokens of the embedded tokenizer, the needle inserted
-    after the last sentence end before `depth`."""
-    tokenizer = load_tokenizer()
-    rng = random.Random(seed)
-    text = "\n\n".join(b.text for b in generate_books(2, 4000, seed=seed))
-    ids = tokenizer.encode(text)
-    rows = []
-    for length in lengths:
-        for depth in depths:
-            key, value = rng.choice(KEYS), str(rng.randrange(1_000_000, 10_000_000))
-            needle = NEEDLE.format(key=key, value=value)
-            frame = len(tokenizer.encode(TEMPLATE.format(context=needle, key=key))) + 1  # + BOS
-            haystack = tokenizer.decode(ids[: length - frame])
-            at = sentence_end_before(haystack, int(depth * len(haystack))) if depth < 1 else len(haystack)
-            context = f"{haystack[:at].rstrip()} {needle} {haystack[at:].lstrip()}".strip()
-            prompt = TEMPLATE.format(context=context, key=key)
-            prompt_ids, answer_ids = [1, *tokenizer.encode(prompt)], tokenizer.encode(f" {value}.")
-            tokens = prompt_ids + answer_ids
-            rows.append(
-                {
-                    "example_id": f"niah_single-{length}-{depth}",
-                    "kind": "eval",
-                    "source": "synthetic",
-                    "num_tokens": len(tokens),
-                    "tokens": tokens,
-                    "loss_weights": [0.0] * len(prompt_ids) + [1.0] * len(answer_ids),
-                    "vision_mask": [False] * len(tokens),
-                    "text": prompt + f" {value}.",
-                    "meta": "{}",
-                    "task": "niah_single",
-                    "context_length": length,
-                    "depth": depth,
-                    "prompt": prompt,
-                    "prompt_tokens": len(prompt_ids),
-                    "answers": [value],
-                }
-            )
-    return write_output(directory, "evalset", pa.Table.from_pylist(rows, schema=EVALSET_SCHEMA), tokenizer.entry)
+def needle_evalset(directory: Path, lengths: list[int], depths: list[float], seed: int = 0, tasks: str = "") -> str:
+    """A committed `evalset` output of niah_single rows (one per length x depth; `tasks`: others
+    too) over synthetic books, 32 answer tokens left free."""
+    books = write_books_jsonl(directory.parent / f"{directory.name}-books.jsonl", generate_books(3, 3000, seed=seed))
+    values = {
+        "haystack": str(books),
+        "output": str(directory),
+        "context_lengths": lengths,
+        "depths": depths,
+        "tasks": tasks or "niah_single",
+        "seed": seed,
+        "answer_tokens": 32,
+    }
+    evalset.run(settings.build(evalset.EvalsetStageConfig, values))
+    return str(directory)
 
 
 class FakeOpenAI:
@@ -159,10 +123,10 @@ def one_line_error(result) -> str:
 @pytest.fixture(scope="module")
 def small_evalset(tmp_path_factory) -> Path:
     """Four ~300-token needle prompts (2 depths x 2 lengths): cheap for the stand-in server."""
-    return Path(needle_evalset(tmp_path_factory.mktemp("evalset") / "evalset", [200, 300], [0.25, 0.75], seed=3))
+    return Path(needle_evalset(tmp_path_factory.mktemp("evalset") / "evalset", [250, 300], [0.25, 0.75], seed=3))
 
 
-def test_the_hand_made_evalset_is_an_evalset(small_evalset):
+def test_the_evalset_is_what_the_tests_expect(small_evalset):
     table = outputs.read_table(str(small_evalset))
     rows = table.to_pylist()
     assert len(rows) == 4 and table.schema.equals(EVALSET_SCHEMA)
@@ -224,15 +188,16 @@ def test_failed_requests_are_dead_lettered_with_their_reason_and_the_cache_asks_
 ):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
 
+    table = outputs.read_table(str(small_evalset), ["prompt", "context_length"])
+    too_long = set(table.filter(pc.field("context_length") == 300)["prompt"].to_pylist())
+
     def reply(body):
-        prompt = body["messages"][0]["content"]
-        if "compass" in prompt or "saddle" in prompt:  # the keys of some rows
-            return 400, "This model's maximum context length is 64 tokens", None
+        if body["messages"][0]["content"] in too_long:
+            return 400, "This model's maximum context length is 256 tokens", None
         return 200, "1234567", "stop"
 
-    prompts = outputs.read_table(str(small_evalset), ["prompt"])["prompt"].to_pylist()
-    failing = sum("compass" in p or "saddle" in p for p in prompts)
-    assert 0 < failing < len(prompts)
+    failing = len(too_long)
+    assert 0 < failing < table.num_rows
     output, cache = tmp_path / "responses", tmp_path / "cache"
     common = ["--input", str(small_evalset), "--endpoint", "", "--model", "m", "--cache", str(cache)]
     common += ["--max-retries", "0", "--max-recoveries", "0", "--max-dead-fraction", "1"]
@@ -321,14 +286,11 @@ def test_endpoint_errors_are_one_line_user_errors(small_evalset, tmp_path, monke
 # --- a real model -----------------------------------------------------------------------------------
 
 
-def contains_answer(row: dict) -> bool:
-    """RULER's string containment (its niah metric), for one row: every expected value in the response."""
-    return all(value.lower() in row["response"].lower() for value in row["answers"])
-
-
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_smollm2_answers_single_needle_prompts_at_1k_and_2k(smollm2_server, tmp_path, monkeypatch):
+def test_smollm2_answers_single_needle_prompts_at_1k_and_2k_and_eval_score_scores_them(
+    smollm2_server, tmp_path, monkeypatch
+):
     monkeypatch.setenv(SMOLLM2_KEY_VARIABLE, SMOLLM2_KEY)
     evalset = needle_evalset(tmp_path / "evalset", [1024, 2048], [0.1, 0.5, 0.9], seed=1)
     output = tmp_path / "responses"
@@ -346,6 +308,10 @@ def test_smollm2_answers_single_needle_prompts_at_1k_and_2k(smollm2_server, tmp_
     assert manifest["stats"]["prompt_tokens"] >= 3 * (900 + 1800)  # the model's own tokenizer counts about as many
     for row in sorted(rows, key=lambda r: r["example_id"]):  # shown with -s, or on failure
         print(row["example_id"], row["answers"], repr(row["response"]), row["finish_reason"])
-    at_1k = [r for r in rows if r["context_length"] == 1024]
-    assert any(contains_answer(r) for r in at_1k), [(r["answers"], r["response"]) for r in rows]
     assert SMOLLM2_KEY not in (output / "manifest.json").read_text()
+    scored = CliRunner().invoke(app, ["eval-score", "--input", str(output), "--output", str(tmp_path / "scores")])
+    assert scored.exit_code == 0, scored.output
+    summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
+    assert set(summary["tasks"]) == {"niah_single"} and set(summary["average"]) == {"1024", "2048"}
+    assert summary["tasks"]["niah_single"]["1024"] > 0, [(r["answers"], r["response"]) for r in rows]
+    assert (tmp_path / "scores" / "niah_single.png").exists() and "niah_single" in scored.output
