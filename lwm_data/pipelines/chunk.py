@@ -42,7 +42,7 @@ from lwm_data.reading import DEFAULT_MAX_RECORD_BYTES
 from lwm_data.schemas import CHUNK_SCHEMA
 from lwm_data.text.books import Book, read_books
 from lwm_data.text.chunking import Chunk as ChunkSpan
-from lwm_data.text.chunking import cut_chunks
+from lwm_data.text.chunking import cut_chunks, utf8_offsets
 from lwm_data.tokenizers import TokenizedText, load_tokenizer
 
 STAGE = "chunk"
@@ -194,17 +194,22 @@ class TokenizeAndChunk(TokenizerStep):
 
 
 class _ChunkColumns:
-    """Column buffers for CHUNK_SCHEMA; token lists are built from offsets, not per-token Python."""
+    """Column buffers for CHUNK_SCHEMA. Token lists and texts are built from offsets into each book's
+    ids and UTF-8 bytes, not from a Python object per token or per chunk text."""
 
     def __init__(self):
-        self.rows: dict[str, list] = {name: [] for name in CHUNK_SCHEMA.names if name != "tokens"}
+        self.rows: dict[str, list] = {name: [] for name in CHUNK_SCHEMA.names if name not in ("tokens", "text")}
         self.token_arrays: list[np.ndarray] = []
-        self.token_offsets: list[np.ndarray] = [np.zeros(1, np.int32)]
+        self.token_offsets: list[np.ndarray] = [np.zeros(1, np.int64)]
+        self.text_bytes: list[bytes] = []
+        self.text_offsets: list[np.ndarray] = [np.zeros(1, np.int64)]
         self.num_rows = 0
         self.num_chars = 0
         self._total_tokens = 0
+        self._total_bytes = 0
 
     def add(self, book: Book, ids: np.ndarray, chunks: list[ChunkSpan]) -> None:
+        """A book's chunks, which cover its text in order (as `cut_chunks` makes them)."""
         rows = self.rows
         for c in chunks:
             rows["book_id"].append(book.book_id)
@@ -214,19 +219,25 @@ class _ChunkColumns:
             rows["char_start"].append(c.char_start)
             rows["char_end"].append(c.char_end)
             rows["num_tokens"].append(c.token_end - c.token_start)
-            rows["text"].append(book.text[c.char_start : c.char_end])
-        ends = np.fromiter((c.token_end for c in chunks), np.int64, len(chunks))
-        self.token_offsets.append((ends + self._total_tokens).astype(np.int32))
+        token_ends = np.fromiter((c.token_end for c in chunks), np.int64, len(chunks))
+        self.token_offsets.append(token_ends + self._total_tokens)
         self.token_arrays.append(ids)
+        data = book.text.encode()
+        char_ends = np.fromiter((c.char_end for c in chunks), np.int64, len(chunks))
+        self.text_offsets.append(utf8_offsets(data, char_ends) + self._total_bytes)
+        self.text_bytes.append(data)
         self._total_tokens += len(ids)
+        self._total_bytes += len(data)
         self.num_rows += len(chunks)
         self.num_chars += len(book.text)
 
     def to_table(self) -> pa.Table:
-        tokens = pa.ListArray.from_arrays(
-            pa.array(np.concatenate(self.token_offsets)), pa.array(np.concatenate(self.token_arrays))
-        )
-        arrays = [tokens if f.name == "tokens" else pa.array(self.rows[f.name], f.type) for f in CHUNK_SCHEMA]
+        offsets = np.concatenate(self.token_offsets).astype(np.int32)
+        tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(self.token_arrays)))
+        data, text_offsets = pa.py_buffer(b"".join(self.text_bytes)), pa.py_buffer(np.concatenate(self.text_offsets))
+        text = pa.LargeStringArray.from_buffers(self.num_rows, text_offsets, data).cast(pa.string())
+        built = {"tokens": tokens, "text": text}
+        arrays = [built[f.name] if f.name in built else pa.array(self.rows[f.name], f.type) for f in CHUNK_SCHEMA]
         return pa.Table.from_arrays(arrays, schema=CHUNK_SCHEMA)
 
 
