@@ -38,6 +38,22 @@ from lwm_data.tokenizers import load_tokenizer
 RAW_GOAL = 1.15
 MEMORY_GOAL = 1.1
 PEER_GOAL = 1.2
+# A process's own peak, written at exit: its RSS high-water mark since exec (VmHWM), or a child's.
+# Not wait4's ru_maxrss, which counts the launching process's memory from before the exec.
+PEAK = """
+import atexit, os, resource
+def _peak():
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with open(os.environ["PEAK_FILE"], "w") as f:
+        f.write(str(max(hwm, children)))
+atexit.register(_peak)
+"""
+CHUNK_CLI = """
+import runpy, sys
+sys.argv[0] = "lwm-data"
+runpy.run_module("lwm_data.cli", run_name="__main__")
+"""
 DATATROVE = """
 import os, sys
 from datatrove.executor import LocalPipelineExecutor
@@ -66,23 +82,27 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
 
 
 def run_process(command: list[str], scratch: list[Path]) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds and peak RSS (GB) of a whole process, after removing `scratch`."""
+    """Wall seconds, CPU seconds and peak RSS (GB) of a whole Python process (`command`: python, -c,
+    a script, its arguments), after removing `scratch`."""
     for path in scratch:
         shutil.rmtree(path, ignore_errors=True)
-    with tempfile.TemporaryFile() as log:
+    python, flag, script, *args = command
+    with tempfile.TemporaryFile() as log, tempfile.NamedTemporaryFile() as peak:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, "PEAK_FILE": peak.name}
+        process = subprocess.Popen([python, flag, PEAK + script, *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - start
         process.returncode = os.waitstatus_to_exitcode(status)
         if process.returncode:
             log.seek(0)
-            sys.exit(f"{Path(command[0]).name} failed:\n{log.read().decode(errors='replace')[-3000:]}")
-    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
+            sys.exit(f"{Path(python).name} failed:\n{log.read().decode(errors='replace')[-3000:]}")
+        peak_gb = int(Path(peak.name).read_text()) / 1e6  # KiB
+    return seconds, usage.ru_utime + usage.ru_stime, peak_gb
 
 
 def chunk_command(corpus: Path, output: Path, tokenizer: str | None = None) -> list[str]:
-    command = [sys.executable, "-m", "lwm_data.cli", "chunk", "--input", str(corpus), "--output", str(output)]
+    command = [sys.executable, "-c", CHUNK_CLI, "chunk", "--input", str(corpus), "--output", str(output)]
     return command + (["--tokenizer", tokenizer] if tokenizer else [])
 
 
