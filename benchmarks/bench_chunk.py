@@ -9,8 +9,8 @@ returning numpy ids: the floor for any job that must tokenize the text. Job = `c
 JSONL file in this process (read, parse, normalise, deduplicate, tokenize with offsets, cut, write
 Parquet, manifest). Raw and job alternate; medians. Goal: job <= 1.15x raw.
 
-Memory: the job as a whole process (`python -m lwm_data.cli chunk`), peak RSS, at --small-mb and
---mb. Goal: flat in corpus size (the larger corpus <= 1.1x the smaller one's peak).
+Memory: the job as a whole process (the `lwm-data chunk` command), peak RSS, at --small-mb and --mb.
+Goal: flat in corpus size (the larger corpus <= 1.1x the smaller one's peak).
 
 Peer (only with --datatrove-python, a Python with datatrove installed): with a Hugging Face
 tokenizer.json (--hf-tokenizer, default SmolLM2's), whole processes alternating, medians: our chunk
