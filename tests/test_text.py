@@ -12,6 +12,7 @@ from lwm_data.text.chunking import (
     cut_chunks,
     looks_binary,
     normalize_text,
+    utf8_offsets,
 )
 from lwm_data.tokenizers import load_tokenizer
 
@@ -102,3 +103,9 @@ def test_no_empty_last_chunk_when_the_text_ends_in_byte_fallback_pieces(tokenize
         chunks = cut_chunks(text, tokenized, size)
         assert all(c.token_end > c.token_start and c.char_end > c.char_start for c in chunks)
         assert "".join(_pieces(text, chunks)) == text and chunks[-1].token_end == len(tokenized.ids)
+
+
+def test_utf8_offsets_of_character_offsets():
+    text = "a\u00e9\u4e16\U0001f600b"
+    chars = np.arange(len(text) + 1)
+    assert utf8_offsets(text.encode(), chars).tolist() == [len(text[:c].encode()) for c in chars]

@@ -205,3 +205,28 @@ def test_downstream_stages_refuse_chunks_from_another_tokenizer(chunks_dir, tmp_
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "is not the one that made this input's tokens" in result.output
     assert not (tmp_path / "chat").exists()
+
+
+def test_hf_byte_level_offsets_summed_from_ids_match_the_tracked_ones(smollm2, tmp_path):
+    from tokenizers import Tokenizer, normalizers
+
+    from lwm_data.tokenizers.text import _hf_char_ends
+
+    texts = [
+        *MIXED,
+        "a   b\t\t\n\n\n  \r\n x",
+        "<|endoftext|>x<|im_start|> user\n<|im_end|>",
+        "e\u0301 \U0001f468\u200d\U0001f469",
+    ]
+    tok = load_tokenizer(str(smollm2))
+    assert tok._piece_bytes is not None  # SmolLM2's tokenizer takes the summed path
+    tracked = tok._tok.encode_batch(texts, add_special_tokens=False)
+    for summed, encoding in zip(tok.encode_with_offsets(texts), tracked):
+        assert summed.ids.tolist() == encoding.ids
+        assert summed.char_ends.tolist() == _hf_char_ends(encoding.offsets).tolist()
+
+    normalised = Tokenizer.from_file(str(smollm2 / "tokenizer.json"))
+    normalised.normalizer = normalizers.NFKC()
+    (tmp_path / "nfkc").mkdir()
+    normalised.save(str(tmp_path / "nfkc" / "tokenizer.json"))
+    assert load_tokenizer(str(tmp_path / "nfkc"))._piece_bytes is None  # offsets tracked by `tokenizers`

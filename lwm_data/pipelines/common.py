@@ -12,9 +12,10 @@ stage's output: books | Chunk | QA | Chat | ... (see `lwm_data.recipes.books`).
 
 Per-record work is a *step*: a plain object, called with one element, that yields outputs and
 `Rejection`s or raises one, with an optional `setup()` run once per worker (to load a model; the
-steps that need the text tokenizer derive from `TokenizerStep`). `route(stage, step)` is the one
-DoFn that runs steps: outputs go to its main output `out`, each Rejection becomes a dead letter on
-`errors`, counted as `dead_lettered.<reason>`.
+steps that need the text tokenizer derive from `TokenizerStep`), an optional `finish()` that yields
+what it still holds at the end of a bundle (work in flight), and an optional `teardown()`.
+`route(stage, step)` is the one DoFn that runs steps: outputs go to its main output `out`, each
+Rejection becomes a dead letter on `errors`, counted as `dead_lettered.<reason>`.
 
 Counters are Beam metrics in the stage's own namespace, `lwm_data.<stage>`, so stages fused into
 one pipeline keep their counts apart and each gets a balanced manifest:
@@ -48,6 +49,9 @@ from apache_beam.io.parquetio import ReadAllFromParquetBatched
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from lwm_data import files, outputs
 from lwm_data.errors import ConfigError, Rejection
@@ -125,6 +129,10 @@ class _Route(beam.DoFn):
         if hasattr(self.step, "setup"):
             self.step.setup()
 
+    def teardown(self) -> None:
+        if hasattr(self.step, "teardown"):
+            self.step.teardown()
+
     def process(self, element: Any) -> Iterable:
         try:
             for item in self.step(element):
@@ -132,9 +140,23 @@ class _Route(beam.DoFn):
         except Rejection as rejection:
             yield self._letter(rejection)
 
+    def finish_bundle(self) -> Iterable:
+        """What a step held back across elements (work still in flight): its `finish()`."""
+        if hasattr(self.step, "finish"):
+            for item in self.step.finish():
+                if isinstance(item, Rejection):
+                    letter = self._letter(item)
+                    yield beam.pvalue.TaggedOutput(letter.tag, _in_global_window(letter.value))
+                else:
+                    yield _in_global_window(item)
+
     def _letter(self, rejection: Rejection) -> beam.pvalue.TaggedOutput:
         self.count(f"dead_lettered.{rejection.reason}")
         return beam.pvalue.TaggedOutput(ERRORS, rejection.dead_letter(self.stage).to_json())
+
+
+def _in_global_window(value: Any) -> WindowedValue:
+    return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
 
 
 def route(stage: Stages, step: Callable[[Any], Iterable], *tags: str) -> beam.ParDo:
@@ -154,27 +176,37 @@ class TokenizerStep:
         self.tokenizer = resolve_tokenizer(self.tokenizer_entry)
 
 
-class ReadFiles(beam.PTransform):
-    """A stage's input files: every file matching a glob, spread over workers, read by `step(path)`,
-    which yields records and Rejections (and counts each as an input record). A glob that matches
-    nothing, or a stage's output directory, is refused here, before the job starts (`reads` says
-    what the stage reads)."""
+class FilePaths(beam.PTransform):
+    """The path of every file matching a glob, spread over workers. A glob that matches nothing, or
+    a stage's output directory, is refused here, before the job starts (`reads` says what the stage
+    reads)."""
 
-    def __init__(self, pattern: str, stage: str, step: Callable[[str], Iterable], reads: str):
+    def __init__(self, pattern: str, reads: str):
         super().__init__()
         outputs.check_input_files(pattern, reads)
         self.pattern = pattern
-        self.stage = stage
-        self.step = step
 
-    def expand(self, pbegin: beam.pvalue.PBegin) -> ReadOutput:
-        read = (
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        return (
             pbegin
             | "Match" >> fileio.MatchFiles(self.pattern)
             | "Paths" >> beam.Map(lambda m: m.path)
             | "SpreadFiles" >> beam.Reshuffle()
-            | "Read" >> route(self.stage, self.step)
         )
+
+
+class ReadFiles(beam.PTransform):
+    """A stage's input files (`FilePaths`), read by `step(path)`, which yields records and
+    Rejections (and counts each as an input record)."""
+
+    def __init__(self, pattern: str, stage: str, step: Callable[[str], Iterable], reads: str):
+        super().__init__()
+        self.files = FilePaths(pattern, reads)
+        self.stage = stage
+        self.step = step
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> ReadOutput:
+        read = pbegin | "Files" >> self.files | "Read" >> route(self.stage, self.step)
         return ReadOutput(read.out, read[ERRORS])
 
 

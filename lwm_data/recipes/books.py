@@ -1,8 +1,8 @@
 """`run books`: books to packed long-context rows in ONE Beam pipeline, composed from the stage transforms:
 
-    books --ReadBooks--> Chunk --+--> QA --+--> Chat --+
-                                 |         |           +--(shard paths)--> Pack
-                                 +---------+--> Text --+
+    book files --Chunk--+--> QA --+--> Chat --+
+                        |         |           +--(shard paths)--> Pack
+                        +---------+--> Text --+
 
 Every stage writes its own output directory with its own balanced manifest (each stage counts in
 its own namespace). Pack reads its inputs back by path, so chat's and text's written shards are
@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from lwm_data.pipelines import chat, chunk, pack, qa, text
-from lwm_data.pipelines.common import Job, StageOutput, merge_errors
+from lwm_data.pipelines.common import Job
 from lwm_data.recipes.common import Upstream, finish_with_pack
 from lwm_data.schemas import CHUNK_SCHEMA, EXAMPLE_SCHEMA, QA_SCHEMA
 from lwm_data.tokenizers import load_tokenizer
@@ -46,14 +46,12 @@ def job(configs: dict[str, Any], beam_args: list[str] | None = None, keep_interm
     chunk_config = configs[chunk.STAGE]
     tokenizer = load_tokenizer(chunk_config.tokenizer).entry
     job = Job(beam_args)
-    books = job.pipeline | "ReadBooks" >> chunk.read_book_files(chunk_config.input, chunk_config.max_record_bytes)
-    chunks = books.records | "Chunk" >> chunk.Chunk(chunk_config, tokenizer)
+    chunks = job.pipeline | "Chunk" >> chunk.Chunk(chunk_config, tokenizer)
     pairs = chunks.rows | "QA" >> qa.QA(configs[qa.STAGE])
     chats = {"chunks": chunks.rows, "qa": pairs.rows} | "Chat" >> chat.Chat(configs[chat.STAGE], tokenizer)
     texts = chunks.rows | "Text" >> text.Text(tokenizer)
-    chunk_output = StageOutput(chunks.rows, merge_errors(books.errors, chunks.errors))
     upstream = [
-        Upstream(chunk.STAGE, chunk_config, chunk_output, CHUNK_SCHEMA),
+        Upstream(chunk.STAGE, chunk_config, chunks, CHUNK_SCHEMA),
         Upstream(qa.STAGE, configs[qa.STAGE], pairs, QA_SCHEMA),
         Upstream(chat.STAGE, configs[chat.STAGE], chats, EXAMPLE_SCHEMA),
         Upstream(text.STAGE, configs[text.STAGE], texts, EXAMPLE_SCHEMA),

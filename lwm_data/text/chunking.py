@@ -70,6 +70,12 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def utf8_offsets(data: bytes, chars: np.ndarray) -> np.ndarray:
+    """The byte offset in `data` (UTF-8) of each character offset in `chars` (0..number of characters)."""
+    char_starts = np.flatnonzero((np.frombuffer(data, np.uint8) & 0xC0) != 0x80)
+    return np.append(char_starts, len(data))[chars]
+
+
 def sentence_end_before(text: str, position: int) -> int:
     """The largest i <= position right after a sentence end (see the module docstring); 0 if none."""
     i = position

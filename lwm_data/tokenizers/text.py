@@ -20,6 +20,7 @@ an error that says what to pass, never a silent switch.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -103,8 +104,8 @@ class SentencePieceTokenizer:
         return self._sp.encode(text)
 
     def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[np.ndarray]:
-        ids = self._sp.encode(texts, num_threads=num_threads)
-        return [np.asarray(x, dtype=np.int32) for x in ids]
+        """Read-only int32 arrays straight from SentencePiece's buffers (no Python int per token)."""
+        return self._sp.encode(texts, num_threads=num_threads, return_type="numpy")
 
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -114,16 +115,9 @@ class SentencePieceTokenizer:
         out = []
         for i, text in enumerate(texts):
             data = text.encode()
-            fast = ids_list is not None and self._fast_offsets(ids_list[i], data)
+            fast = ids_list is not None and _summed_offsets(ids_list[i], data, self._piece_bytes, self._dummy_prefix)
             out.append(fast or self._proto_offsets(text, data))
         return out
-
-    def _fast_offsets(self, ids: np.ndarray, data: bytes) -> TokenizedText | None:
-        byte_ends = np.cumsum(self._piece_bytes[ids]) - self._dummy_prefix
-        if len(ids) and byte_ends[-1] != len(data):
-            return None  # e.g. an unknown piece: its byte length is not in the table
-        byte_ends = np.maximum(byte_ends, 0)
-        return TokenizedText(ids, _char_index_of_byte(data)[byte_ends])
 
     def _proto_offsets(self, text: str, data: bytes) -> TokenizedText:
         pieces = self._sp.encode(text, return_type="proto").pieces
@@ -147,6 +141,33 @@ class HuggingFaceTokenizer:
             config or {}, self._tok.token_to_id, added_before, added_after[-1] if added_after else None
         )
         self.entry = _entry(self)
+        self._piece_bytes = self._byte_level_table(json.loads(json_bytes))
+
+    def _byte_level_table(self, config: dict[str, Any]) -> np.ndarray | None:
+        """Byte length of every token in the input, when offsets can be summed from ids alone.
+
+        That holds for byte-level BPE (GPT-2, SmolLM, LLaMA 3, Qwen) with no normaliser: every
+        model token is the input's bytes, one alphabet character each, and added tokens are matched
+        as written. Anything else (normalisers, prefix spaces, trimmed or stripped offsets) keeps
+        the offsets `tokenizers` tracks, which cost a Python tuple per token.
+        """
+        if config.get("normalizer") or not _byte_level_pre_tokenizer(config.get("pre_tokenizer")):
+            return None
+        if not _offsets_untouched(config.get("post_processor")) or config["model"].get("type") != "BPE":
+            return None
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        alphabet = set(ByteLevel.alphabet())
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, token_id in self._tok.get_vocab(with_added_tokens=False).items():
+            if not alphabet.issuperset(token):
+                return None
+            lengths[token_id] = len(token)
+        for token_id, added in self._tok.get_added_tokens_decoder().items():
+            if added.lstrip or added.rstrip:
+                return None
+            lengths[token_id] = len(added.content.encode())
+        return lengths
 
     def _post_processor_tokens(self) -> tuple[list[int], list[int]]:
         """The ids the post-processor puts before and after a sequence (`add_special_tokens`)."""
@@ -161,15 +182,56 @@ class HuggingFaceTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[np.ndarray]:
-        encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+        encodings = self._tok.encode_batch_fast(texts, add_special_tokens=False)  # ids only: no offsets tracked
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def encode_with_offsets(self, texts: list[str], num_threads: int = -1) -> list[TokenizedText]:
+        if self._piece_bytes is not None:
+            summed = [
+                _summed_offsets(ids, t.encode(), self._piece_bytes) for ids, t in zip(self.encode_batch(texts), texts)
+            ]
+            if all(summed):
+                return summed
         encodings = self._tok.encode_batch(texts, add_special_tokens=False)
         return [TokenizedText(np.asarray(e.ids, dtype=np.int32), _hf_char_ends(e.offsets)) for e in encodings]
+
+
+_SPLITTERS = ("Split", "Digits")  # pre-tokenizers that only split (unless told to remove what they match)
+
+
+def _byte_level_pre_tokenizer(config: dict[str, Any] | None) -> bool:
+    """ByteLevel without an added prefix space, alone or with splitters: the input's bytes, all of them."""
+    if not config:
+        return False
+    parts = config["pretokenizers"] if config["type"] == "Sequence" else [config]
+    byte_level = [p for p in parts if p["type"] == "ByteLevel"]
+    others = [p for p in parts if p["type"] != "ByteLevel"]
+    only_split = all(p["type"] in _SPLITTERS and p.get("behavior") != "Removed" for p in others)
+    return len(byte_level) == 1 and not byte_level[0].get("add_prefix_space") and only_split
+
+
+def _offsets_untouched(config: dict[str, Any] | None) -> bool:
+    """A post-processor that leaves offsets as they are when no special tokens are added."""
+    if config is None or config["type"] == "TemplateProcessing":
+        return True
+    if config["type"] == "ByteLevel":
+        return not config.get("trim_offsets", True)
+    return config["type"] == "Sequence" and all(_offsets_untouched(p) for p in config["processors"])
+
+
+def _summed_offsets(
+    ids: np.ndarray, data: bytes, piece_bytes: np.ndarray, dummy_prefix: int = 0
+) -> TokenizedText | None:
+    """Offsets from each token's byte length in the input (`piece_bytes[id]`), or None when they do
+    not add up to the input (e.g. an unknown piece: its length is not in the table)."""
+    byte_ends = np.cumsum(piece_bytes[ids]) - dummy_prefix
+    if len(ids) and byte_ends[-1] != len(data):
+        return None
+    byte_ends = np.maximum(byte_ends, 0)
+    return TokenizedText(ids, _char_index_of_byte(data)[byte_ends])
 
 
 def _hf_char_ends(offsets: list[tuple[int, int]]) -> np.ndarray:
