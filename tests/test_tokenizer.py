@@ -192,19 +192,17 @@ def test_downstream_stages_refuse_chunks_from_another_tokenizer(chunks_dir, tmp_
     from lwm_data.cli.main import app
 
     args = [
-        "chat",
-        "--chunks",
-        str(chunks_dir),
-        "--qa",
+        "text",
+        "--input",
         str(chunks_dir),
         "--output",
-        str(tmp_path / "chat"),
+        str(tmp_path / "text"),
         "--tokenizer",
         str(llama2_tokenizer_path),
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "is not the one that made this input's tokens" in result.output
-    assert not (tmp_path / "chat").exists()
+    assert not (tmp_path / "text").exists()
 
 
 def test_hf_byte_level_offsets_summed_from_ids_match_the_tracked_ones(smollm2, tmp_path):
