@@ -43,6 +43,8 @@ chunks), and a haystack too short for a length is a ConfigError, never a loop.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import random
 import re
@@ -226,8 +228,9 @@ def fit_haystack(
     """The prompt `render(context)` whose context is the longest haystack prefix (cut at a sentence end)
     with `lines` inserted at `depths` such that BOS + prompt fits in `target` tokens. The haystack's own
     offsets measure the budget; the prompt is encoded once when the estimate holds (it allows a few
-    tokens per joint), again only after an overshoot."""
-    joints = 2 * len(lines) + 4
+    tokens per joint, and 1 in 10,000 for the haystack's own joins, which add up at 1M), again only
+    after an overshoot."""
+    joints = 2 * len(lines) + 4 + target // 10_000
     fixed = len(bos_prefix(tokenizer)) + len(tokenizer.encode(render("")))
     fixed += sum(len(tokenizer.encode(f"\n{line}\n")) for line in lines)
     budget = target - fixed - joints
@@ -411,6 +414,20 @@ def vocabulary(text: str, limit: int = 1 << 20) -> list[str]:
     return list(dict.fromkeys(WORD_RE.findall(text[:limit].lower())))
 
 
+def list_entries(tokenizer: TextTokenizer, words: Sequence[str], budget: int) -> int:
+    """About how many numbered entries `1. w 2. w ...` fit in `budget` tokens: each number of digits
+    has its cost, measured on a sample, so a 1M-token list is sized without encoding it."""
+    count, used, digits = 0, 0.0, 1
+    while True:
+        first = 10 ** (digits - 1)
+        sample = [f"{i}. {w}" for i, w in zip(range(first, first + 200), itertools.cycle(words))]
+        cost = len(tokenizer.encode(" ".join(sample))) / len(sample)
+        span = 10**digits - first
+        if used + span * cost >= budget:
+            return count + int((budget - used) / cost)
+        count, used, digits = count + span, used + span * cost, digits + 1
+
+
 def common_words_row(
     words: Sequence[str],
     tokenizer: TextTokenizer,
@@ -452,7 +469,14 @@ def common_words_row(
         context = " ".join(f"{i}. {w}" for i, w in enumerate(entries, start=1))
         return CWE_TEMPLATE.format(context=context)
 
-    units, fitted = fit_count(tokenizer, target, render, max(1, target // 6 - num_common * freq_common), 1)
+    def entries(units: int) -> int:
+        _, counts, f_c = layout(units)
+        return num_common * f_c + sum(counts)
+
+    fixed = len(tokenizer.encode(CWE_TEMPLATE.format(context=""))) + len(bos_prefix(tokenizer))
+    wanted = list_entries(tokenizer, pool, target - fixed)
+    guess = bisect.bisect_left(range(1, wanted + 1), wanted, key=entries) + 1  # the units whose list has `wanted`
+    units, fitted = fit_count(tokenizer, target, render, guess, 1)
     uncommon, counts, f_c = layout(units)
     meta = {"freq_common": f_c, "freq_uncommon": max(counts), "num_uncommon": len(uncommon)}
     return eval_row(
