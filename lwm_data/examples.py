@@ -49,6 +49,18 @@ EXAMPLE_PROBLEMS = {
 }
 
 
+def eval_example_id(task: str, context_length: int, depth: float | None, sample: int) -> str:
+    """An eval row's id, `task-length[-depth]-sample` (`niah_single-4096-0.5-0`): its group, what
+    `eval_group` gives back, is everything before the sample."""
+    where = "" if depth is None else f"-{depth:g}"
+    return f"{task}-{context_length}{where}-{sample}"
+
+
+def eval_group(example_id: str) -> str:
+    """The (task, length, depth) an eval row measures, from its id: `niah_single-4096-0.5`."""
+    return example_id.rsplit("-", 1)[0]
+
+
 def splittable(kinds: np.ndarray, vision_tokens: np.ndarray) -> np.ndarray:
     """Which examples packing may split: plain text, a splittable kind holding no vision token."""
     return np.isin(np.asarray(kinds, dtype=object), list(SPLITTABLE_KINDS)) & (np.asarray(vision_tokens) == 0)

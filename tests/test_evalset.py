@@ -180,6 +180,32 @@ def test_stage_output_validates_and_packs_for_the_trainer(evalset_dir, tmp_path)
     assert sum(float(row["loss_weights"].sum()) for row in stream) == answer_tokens > 0
 
 
+def test_the_trainer_reports_the_answer_loss_of_each_task_length_and_depth(evalset_dir, tmp_path):
+    import contextlib
+
+    import torch
+
+    from lwm_data.examples import eval_group
+    from lwm_data.pipelines import pack
+    from lwm_data.train.evaluate import Evaluator
+    from lwm_data.train.model import Transformer, preset
+    from lwm_data.train.parallel import Parallel
+
+    packed = tmp_path / "packed"
+    pack.run(settings.build(pack.PackConfig, {"input": str(evalset_dir), "output": str(packed), "seq_len": 4096}))
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", attention_backend="torch", vision_vocab_size=0)).eval()
+    evaluate = Evaluator(
+        str(packed), batches=100, batch_size=2, par=Parallel(torch.device("cpu"), None), vocabulary=None
+    )
+    record = evaluate(model, 4096, contextlib.nullcontext())
+    groups = {eval_group(i) for i in outputs.read_table(str(evalset_dir))["example_id"].to_pylist()}
+    assert set(record["eval_loss_by_group"]) == groups and len(groups) == 2 * (4 * 2 + 3)
+    assert "niah_single-2048-0" in groups and "variable_tracking-4096" in groups
+    losses = list(record["eval_loss_by_group"].values())
+    assert all(np.isfinite(losses)) and min(losses) <= record["eval_loss"] <= max(losses)
+
+
 def test_validate_counts_a_row_without_answers(evalset_dir, tmp_path):
     table = outputs.read_table(str(evalset_dir))
     broken = table.set_column(

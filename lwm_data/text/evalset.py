@@ -58,7 +58,7 @@ import pyarrow as pa
 
 from lwm_data.config import setting
 from lwm_data.errors import ConfigError
-from lwm_data.examples import EVAL, Examples
+from lwm_data.examples import EVAL, Examples, eval_example_id
 from lwm_data.schemas import EVALSET_SCHEMA
 from lwm_data.text.chunking import sentence_end_before
 from lwm_data.text.needle import Haystack, insert_needles, insertion_point
@@ -659,8 +659,7 @@ def evalset_rows(
                 depths = [None] if task in SPREAD_TASKS else list(config.depths)
                 for depth in depths:
                     rng = random.Random(f"{config.seed}:{task}:{length}:{depth}:{r}")
-                    where = "" if depth is None else f"-{depth:g}"
-                    example_id = f"{task}-{length}{where}-{r}"
+                    example_id = eval_example_id(task, length, depth, r)
                     if task in NIAH_TASKS:
                         yield niah_row(task, haystack, tokenizer, length, depth, rng, config, example_id, source)
                     elif task == VARIABLE_TRACKING:

@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lwm_data.errors import ConfigError, NotAStageOutput
+from lwm_data.examples import EVAL, eval_group
 from lwm_data.schemas import MANIFEST, PACKED_SCHEMA, SHARD_SUFFIX
 
 TOKEN_COLUMNS = ("tokens", "loss_weights", "vision_mask", "segment_ids", "positions")
@@ -61,6 +62,19 @@ def read_manifest(directory: str) -> dict[str, Any]:
         raise NotAStageOutput(f"{directory} has no {MANIFEST}: it is not the output of a finished lwm-data stage")
     with fs.open_input_stream(manifest_path) as f:
         return json.loads(f.read())
+
+
+def eval_groups(directory: str) -> list[str]:
+    """The (task, length, depth) groups of a packed output's `eval` segments
+    (lwm_data.examples.eval_group), sorted; empty when it holds no eval rows."""
+    fs, shards = list_packed_shards(directory)
+    groups: set[str] = set()
+    for path in shards:
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f, columns=["example_ids", "kinds"])
+        ids, kinds = pc.list_flatten(table["example_ids"]), pc.list_flatten(table["kinds"])
+        groups.update(eval_group(i) for i in pc.filter(ids, pc.equal(kinds, EVAL)).to_pylist())
+    return sorted(groups)
 
 
 def list_packed_shards(directory: str) -> tuple[pafs.FileSystem, list[str]]:
@@ -243,7 +257,7 @@ class _ShardReader:
             self._load(group)
         in_group = file_row - int(self.group_starts[group])
         row = {name: torch.from_numpy(column[in_group]) for name, column in self.columns.items()}
-        return {**row, "example_ids": self.example_ids[in_group]}
+        return {**row, "example_ids": self.example_ids[in_group], "kinds": self.kinds[in_group]}
 
     def _enter(self, shard: int) -> None:
         self.path = self.dataset.shard_path(shard)
@@ -258,7 +272,7 @@ class _ShardReader:
 
     def _load(self, group: int) -> None:
         with self.dataset.fs.open_input_file(self.path) as f:
-            table = pq.ParquetFile(f).read_row_group(group, columns=[*TOKEN_COLUMNS, "example_ids"])
+            table = pq.ParquetFile(f).read_row_group(group, columns=[*TOKEN_COLUMNS, "example_ids", "kinds"])
         row_len = len(table["tokens"][0]) if table.num_rows else 0
         seq_len = self.dataset.seq_len
         if row_len > seq_len:
@@ -271,6 +285,7 @@ class _ShardReader:
             rows = pc.list_flatten(table[name]).to_numpy(zero_copy_only=False).reshape(-1, row_len)
             self.columns[name] = np.pad(rows, ((0, 0), (0, seq_len - row_len)))  # zeros: padding
         self.example_ids = ["\n".join(ids) for ids in table["example_ids"].to_pylist()]
+        self.kinds = ["\n".join(kinds) for kinds in table["kinds"].to_pylist()]
         if self.dataset.vocabulary is not None:
             self._check_ids(group)
         self.group = group

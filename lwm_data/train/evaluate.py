@@ -6,9 +6,13 @@ the model uses its context).
 and the vision head over vision targets, each a weighted mean over every evaluated row, then 0.5 /
 0.5 (or the one kind there is). `eval_loss_by_position` buckets targets by their position in their
 example in powers of two, {"1": loss over positions 1, "2": 2..3, "4": 4..7, ...}, each a weighted
-mean over both heads. Rows are read in order, split over the data-parallel ranks a global batch at a
-time; a rank short of rows in the last batch runs a zero-weight row, so every rank runs the same
-forwards (FSDP's collectives need it). The sums meet in one all-reduce: one host sync per evaluation.
+mean over both heads. Eval sets (`lwm-data evalset`, packed) add
+`eval_loss_by_group`: the loss on the expected answers of each (task, length, depth),
+`{"niah_single-4096-0.5": ...}`, a cheap proxy for the accuracy generation would score
+(lwm_data.examples.eval_group). Rows are read in order, split over the data-parallel ranks a global
+batch at a time; a rank short of rows in the last batch runs a zero-weight row, so every rank runs
+the same forwards (FSDP's collectives need it). The sums meet in one all-reduce: one host sync per
+evaluation.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lwm_data.train.data import PackedDataset
+from lwm_data.examples import EVAL, eval_group
+from lwm_data.train.data import PackedDataset, eval_groups
 from lwm_data.train.inputs import ModelInputs, model_inputs
 from lwm_data.train.parallel import Parallel
 
@@ -46,35 +51,39 @@ class Evaluator:
     ):
         self.directory, self.batches, self.batch_size, self.par = directory, batches, batch_size, par
         self.vocabulary = vocabulary
+        self.groups = eval_groups(directory)  # every rank reads the same list: one layout to all-reduce
+        self.group_index = {group: i for i, group in enumerate(self.groups)}
 
     def __call__(self, model: nn.Module, seq_len: int, autocast) -> dict[str, Any]:
         """The eval record's fields: eval_loss, eval_loss_by_position, eval_rows, eval_weight (the targets'
         total weight), eval_seconds."""
         started = time.perf_counter()
         par = self.par
-        # text weighted loss, text weight, vision weighted loss, vision weight, rows, then two per bucket
-        sums = torch.zeros(5 + 2 * BUCKETS, dtype=torch.float64, device=par.device)
+        # text weighted loss, text weight, vision weighted loss, vision weight, rows, two per bucket, two per group
+        sums = torch.zeros(5 + 2 * BUCKETS + 2 * len(self.groups), dtype=torch.float64, device=par.device)
         with torch.no_grad():
-            for inputs, rows in self._batches(seq_len):
+            for inputs, rows, segment_groups in self._batches(seq_len):
                 shard = par.shard(inputs)
                 with autocast:
                     losses = model(shard, per_token=True).double()
-                sums += self._sums(shard, losses, rows)
+                sums += self._sums(shard, losses, rows, segment_groups.to(par.device))
         reshard(model)
         values = par.all_reduce(sums).tolist()
         text, text_weight, vision, vision_weight, rows = values[:5]
         means = [s / w for s, w in ((text, text_weight), (vision, vision_weight)) if w > 0]
-        buckets = values[5:]
+        buckets, groups = values[5 : 5 + 2 * BUCKETS], values[5 + 2 * BUCKETS :]
         by_position = {str(2**b): buckets[2 * b] / buckets[2 * b + 1] for b in range(BUCKETS) if buckets[2 * b + 1] > 0}
+        by_group = {g: groups[2 * i] / groups[2 * i + 1] for i, g in enumerate(self.groups) if groups[2 * i + 1] > 0}
         return {
             "eval_loss": sum(means) / len(means) if means else float("nan"),
             "eval_loss_by_position": by_position,
+            **({"eval_loss_by_group": by_group} if self.groups else {}),
             "eval_rows": int(rows),
             "eval_weight": text_weight + vision_weight,
             "eval_seconds": round(time.perf_counter() - started, 3),
         }
 
-    def _sums(self, inputs: ModelInputs, losses: Tensor, rows: int) -> Tensor:
+    def _sums(self, inputs: ModelInputs, losses: Tensor, rows: int, segment_groups: Tensor) -> Tensor:
         weights = inputs.weights.double()
         counted = weights != 0
         weighted = losses * weights
@@ -85,9 +94,14 @@ class Evaluator:
         per_bucket[:, 0].index_add_(0, bucket, weighted[counted])
         per_bucket[:, 1].index_add_(0, bucket, weights[counted])
         row_count = torch.tensor([rows / self.par.ring_size], dtype=torch.float64, device=losses.device)
-        return torch.cat([heads, row_count, per_bucket.reshape(-1)])
+        group = segment_groups.gather(1, inputs.segment_ids.long())  # each token's group, -1: none
+        grouped = counted & (group >= 0)
+        per_group = torch.zeros(len(self.groups), 2, dtype=torch.float64, device=losses.device)
+        per_group[:, 0].index_add_(0, group[grouped], weighted[grouped])
+        per_group[:, 1].index_add_(0, group[grouped], weights[grouped])
+        return torch.cat([heads, row_count, per_bucket.reshape(-1), per_group.reshape(-1)])
 
-    def _batches(self, seq_len: int) -> Iterator[tuple[ModelInputs, int]]:
+    def _batches(self, seq_len: int) -> Iterator[tuple[ModelInputs, int, Tensor]]:
         """This rank's share of each global batch, padded with zero-weight rows, and how many are real."""
         stream = PackedDataset(
             self.directory, seq_len=seq_len, shuffle=False, rank=0, world_size=1, vocabulary=self.vocabulary
@@ -105,10 +119,21 @@ class Evaluator:
         if rows:
             yield self._share(rows, per_rank)
 
-    def _share(self, rows: list[dict[str, Tensor]], per_rank: int) -> tuple[ModelInputs, int]:
+    def _share(self, rows: list[dict[str, Tensor]], per_rank: int) -> tuple[ModelInputs, int, Tensor]:
         mine = rows[self.par.dp_rank * per_rank : (self.par.dp_rank + 1) * per_rank]
         real = len(mine)
         filler = {**rows[0], "loss_weights": torch.zeros_like(rows[0]["loss_weights"])}
         mine += [filler] * (per_rank - real)
         batch = {name: torch.stack([row[name] for row in mine]) for name in mine[0] if torch.is_tensor(mine[0][name])}
-        return model_inputs(batch), real
+        return model_inputs(batch), real, self._segment_groups(mine)
+
+    def _segment_groups(self, rows: list[dict]) -> Tensor:
+        """(rows, 1 + segments): the group index of each row's segment s at [row, s], -1 for padding
+        (segment 0) and for segments that are not eval rows."""
+        segments = [list(zip(row["example_ids"].split("\n"), row["kinds"].split("\n"))) for row in rows]
+        table = torch.full((len(rows), 1 + max(map(len, segments))), -1, dtype=torch.long)
+        for r, row_segments in enumerate(segments):
+            for s, (example_id, kind) in enumerate(row_segments, start=1):
+                if kind == EVAL:
+                    table[r, s] = self.group_index[eval_group(example_id)]
+        return table
