@@ -35,12 +35,13 @@ from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.ml.inference.base import PredictionResult, RunInference
 
 from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection
 from lwm_data.outputs import DeadLetterPolicy, read_manifest
 from lwm_data.pipelines.common import ERRORS, Counters, ReadStage, StageOutput, merge_errors, route, run_stage
+from lwm_data.pipelines.qa import BatchAnswering
 from lwm_data.pipelines.tally import IN_FLIGHT, TALLY
 from lwm_data.schemas import RESPONSES_SCHEMA
 from lwm_data.text.llm import (
@@ -200,29 +201,14 @@ def request_tokens(request: EvalRequest, max_tokens: int) -> int:
     return request.prompt_tokens + max_tokens
 
 
-class EvalModelHandler(ModelHandler[EvalRequest, Completion | Rejection, Any]):
-    """RunInference handler: the "model" is the server's client; batches sized by tokens."""
+class EvalModelHandler(BatchAnswering):
+    """The eval-run stage's handler: the server's client per worker."""
 
     def __init__(self, config: EvalRunConfig, stage: str = STAGE):
-        weight = partial(request_tokens, max_tokens=config.max_tokens)
-        super().__init__(min_batch_size=config.batch_tokens, max_batch_size=config.batch_tokens, element_size_fn=weight)
-        self.config = config
-        self.stage = stage
-        self.count = Counters(stage)
+        super().__init__(config, stage, config.batch_tokens, partial(request_tokens, max_tokens=config.max_tokens))
 
     def load_model(self) -> EvalBackend:
         return EvalBackend(self.config, self.stage)
-
-    def run_inference(
-        self, batch: Sequence[EvalRequest], model: EvalBackend, inference_args: dict | None = None
-    ) -> Iterable[PredictionResult]:
-        answers, usage = model.answer_batch(batch)
-        for name, value in usage.items():
-            self.count(name, value)
-        return [PredictionResult(request, answer) for request, answer in zip(batch, answers)]
-
-    def get_metrics_namespace(self) -> str:
-        return "lwm_data_eval_run_inference"
 
 
 class EvalRequests:

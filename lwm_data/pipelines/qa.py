@@ -29,7 +29,7 @@ import asyncio
 import logging
 import shlex
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -277,15 +277,33 @@ def request_tokens(chunk: ChunkRequest, max_tokens: int) -> int:
     return chunk.num_tokens + max_tokens
 
 
-class QAModelHandler(ModelHandler[ChunkRequest, Answer, Any]):
-    """RunInference handler: the "model" is a backend (LLM client or cloze); batches sized by tokens."""
+class BatchAnswering(ModelHandler):
+    """A RunInference handler whose "model" (an LLM client, or cloze) answers a batch at once:
+    `answer_batch(batch) -> (answers, usage counts)`, the counts added to the stage's counters.
+    Batches hold about `batch_tokens` tokens, each request weighing `weight(request)`."""
 
-    def __init__(self, config: QAConfig, stage: str = STAGE):
-        weight = partial(request_tokens, max_tokens=config.sampling.max_tokens)
-        super().__init__(min_batch_size=config.batch_tokens, max_batch_size=config.batch_tokens, element_size_fn=weight)
+    def __init__(self, config: Any, stage: str, batch_tokens: int, weight: Callable[[Any], int]):
+        super().__init__(min_batch_size=batch_tokens, max_batch_size=batch_tokens, element_size_fn=weight)
         self.config = config
         self.stage = stage
         self.count = Counters(stage)
+
+    def run_inference(self, batch: Sequence, model, inference_args: dict | None = None) -> Iterable[PredictionResult]:
+        answers, usage = model.answer_batch(batch)
+        for name, value in usage.items():
+            self.count(name, value)
+        return [PredictionResult(request, answer) for request, answer in zip(batch, answers)]
+
+    def get_metrics_namespace(self) -> str:
+        return f"lwm_data_{self.stage.replace('-', '_')}_inference"
+
+
+class QAModelHandler(BatchAnswering):
+    """The QA stage's handler: a backend (LLM client or cloze) per worker."""
+
+    def __init__(self, config: QAConfig, stage: str = STAGE):
+        weight = partial(request_tokens, max_tokens=config.sampling.max_tokens)
+        super().__init__(config, stage, config.batch_tokens, weight)
 
     def load_model(self) -> ClozeBackend | ServerBackend:
         config = self.config
@@ -296,17 +314,6 @@ class QAModelHandler(ModelHandler[ChunkRequest, Answer, Any]):
         server = VLLMServer(config.model, config.vllm_args, config.vllm_python, config.vllm_state_dir)
         server.acquire()
         return ServerBackend(config, server, self.stage)
-
-    def run_inference(
-        self, batch: Sequence[ChunkRequest], model, inference_args: dict | None = None
-    ) -> Iterable[PredictionResult]:
-        answers, usage = model.answer_batch(batch)
-        for name, value in usage.items():
-            self.count(name, value)
-        return [PredictionResult(chunk, answer) for chunk, answer in zip(batch, answers)]
-
-    def get_metrics_namespace(self) -> str:
-        return "lwm_data_qa_inference"
 
 
 class ChunkRequests:
