@@ -56,7 +56,7 @@ def opticks_chunks(tmp_path_factory) -> Path:
     chunk.run(chunk.ChunkConfig(input=str(book), output=str(root / "all"), chunk_tokens=300))
     run = outputs.OutputRun(str(root / "chunks"))
     run.write_table(outputs.read_table(str(root / "all")).slice(0, 10))
-    run.commit({"counts": outputs.Counts(10, 10).to_dict()})
+    run.commit({**outputs.read_manifest(str(root / "all")), "counts": outputs.Counts(10, 10).to_dict()})
     return root / "chunks"
 
 
