@@ -31,7 +31,7 @@ import datetime
 import json
 import secrets
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -293,6 +293,35 @@ def stage_manifest(
         "stats": stats,
         "warnings": [w for w in (nothing_to_do(stage, counts), *mix_warnings(stage, stats)) if w],
     }
+
+
+def commit_table(
+    stage: str,
+    config: Any,
+    table: pa.Table,
+    rejected: list[Rejection],
+    counters: dict[str, int],
+    tokenizer: dict | None,
+    started: datetime.datetime,
+) -> dict[str, Any]:
+    """A plain-Python stage's output (no Beam: needle, evalset): its rows as one shard and its
+    rejections as dead letters (counted here), judged by its policy and committed; nothing on failure.
+    `counters` holds `in`, `out` and statistics."""
+    counters = dict(counters)
+    for rejection in rejected:
+        key = f"dead_lettered.{rejection.reason}"
+        counters[key] = counters.get(key, 0) + 1
+    run = OutputRun(config.output)
+    try:
+        run.begin()
+        run.write_table(table)
+        run.write_dead_letters(stage, rejected)
+        letters = lambda: (asdict(r.dead_letter(stage)) for r in rejected)  # noqa: E731
+        enforce(stage, Counts.from_counters(counters), config.policy, letters)
+        return run.commit(stage_manifest(stage, config, tokenizer, counters, started))
+    except BaseException:
+        run.abort()
+        raise
 
 
 def new_run_id() -> str:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from lwm_data import files, outputs
 from lwm_data.config import nested, setting
 from lwm_data.errors import ConfigError, Rejection
-from lwm_data.outputs import DeadLetterPolicy, OutputRun
+from lwm_data.outputs import DeadLetterPolicy
 from lwm_data.schemas import MANIFEST
-from lwm_data.text.books import read_books
+from lwm_data.text.books import read_haystack
 from lwm_data.text.evalset import BOOK_QA, Document, EvalsetConfig, QAItem, evalset_rows, rows_table
 from lwm_data.tokenizers import TextTokenizer, load_tokenizer, resolve_tokenizer
 
@@ -80,15 +80,11 @@ def run(config: EvalsetStageConfig, beam_args: list[str] | None = None) -> dict:
         records = len(documents)
     else:
         tokenizer = load_tokenizer(config.tokenizer)
-        for path in files.list_files(config.haystack):
-            for item in read_books(path):
-                if isinstance(item, Rejection):
-                    rejected.append(item)
-                else:
-                    texts.append((item.book_id, item.text))
+        books, rejected = read_haystack(config.haystack)
+        texts = [(book.book_id, book.text) for book in books]
         records = len(texts)
     if not texts:
-        raise ConfigError(f"no usable books in {config.haystack} ({len(rejected)} records rejected)")
+        raise ConfigError(f"no usable chunks in {config.haystack}")
     qa_items: list[QAItem] = []
     if BOOK_QA in config.evalset.tasks:
         if not documents or not config.qa:
@@ -101,20 +97,7 @@ def run(config: EvalsetStageConfig, beam_args: list[str] | None = None) -> dict:
     by_task = Counter(r["task"] for r in rows)
     counters = {"in": records + len(rejected), "out": records, "prompts": len(rows)}
     counters |= {f"prompts_{task}": n for task, n in sorted(by_task.items())}
-    for rejection in rejected:
-        key = f"dead_lettered.{rejection.reason}"
-        counters[key] = counters.get(key, 0) + 1
-    run = OutputRun(config.output)
-    try:
-        run.begin()
-        run.write_table(rows_table(rows))
-        run.write_dead_letters(STAGE, rejected)
-        counts = outputs.Counts.from_counters(counters)
-        outputs.enforce(STAGE, counts, config.policy, lambda: (asdict(r.dead_letter(STAGE)) for r in rejected))
-        return run.commit(outputs.stage_manifest(STAGE, config, tokenizer.entry, counters, started))
-    except BaseException:
-        run.abort()
-        raise
+    return outputs.commit_table(STAGE, config, rows_table(rows), rejected, counters, tokenizer.entry, started)
 
 
 def export_ruler(directory: str, output: str) -> Counter:

@@ -6,16 +6,15 @@ rejected records; stat `prompts`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pyarrow as pa
 
-from lwm_data import files, outputs
+from lwm_data import outputs
 from lwm_data.config import nested, setting
-from lwm_data.errors import ConfigError, Rejection
-from lwm_data.outputs import DeadLetterPolicy, OutputRun
+from lwm_data.outputs import DeadLetterPolicy
 from lwm_data.schemas import NEEDLE_SCHEMA
-from lwm_data.text.books import read_books
+from lwm_data.text.books import read_haystack
 from lwm_data.text.needle import NeedleConfig, needle_rows
 from lwm_data.tokenizers import load_tokenizer
 
@@ -37,28 +36,8 @@ def run(config: NeedleStageConfig, beam_args: list[str] | None = None) -> dict:
     for the stage interface and unused.)"""
     started = outputs.now()
     tokenizer = load_tokenizer(config.tokenizer)
-    texts, rejected = [], []
-    for path in files.list_files(config.haystack):
-        for item in read_books(path):
-            if isinstance(item, Rejection):
-                rejected.append(item)
-            else:
-                texts.append(item.text)
-    if not texts:
-        raise ConfigError(f"no usable books in {config.haystack} ({len(rejected)} records rejected)")
-    rows = list(needle_rows(texts, tokenizer, config.needle))
-    counters = {"in": len(texts) + len(rejected), "out": len(texts), "prompts": len(rows)}
-    for rejection in rejected:
-        key = f"dead_lettered.{rejection.reason}"
-        counters[key] = counters.get(key, 0) + 1
-    run = OutputRun(config.output)
-    try:
-        run.begin()
-        run.write_table(pa.Table.from_pylist(rows, schema=NEEDLE_SCHEMA))
-        run.write_dead_letters(STAGE, rejected)
-        counts = outputs.Counts.from_counters(counters)
-        outputs.enforce(STAGE, counts, config.policy, lambda: (asdict(r.dead_letter(STAGE)) for r in rejected))
-        return run.commit(outputs.stage_manifest(STAGE, config, tokenizer.entry, counters, started))
-    except BaseException:
-        run.abort()
-        raise
+    books, rejected = read_haystack(config.haystack)
+    rows = list(needle_rows([book.text for book in books], tokenizer, config.needle))
+    counters = {"in": len(books) + len(rejected), "out": len(books), "prompts": len(rows)}
+    table = pa.Table.from_pylist(rows, schema=NEEDLE_SCHEMA)
+    return outputs.commit_table(STAGE, config, table, rejected, counters, tokenizer.entry, started)

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from lwm_data import files
-from lwm_data.errors import Rejection
+from lwm_data.errors import ConfigError, Rejection
 from lwm_data.reading import DEFAULT_MAX_RECORD_BYTES, READ_ERRORS, is_unicode, json_object, read_lines, unreadable
 from lwm_data.text.chunking import content_hash, looks_binary, normalize_text
 
@@ -56,6 +56,18 @@ def input_format(path: str) -> str:
         if name.endswith(suffix):
             return fmt
     return "unknown"
+
+
+def read_haystack(pattern: str) -> tuple[list[Book], list[Rejection]]:
+    """The books of every file matching a glob, and the records that are not books, for stages that
+    read their books whole (needle, evalset); a glob without one usable book is a ConfigError."""
+    books, rejected = [], []
+    for path in files.list_files(pattern):
+        for item in read_books(path):
+            (rejected if isinstance(item, Rejection) else books).append(item)
+    if not books:
+        raise ConfigError(f"no usable books in {pattern} ({len(rejected)} records rejected)")
+    return books, rejected
 
 
 def read_books(path: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Book | Rejection]:
