@@ -99,6 +99,11 @@ def list_files(pattern: str) -> list[str]:
     return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 
+def matches_any(pattern: str) -> bool:
+    """Whether a glob matches a file, asking the filesystem for one match only."""
+    return bool(FileSystems.match([pattern], limits=[1])[0].metadata_list)
+
+
 def write_json(path: str, obj: Any) -> None:
     with create(path) as f:
         f.write(json.dumps(obj, indent=2, ensure_ascii=False).encode() + b"\n")

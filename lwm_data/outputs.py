@@ -204,7 +204,7 @@ def check_input_files(pattern: str, reads: str) -> None:
         if files.exists(files.join(directory, MANIFEST)):
             stage = files.read_json(files.join(directory, MANIFEST)).get("stage")
             raise WrongInput(f"{directory} holds the output of `lwm-data {stage}`, not {reads}")
-    if not files.list_files(pattern):
+    if not files.matches_any(pattern):
         raise WrongInput(f"no file matches {pattern} ({reads} expected)")
 
 

@@ -1,7 +1,9 @@
-"""Small helpers the tests share: a committed stage output made by hand."""
+"""Small helpers the tests share: a committed stage output made by hand, a local HTTP server."""
 
 from __future__ import annotations
 
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +18,22 @@ def write_output(directory: Path | str, stage: str, table: pa.Table, tokenizer: 
     counts = Counts(input=table.num_rows, output=table.num_rows).to_dict()
     run.commit({"stage": stage, "config": {}, "tokenizer": tokenizer, "counts": counts, "stats": {}})
     return str(directory)
+
+
+class LocalServer:
+    """A `handler` class served on 127.0.0.1 from a thread, at `url` (ending in /v1), as a context."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def write_packed_rows(

@@ -8,8 +8,7 @@ responses with `lwm-data eval-score`.
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,7 +25,7 @@ from lwm_data.schemas import CHUNK_SCHEMA, EVALSET_SCHEMA
 from lwm_data.testing.books import generate_books, write_books_jsonl
 from lwm_data.text.llm import free_port
 from tests.fixtures_vllm import SMOLLM2_KEY, SMOLLM2_KEY_VARIABLE
-from tests.helpers import write_output
+from tests.helpers import LocalServer, write_output
 
 
 def needle_evalset(directory: Path, lengths: list[int], depths: list[float], seed: int = 0, tasks: str = "") -> str:
@@ -46,7 +45,7 @@ def needle_evalset(directory: Path, lengths: list[int], depths: list[float], see
     return str(directory)
 
 
-class FakeOpenAI:
+class FakeOpenAI(LocalServer):
     """An OpenAI-compatible stand-in on 127.0.0.1: GET /v1/models lists model `m` (vLLM's way), POST
     /v1/chat/completions answers `reply(body) -> (status, content, finish_reason)`; with `key`, a
     request without that bearer key gets 401. It keeps every chat request's body."""
@@ -95,16 +94,7 @@ class FakeOpenAI:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def eval_run(*args: str):

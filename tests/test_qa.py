@@ -54,6 +54,7 @@ from lwm_data.text.qa import (
     scored,
     validate_pairs,
 )
+from tests.helpers import LocalServer
 
 STRICT = PairLimits()
 
@@ -421,13 +422,12 @@ def test_restart_and_stop_end_the_whole_process_group_of_a_dead_server(tmp_path,
 # --- against a stand-in server: what the client sends, and what it makes of refusals -------------
 
 
-class StubServer:
+class StubServer(LocalServer):
     """An HTTP server on 127.0.0.1 answering POSTs with `reply(headers, body) -> (status, json)`
     (header names in lower case); it keeps every request's headers and body."""
 
     def __init__(self, reply):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         self.requests: list[tuple[dict, dict]] = []
         stub = self
@@ -453,16 +453,7 @@ class StubServer:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def chat_reply(content: str) -> dict:
